@@ -1,1 +1,29 @@
-fn main() {}
+//! `suture`: one binary over the pipeline's libraries. Each subcommand is thin glue; the work
+//! lives in `suture-build`, `suture-bundle` and `suture-engine`.
+
+mod cli;
+mod commands;
+mod demo;
+mod output;
+
+use clap::Parser;
+
+fn main() {
+    let args = cli::Args::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("SUTURE_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let json = args.json;
+    let code = match commands::run(args) {
+        Ok(code) => code,
+        Err(e) => {
+            output::error(json, &e);
+            1
+        }
+    };
+    std::process::exit(code);
+}

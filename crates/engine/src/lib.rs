@@ -1,1 +1,72 @@
-//! placeholder
+//! The Suture engine: applies a verified patch bundle to a running x86-64 Linux process, takes
+//! it back, and reports what a process carries.
+//!
+//! It is an out-of-process loader (no `LD_PRELOAD`, no cooperation from the target):
+//!
+//! 1. find the target module in the process by build-id ([`modules`]);
+//! 2. check the running bytes of every function against the bundle, resolve the patch's
+//!    symbols, and link its object for an address within ±2 GiB of the module ([`placement`],
+//!    `suture-link`), all while the process runs;
+//! 3. stop one thread to create a named memfd in the target and map the patch there read-only,
+//!    then flip text to R-X and data to RW ([`remote`]); memory is never writable and
+//!    executable at once;
+//! 4. stop every thread ([`stop`]), re-verify, check that no thread is inside or returning into
+//!    a replaced function ([`safety`]), write the 5-byte detours through `/proc/PID/mem`, and
+//!    let go. Busy processes are retried with back-off until a deadline.
+//!
+//! The record of what was applied lives in the patch mapping itself ([`record`]).
+//! See `docs/THREAT-MODEL.md` for what this defends against and what it does not.
+
+pub mod modules;
+pub mod placement;
+pub mod procfs;
+pub mod record;
+pub mod remote;
+pub mod safety;
+pub mod seccomp;
+pub mod stop;
+
+mod apply;
+mod check;
+
+pub use apply::{apply, revert, ApplyOptions, ApplyReport, RevertReport};
+pub use check::{check, processes_mapping, status, CheckReport, ModuleInfo};
+pub use record::{Detour, PatchRecord};
+
+/// How an operation on a process failed.
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    /// The patch does not fit this process; nothing was touched.
+    #[error("{0}")]
+    Refused(String),
+    /// A thread kept running a function being replaced until the deadline; nothing was touched.
+    #[error("busy: {0}")]
+    Busy(String),
+    /// The process exited while we worked on it.
+    #[error("{0}")]
+    Exited(String),
+    #[error("{0:#}")]
+    Failed(#[from] anyhow::Error),
+}
+
+impl EngineError {
+    /// A stable word for scripts (`--json`).
+    pub fn kind(&self) -> &'static str {
+        match self {
+            EngineError::Refused(_) => "refused",
+            EngineError::Busy(_) => "busy",
+            EngineError::Exited(_) => "exited",
+            EngineError::Failed(_) => "failed",
+        }
+    }
+}
+
+/// Measures the floor for pause benchmarks: a bare seize + interrupt + detach of every thread,
+/// doing nothing in between. Returns the stopped time in microseconds.
+pub fn bare_stop(pid: i32) -> anyhow::Result<u64> {
+    let mut session = stop::Session::seize(pid)?;
+    let t = std::time::Instant::now();
+    session.stop_all()?;
+    session.detach();
+    Ok(t.elapsed().as_micros() as u64)
+}

@@ -1,1 +1,362 @@
-//! placeholder
+//! Reads the ELF **modules** Suture patches: x86-64 executables and shared libraries.
+//!
+//! A module is identified by its GNU build-id, never by path. This crate gives what the bundler
+//! and the engine need from one: the build-id, the `PT_LOAD` and `PT_TLS` segments (to turn
+//! link-time addresses into runtime ones), the symbols of `.symtab` and `.dynsym`, and the file
+//! bytes behind a virtual address. Input is untrusted (files read out of other processes):
+//! every offset and size is checked, nothing panics.
+
+use object::elf;
+use object::read::elf::{FileHeader, ProgramHeader, Sym};
+use object::{Endianness, SymbolIndex};
+
+type Header = elf::FileHeader64<Endianness>;
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ModuleError {
+    #[error("not an ELF file")]
+    NotElf,
+    #[error("ELF class 32 is not supported: x86-64 only")]
+    Elf32,
+    #[error("unsupported machine {0}: x86-64 only")]
+    Machine(u16),
+    #[error("ELF type {0} is not an executable or shared library")]
+    Type(u16),
+    #[error("malformed ELF: {0}")]
+    Malformed(String),
+}
+
+fn malformed(e: object::Error) -> ModuleError {
+    ModuleError::Malformed(e.to_string())
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ModuleKind {
+    /// ET_EXEC: linked at a fixed address.
+    Executable,
+    /// ET_DYN: a position-independent executable or a shared library.
+    Dynamic,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LoadSegment {
+    pub vaddr: u64,
+    pub memsz: u64,
+    pub offset: u64,
+    pub filesz: u64,
+    pub align: u64,
+    pub readable: bool,
+    pub writable: bool,
+    pub executable: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TlsSegment {
+    pub vaddr: u64,
+    pub memsz: u64,
+    pub filesz: u64,
+    pub align: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SymbolKind {
+    Function,
+    /// STT_GNU_IFUNC: the address is a resolver that returns the implementation.
+    Ifunc,
+    Object,
+    Tls,
+    Other,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SymbolBinding {
+    Global,
+    Weak,
+    Local,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SymbolSource {
+    Symtab,
+    Dynsym,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Symbol {
+    pub name: String,
+    /// Link-time address; for `Tls`, the offset in the TLS template.
+    pub address: u64,
+    pub size: u64,
+    pub kind: SymbolKind,
+    pub binding: SymbolBinding,
+    pub source: SymbolSource,
+    /// A non-default symbol version (`foo@VER`, not `foo@@VER`).
+    pub hidden_version: bool,
+}
+
+/// The answer to "which definition does this name mean?".
+#[derive(Debug)]
+pub enum Lookup<'a> {
+    Unique(&'a Symbol),
+    Ambiguous(Vec<&'a Symbol>),
+    NotFound,
+}
+
+pub struct Module<'data> {
+    data: &'data [u8],
+    kind: ModuleKind,
+    build_id: Option<&'data [u8]>,
+    segments: Vec<LoadSegment>,
+    tls: Option<TlsSegment>,
+    symbols: Vec<Symbol>,
+    has_symtab: bool,
+}
+
+/// Parses just the ELF header and checks that it is ours to handle.
+fn header(data: &[u8]) -> Result<(&Header, Endianness), ModuleError> {
+    if data.len() < 16 || &data[..4] != b"\x7fELF" {
+        return Err(ModuleError::NotElf);
+    }
+    if data[4] != elf::ELFCLASS64 {
+        return Err(ModuleError::Elf32);
+    }
+    let h = Header::parse(data).map_err(malformed)?;
+    let endian = h.endian().map_err(malformed)?;
+    if endian != Endianness::Little {
+        return Err(ModuleError::Malformed("big-endian ELF".into()));
+    }
+    let machine = h.e_machine(endian);
+    if machine != elf::EM_X86_64 {
+        return Err(ModuleError::Machine(machine));
+    }
+    Ok((h, endian))
+}
+
+fn build_id_of<'d>(h: &Header, endian: Endianness, data: &'d [u8]) -> Result<Option<&'d [u8]>, ModuleError> {
+    for ph in h.program_headers(endian, data).map_err(malformed)? {
+        if let Some(mut notes) = ph.notes(endian, data).map_err(malformed)? {
+            while let Some(note) = notes.next().map_err(malformed)? {
+                if note.name() == elf::ELF_NOTE_GNU && note.n_type(endian) == elf::NT_GNU_BUILD_ID {
+                    return Ok(Some(note.desc()));
+                }
+            }
+        }
+    }
+    Ok(None)
+}
+
+/// The GNU build-id, reading only the ELF header, program headers and notes.
+pub fn read_build_id(data: &[u8]) -> Result<Option<Vec<u8>>, ModuleError> {
+    let (h, endian) = header(data)?;
+    Ok(build_id_of(h, endian, data)?.map(<[u8]>::to_vec))
+}
+
+impl<'data> Module<'data> {
+    pub fn parse(data: &'data [u8]) -> Result<Self, ModuleError> {
+        let (h, endian) = header(data)?;
+        let kind = match h.e_type(endian) {
+            elf::ET_EXEC => ModuleKind::Executable,
+            elf::ET_DYN => ModuleKind::Dynamic,
+            t => return Err(ModuleError::Type(t)),
+        };
+        let mut segments = Vec::new();
+        let mut tls = None;
+        for ph in h.program_headers(endian, data).map_err(malformed)? {
+            let flags = ph.p_flags(endian);
+            match ph.p_type(endian) {
+                elf::PT_LOAD => segments.push(LoadSegment {
+                    vaddr: ph.p_vaddr(endian),
+                    memsz: ph.p_memsz(endian),
+                    offset: ph.p_offset(endian),
+                    filesz: ph.p_filesz(endian),
+                    align: ph.p_align(endian),
+                    readable: flags & elf::PF_R != 0,
+                    writable: flags & elf::PF_W != 0,
+                    executable: flags & elf::PF_X != 0,
+                }),
+                elf::PT_TLS => {
+                    tls = Some(TlsSegment {
+                        vaddr: ph.p_vaddr(endian),
+                        memsz: ph.p_memsz(endian),
+                        filesz: ph.p_filesz(endian),
+                        align: ph.p_align(endian),
+                    })
+                }
+                _ => {}
+            }
+        }
+        let build_id = build_id_of(h, endian, data)?;
+        let mut symbols = Vec::new();
+        let mut has_symtab = false;
+        // Section headers are optional at run time; a module without them has no symbols.
+        if let Ok(sections) = h.sections(endian, data) {
+            for (sh_type, source) in [(elf::SHT_SYMTAB, SymbolSource::Symtab), (elf::SHT_DYNSYM, SymbolSource::Dynsym)] {
+                let table = sections.symbols(endian, data, sh_type).map_err(malformed)?;
+                if table.is_empty() {
+                    continue;
+                }
+                if source == SymbolSource::Symtab {
+                    has_symtab = true;
+                }
+                let versions = if source == SymbolSource::Dynsym {
+                    sections.versions(endian, data).ok().flatten()
+                } else {
+                    None
+                };
+                for (index, sym) in table.iter().enumerate() {
+                    let shndx = sym.st_shndx(endian);
+                    if shndx == elf::SHN_UNDEF || (shndx >= elf::SHN_LORESERVE && shndx != elf::SHN_ABS && shndx != elf::SHN_XINDEX) {
+                        continue;
+                    }
+                    let kind = match sym.st_type() {
+                        elf::STT_FUNC => SymbolKind::Function,
+                        elf::STT_GNU_IFUNC => SymbolKind::Ifunc,
+                        elf::STT_OBJECT | elf::STT_COMMON => SymbolKind::Object,
+                        elf::STT_TLS => SymbolKind::Tls,
+                        elf::STT_SECTION | elf::STT_FILE => continue,
+                        _ => SymbolKind::Other,
+                    };
+                    let binding = match sym.st_bind() {
+                        elf::STB_GLOBAL | elf::STB_GNU_UNIQUE => SymbolBinding::Global,
+                        elf::STB_WEAK => SymbolBinding::Weak,
+                        elf::STB_LOCAL => SymbolBinding::Local,
+                        _ => continue,
+                    };
+                    let Ok(name) = table.symbol_name(endian, sym) else { continue };
+                    if name.is_empty() {
+                        continue;
+                    }
+                    let Ok(name) = std::str::from_utf8(name) else { continue };
+                    let hidden_version = versions
+                        .as_ref()
+                        .map(|v| v.version_index(endian, SymbolIndex(index)).is_hidden())
+                        .unwrap_or(false);
+                    let s = Symbol {
+                        name: name.to_string(),
+                        address: sym.st_value(endian),
+                        size: sym.st_size(endian),
+                        kind,
+                        binding,
+                        source,
+                        hidden_version,
+                    };
+                    // .dynsym mostly repeats .symtab: keep the first (the symtab one has sizes of locals).
+                    let dup = source == SymbolSource::Dynsym
+                        && symbols.iter().any(|o: &Symbol| o.name == s.name && o.address == s.address && o.kind == s.kind);
+                    if !dup {
+                        symbols.push(s);
+                    }
+                }
+            }
+        }
+        Ok(Module { data, kind, build_id, segments, tls, symbols, has_symtab })
+    }
+
+    pub fn build_id(&self) -> Option<&'data [u8]> {
+        self.build_id
+    }
+
+    pub fn build_id_hex(&self) -> Option<String> {
+        self.build_id.map(hex::encode)
+    }
+
+    pub fn kind(&self) -> ModuleKind {
+        self.kind
+    }
+
+    pub fn load_segments(&self) -> &[LoadSegment] {
+        &self.segments
+    }
+
+    pub fn tls_segment(&self) -> Option<TlsSegment> {
+        self.tls
+    }
+
+    pub fn has_symtab(&self) -> bool {
+        self.has_symtab
+    }
+
+    pub fn symbols(&self) -> &[Symbol] {
+        &self.symbols
+    }
+
+    /// Which definition a reference to `name` means: global/weak definitions first (all at one
+    /// address, or ambiguous), then locals (static functions and variables).
+    pub fn lookup(&self, name: &str) -> Lookup<'_> {
+        let named = || self.symbols.iter().filter(move |s| s.name == name);
+        let global: Vec<&Symbol> = named().filter(|s| s.binding != SymbolBinding::Local).collect();
+        if let Some(first) = global.first() {
+            if global.iter().all(|s| s.address == first.address) {
+                let best = global
+                    .iter()
+                    .find(|s| s.source == SymbolSource::Symtab)
+                    .or_else(|| global.iter().find(|s| !s.hidden_version))
+                    .unwrap_or(first);
+                return Lookup::Unique(best);
+            }
+            let defaults: Vec<&Symbol> = global.iter().copied().filter(|s| !s.hidden_version).collect();
+            if defaults.len() == 1 {
+                return Lookup::Unique(defaults[0]);
+            }
+            return Lookup::Ambiguous(global);
+        }
+        let mut local: Vec<&Symbol> = named().collect();
+        local.dedup_by_key(|s| s.address);
+        match local.len() {
+            0 => Lookup::NotFound,
+            1 => Lookup::Unique(local[0]),
+            _ => {
+                let first = local[0].address;
+                if local.iter().all(|s| s.address == first) {
+                    Lookup::Unique(local[0])
+                } else {
+                    Lookup::Ambiguous(local)
+                }
+            }
+        }
+    }
+
+    /// The exported definition of `name` (from `.dynsym`, preferring the default version).
+    pub fn lookup_dynamic(&self, name: &str) -> Option<&Symbol> {
+        let exported = || {
+            self.symbols
+                .iter()
+                .filter(move |s| s.name == name && s.binding != SymbolBinding::Local)
+        };
+        let in_dynsym = |s: &&Symbol| {
+            s.source == SymbolSource::Dynsym
+                || self.symbols.iter().any(|d| d.source == SymbolSource::Dynsym && d.name == s.name && d.address == s.address)
+        };
+        exported()
+            .filter(in_dynsym)
+            .find(|s| !s.hidden_version)
+            .or_else(|| exported().find(in_dynsym))
+    }
+
+    /// The file bytes behind `[vaddr, vaddr + len)`, if one `PT_LOAD` backs them entirely.
+    pub fn bytes_at(&self, vaddr: u64, len: u64) -> Option<&'data [u8]> {
+        let seg = self.segments.iter().find(|s| {
+            vaddr >= s.vaddr && vaddr.checked_add(len).is_some_and(|end| end <= s.vaddr.saturating_add(s.filesz))
+        })?;
+        let start = usize::try_from(seg.offset.checked_add(vaddr - seg.vaddr)?).ok()?;
+        let end = start.checked_add(usize::try_from(len).ok()?)?;
+        self.data.get(start..end)
+    }
+
+    /// Lowest `PT_LOAD` address (page-aligned down) to the highest end.
+    pub fn vaddr_range(&self) -> (u64, u64) {
+        let lo = self.segments.iter().map(|s| s.vaddr & !0xfff).min().unwrap_or(0);
+        let hi = self.segments.iter().map(|s| s.vaddr.saturating_add(s.memsz)).max().unwrap_or(0);
+        (lo, hi)
+    }
+}
+
+/// The load bias of a module from one of its runtime mappings (start address and file offset,
+/// as `/proc/PID/maps` shows them): runtime address = bias + link-time address.
+pub fn load_bias(module: &Module, mapping_start: u64, mapping_file_offset: u64) -> Option<u64> {
+    let seg = module
+        .segments
+        .iter()
+        .find(|s| s.offset & !0xfff == mapping_file_offset)?;
+    Some(mapping_start.wrapping_sub(seg.vaddr & !0xfff))
+}

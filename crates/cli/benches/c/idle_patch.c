@@ -1,0 +1,1 @@
+int handle(int x) { return x * 5 + 4; }

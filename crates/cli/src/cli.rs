@@ -1,0 +1,103 @@
+//! The command line contract.
+
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand};
+use suture_build::Replace;
+
+#[derive(Parser)]
+#[command(name = "suture", version, about = "Live security patches for running Linux processes")]
+pub struct Args {
+    /// Machine-readable output (one JSON document on stdout).
+    #[arg(long, global = true)]
+    pub json: bool,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand)]
+pub enum Command {
+    /// Create an Ed25519 signing key pair: DIR/NAME.key (secret, 0600) and DIR/NAME.pub.
+    Keygen {
+        #[arg(long)]
+        name: String,
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Make a signed bundle from a hand-compiled replacement object.
+    Bundle {
+        /// The deployed executable or shared library.
+        #[arg(long)]
+        target: PathBuf,
+        /// ELF relocatable object with the new code (gcc -c -O2 -ffunction-sections).
+        #[arg(long)]
+        object: PathBuf,
+        /// FUNC or FUNC=NEWFUNC: replace FUNC of the target by NEWFUNC of the object.
+        #[arg(long = "replace", required = true)]
+        replace: Vec<Replace>,
+        #[arg(long, default_value_t = 1)]
+        level: u32,
+        #[arg(long = "cve")]
+        cve: Vec<String>,
+        #[arg(long, default_value = "")]
+        description: String,
+        /// Patch id (default: derived from target, level and object).
+        #[arg(long)]
+        id: Option<String>,
+        #[arg(long)]
+        key: PathBuf,
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Show what a bundle contains (does not check trust).
+    Inspect { bundle: PathBuf },
+    /// Check a bundle's signature against trusted keys.
+    Verify {
+        bundle: PathBuf,
+        /// Trusted public keys (default: /etc/suture/trusted.d/*.pub).
+        #[arg(long)]
+        trust: Vec<PathBuf>,
+    },
+    /// Apply a bundle to a running process, or to every process that maps its module.
+    Apply {
+        bundle: PathBuf,
+        #[arg(long, conflicts_with = "all", required_unless_present = "all")]
+        pid: Option<i32>,
+        #[arg(long)]
+        all: bool,
+        #[arg(long)]
+        trust: Vec<PathBuf>,
+        /// How long to retry while a thread is inside a function being replaced.
+        #[arg(long, default_value_t = 5000)]
+        timeout_ms: u64,
+        /// Processes patched at once with --all (default: number of CPUs).
+        #[arg(long)]
+        jobs: Option<usize>,
+    },
+    /// Take a patch back out of a process (default: the newest it carries).
+    Revert {
+        #[arg(long)]
+        pid: i32,
+        patch_id: Option<String>,
+        #[arg(long, default_value_t = 5000)]
+        timeout_ms: u64,
+    },
+    /// Which patches processes carry, read from the processes themselves.
+    Status {
+        #[arg(long)]
+        pid: Option<i32>,
+    },
+    /// Pre-flight: can this process be patched (by this bundle), and if not, why.
+    Check {
+        #[arg(long)]
+        pid: i32,
+        #[arg(long)]
+        bundle: Option<PathBuf>,
+    },
+    /// Compile a small buggy C service, patch it live, show the fix, revert, clean up.
+    Demo {
+        /// Keep the work directory (sources, binary, bundle, keys) and print its path.
+        #[arg(long)]
+        keep: bool,
+    },
+}

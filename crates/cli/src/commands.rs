@@ -1,0 +1,343 @@
+//! One function per subcommand.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Mutex;
+use std::time::Duration;
+
+use anyhow::{anyhow, bail, Context, Result};
+use serde_json::json;
+use suture_build::{handmade_manifest, Handmade};
+use suture_bundle::{Bundle, SecretKey, TrustStore};
+use suture_engine::{ApplyOptions, ApplyReport, EngineError};
+
+use crate::cli::{Args, Command};
+use crate::output;
+
+pub fn run(args: Args) -> Result<i32> {
+    let j = args.json;
+    match args.command {
+        Command::Keygen { name, out } => keygen(j, &name, &out),
+        Command::Bundle {
+            target,
+            object,
+            replace,
+            level,
+            cve,
+            description,
+            id,
+            key,
+            out,
+        } => {
+            let target_bytes =
+                std::fs::read(&target).with_context(|| format!("cannot read {}", target.display()))?;
+            let object_bytes =
+                std::fs::read(&object).with_context(|| format!("cannot read {}", object.display()))?;
+            let manifest = handmade_manifest(&Handmade {
+                target: &target_bytes,
+                target_name: file_name(&target),
+                object: &object_bytes,
+                replaces: replace,
+                id,
+                level,
+                cves: cve,
+                description,
+            })?;
+            let key = SecretKey::load(&key)?;
+            let bundle = Bundle::sign(manifest, object_bytes, &key)?;
+            bundle.write_file(&out)?;
+            if j {
+                output::json(&json!({"ok": true, "bundle": out, "id": bundle.manifest.id,
+                    "sha256": bundle.content_address(), "functions": bundle.manifest.functions.len()}));
+            } else {
+                println!(
+                    "wrote {} ({} {} function(s), level {}, sha256 {})",
+                    out.display(),
+                    bundle.manifest.id,
+                    bundle.manifest.functions.len(),
+                    bundle.manifest.level,
+                    bundle.content_address()
+                );
+            }
+            Ok(0)
+        }
+        Command::Inspect { bundle } => inspect(j, &bundle),
+        Command::Verify { bundle, trust } => {
+            let b = Bundle::read_file(&bundle)?;
+            let store = trust_store(&trust)?;
+            b.verify(&store)?;
+            if j {
+                output::json(&json!({"ok": true, "id": b.manifest.id, "signer": b.signer.fingerprint(),
+                    "sha256": b.content_address()}));
+            } else {
+                println!(
+                    "OK: {} is signed by trusted key {} ({})",
+                    bundle.display(),
+                    b.signer.name(),
+                    b.signer.fingerprint()
+                );
+            }
+            Ok(0)
+        }
+        Command::Apply {
+            bundle,
+            pid,
+            all,
+            trust,
+            timeout_ms,
+            jobs,
+        } => {
+            let b = Bundle::read_file(&bundle)?;
+            b.verify(&trust_store(&trust)?)?;
+            let opts = ApplyOptions {
+                timeout: Duration::from_millis(timeout_ms),
+            };
+            match (pid, all) {
+                (Some(pid), _) => {
+                    let r = suture_engine::apply(pid, &b, &opts)?;
+                    if j {
+                        output::json(&json!({"ok": true, "results": [r]}));
+                    } else {
+                        print_applied(&r);
+                    }
+                    Ok(0)
+                }
+                (None, _) => apply_all(j, &b, &opts, jobs),
+            }
+        }
+        Command::Revert {
+            pid,
+            patch_id,
+            timeout_ms,
+        } => {
+            let opts = ApplyOptions {
+                timeout: Duration::from_millis(timeout_ms),
+            };
+            let r = suture_engine::revert(pid, patch_id.as_deref(), &opts)?;
+            if j {
+                output::json(&json!({"ok": true, "result": r}));
+            } else {
+                println!(
+                    "reverted {} (level {}) in pid {}: {} function(s) restored, stopped {} µs",
+                    r.patch, r.level, r.pid, r.functions, r.stopped_us
+                );
+            }
+            Ok(0)
+        }
+        Command::Status { pid } => status(j, pid),
+        Command::Check { pid, bundle } => {
+            let build_id = match &bundle {
+                Some(p) => Some(
+                    hex::decode(&Bundle::read_file(p)?.manifest.module.build_id)
+                        .map_err(|_| anyhow!("bundle has an invalid build-id"))?,
+                ),
+                None => None,
+            };
+            let r = suture_engine::check(pid, build_id.as_deref())?;
+            if j {
+                output::json(&r);
+            } else {
+                println!("pid {} ({}), {} thread(s)", r.pid, r.command, r.threads);
+                if r.patchable {
+                    println!("patchable: yes");
+                } else {
+                    println!("patchable: no");
+                    for p in &r.problems {
+                        println!("  - {p}");
+                    }
+                }
+                for p in &r.patches {
+                    println!("carries {} (level {}) for {}", p.id, p.level, p.module);
+                }
+            }
+            Ok(if r.patchable { 0 } else { 2 })
+        }
+        Command::Demo { keep } => crate::demo::run(keep),
+    }
+}
+
+fn file_name(p: &Path) -> String {
+    p.file_name()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_else(|| p.display().to_string())
+}
+
+fn trust_store(files: &[PathBuf]) -> Result<TrustStore> {
+    let store = if files.is_empty() {
+        TrustStore::load_dir(Path::new(TrustStore::DEFAULT_DIR))?
+    } else {
+        TrustStore::load_files(files)?
+    };
+    if store.is_empty() {
+        bail!(
+            "no trusted keys: pass --trust KEY.pub or put keys in {}",
+            TrustStore::DEFAULT_DIR
+        );
+    }
+    Ok(store)
+}
+
+fn keygen(j: bool, name: &str, out: &Path) -> Result<i32> {
+    std::fs::create_dir_all(out).with_context(|| format!("cannot create {}", out.display()))?;
+    let (key, public) = suture_bundle::generate_keypair(name, out)?;
+    if j {
+        output::json(&json!({"ok": true, "secret": key, "public": public}));
+    } else {
+        println!("secret key: {}\npublic key: {}", key.display(), public.display());
+    }
+    Ok(0)
+}
+
+fn inspect(j: bool, path: &Path) -> Result<i32> {
+    let b = Bundle::read_file(path)?;
+    let m = &b.manifest;
+    if j {
+        output::json(&json!({"ok": true, "manifest": m, "signer": b.signer.fingerprint(),
+            "signer_name": b.signer.name(), "object_bytes": b.object.len(), "sha256": b.content_address()}));
+        return Ok(0);
+    }
+    println!("patch       {} (level {})", m.id, m.level);
+    println!("module      {} build-id {}", m.module.name, m.module.build_id);
+    if !m.cves.is_empty() {
+        println!("fixes       {}", m.cves.join(", "));
+    }
+    if !m.description.is_empty() {
+        println!("description {}", m.description);
+    }
+    println!("signed by   {} ({}) — not checked; use `suture verify`", b.signer.name(), b.signer.fingerprint());
+    println!("sha256      {}", b.content_address());
+    println!("object      {} bytes", b.object.len());
+    for f in &m.functions {
+        println!(
+            "replaces    {} at {:#x} ({} bytes, sha256 {}…) with {}",
+            f.symbol,
+            f.address,
+            f.size,
+            &f.expected_sha256[..16.min(f.expected_sha256.len())],
+            f.replacement
+        );
+    }
+    for bnd in &m.bindings {
+        println!("binds       {} -> {:?}", bnd.symbol, bnd.target);
+    }
+    Ok(0)
+}
+
+fn print_applied(r: &ApplyReport) {
+    let replaced = r
+        .replaced
+        .as_ref()
+        .map(|p| format!(", superseding {p}"))
+        .unwrap_or_default();
+    println!(
+        "applied {} (level {}) to pid {}: {} function(s), {} thread(s) stopped {} µs{}",
+        r.patch, r.level, r.pid, r.functions, r.threads, r.stopped_us, replaced
+    );
+}
+
+fn apply_all(j: bool, b: &Bundle, opts: &ApplyOptions, jobs: Option<usize>) -> Result<i32> {
+    let build_id =
+        hex::decode(&b.manifest.module.build_id).map_err(|_| anyhow!("bundle has an invalid build-id"))?;
+    let pids = suture_engine::processes_mapping(&build_id)?;
+    if pids.is_empty() {
+        if j {
+            output::json(&json!({"ok": true, "results": [], "failures": []}));
+        } else {
+            println!("no running process maps {} ({})", b.manifest.module.name, b.manifest.module.build_id);
+        }
+        return Ok(0);
+    }
+    let jobs = jobs
+        .unwrap_or_else(|| std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1))
+        .clamp(1, 64)
+        .min(pids.len());
+    let bar = if j || pids.len() < 8 {
+        indicatif::ProgressBar::hidden()
+    } else {
+        indicatif::ProgressBar::new(pids.len() as u64)
+    };
+    let next = AtomicUsize::new(0);
+    let results: Mutex<Vec<(i32, std::result::Result<ApplyReport, EngineError>)>> = Mutex::new(Vec::new());
+    let started = std::time::Instant::now();
+    // One tracer thread per worker: ptrace belongs to the thread that attached.
+    std::thread::scope(|s| {
+        for _ in 0..jobs {
+            s.spawn(|| loop {
+                let i = next.fetch_add(1, Ordering::Relaxed);
+                let Some(&pid) = pids.get(i) else { break };
+                let r = suture_engine::apply(pid, b, opts);
+                bar.inc(1);
+                if let Ok(mut v) = results.lock() {
+                    v.push((pid, r));
+                }
+            });
+        }
+    });
+    bar.finish_and_clear();
+    let elapsed = started.elapsed();
+    let mut results = results.into_inner().map_err(|_| anyhow!("worker panicked"))?;
+    results.sort_by_key(|(pid, _)| *pid);
+    let ok: Vec<&ApplyReport> = results.iter().filter_map(|(_, r)| r.as_ref().ok()).collect();
+    let failed: Vec<(i32, &EngineError)> =
+        results.iter().filter_map(|(p, r)| r.as_ref().err().map(|e| (*p, e))).collect();
+    if j {
+        output::json(&json!({
+            "ok": failed.is_empty(),
+            "elapsed_ms": elapsed.as_millis() as u64,
+            "results": ok,
+            "failures": failed.iter().map(|(p, e)| json!({"pid": p, "kind": e.kind(), "error": e.to_string()})).collect::<Vec<_>>(),
+        }));
+    } else {
+        for r in &ok {
+            if ok.len() <= 20 {
+                print_applied(r);
+            }
+        }
+        for (p, e) in &failed {
+            println!("pid {p}: FAILED: {e}");
+        }
+        println!(
+            "{} of {} process(es) patched in {:.2} s",
+            ok.len(),
+            results.len(),
+            elapsed.as_secs_f64()
+        );
+    }
+    Ok(if failed.is_empty() { 0 } else { 1 })
+}
+
+fn status(j: bool, pid: Option<i32>) -> Result<i32> {
+    let pids = match pid {
+        Some(p) => vec![p],
+        None => suture_engine::procfs::all_pids()?,
+    };
+    let mut rows = Vec::new();
+    for p in pids {
+        match suture_engine::status(p) {
+            Ok(patches) if !patches.is_empty() || pid.is_some() => rows.push((p, patches)),
+            Ok(_) => {}
+            Err(e) if pid.is_some() => return Err(e),
+            Err(_) => {}
+        }
+    }
+    if j {
+        output::json(&json!({"ok": true, "processes": rows.iter().map(|(p, v)| json!({"pid": p, "patches": v})).collect::<Vec<_>>()}));
+        return Ok(0);
+    }
+    if rows.iter().all(|(_, v)| v.is_empty()) {
+        println!("no patched processes");
+    }
+    for (p, patches) in &rows {
+        for r in patches {
+            let cves = if r.cves.is_empty() { String::new() } else { format!(" fixes {}", r.cves.join(",")) };
+            println!(
+                "pid {p}: {} level {} in {} ({} function(s)){cves}",
+                r.id,
+                r.level,
+                r.module,
+                r.functions.len()
+            );
+        }
+    }
+    Ok(0)
+}

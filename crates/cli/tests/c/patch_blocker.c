@@ -1,0 +1,1 @@
+int blocker(int n) { return n + 1; }

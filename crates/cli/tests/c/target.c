@@ -1,0 +1,107 @@
+/* Test target: a line-oriented service on stdin/stdout. Built as PIE, non-PIE, static, or
+ * against libcalc.so (-DUSE_LIB), by the integration tests. */
+#include <linux/audit.h>
+#include <linux/filter.h>
+#include <linux/seccomp.h>
+#include <pthread.h>
+#include <stddef.h>
+#include <sys/prctl.h>
+#include <sys/syscall.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+int counter;                  /* global state the patch must share */
+#ifdef OTHER_BUILD
+int other_build_marker = 1;
+#endif
+static int secret_factor = 3; /* static state the patch must share */
+
+#ifdef USE_LIB
+int compute(int x); /* in libcalc.so */
+#else
+static __attribute__((noinline)) int helper(int x) { return x * secret_factor; }
+__attribute__((noinline)) int compute(int x) {
+    counter++;
+    return helper(x) + 1;
+}
+#endif
+
+__attribute__((noinline)) const char *greet(void) { return "old greeting"; }
+__attribute__((noinline)) int zero(void) { return 0; }
+
+/* A function a thread stays inside of (it sleeps in a loop in here). */
+__attribute__((noinline)) int blocker(int n) {
+    for (;;) {
+        usleep(1000 * n);
+        __asm__ volatile("" ::: "memory");
+    }
+    return n;
+}
+
+int (*stored_ptr)(int); /* a pointer taken before any patch */
+
+static volatile long calls, bad;
+static volatile int spinning;
+
+static void *spin(void *arg) {
+    (void)arg;
+    while (spinning) {
+        int r = compute(2);
+        /* Every call answers the old (7) or a patched behaviour (106, 206), never garbage. */
+        if (r != 7 && r != 106 && r != 206) __atomic_add_fetch(&bad, 1, __ATOMIC_SEQ_CST);
+        __atomic_add_fetch(&calls, 1, __ATOMIC_SEQ_CST);
+    }
+    return NULL;
+}
+
+static void *block(void *arg) {
+    (void)arg;
+    blocker(50);
+    return NULL;
+}
+
+/* A seccomp filter that makes system call `nr` fail with EPERM and allows the rest. */
+static int deny_syscall(int nr) {
+    struct sock_filter f[] = {
+        BPF_STMT(BPF_LD | BPF_W | BPF_ABS, offsetof(struct seccomp_data, arch)),
+        BPF_JUMP(BPF_JMP | BPF_JEQ | BPF_K, AUDIT_ARCH_X86_64, 1, 0),
+        BPF_STMT(BPF_RET | BPF_K, SECCOMP_RET_KILL_PROCESS),
+        BPF_STMT(BPF_LD | BPF_W | BPF_ABS, offsetof(struct seccomp_data, nr)),
+        BPF_JUMP(BPF_JMP | BPF_JEQ | BPF_K, nr, 0, 1),
+        BPF_STMT(BPF_RET | BPF_K, SECCOMP_RET_ERRNO | 1),
+        BPF_STMT(BPF_RET | BPF_K, SECCOMP_RET_ALLOW),
+    };
+    struct sock_fprog prog = {sizeof f / sizeof f[0], f};
+    if (prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0)) return -1;
+    return prctl(PR_SET_SECCOMP, SECCOMP_MODE_FILTER, &prog);
+}
+
+int main(void) {
+    char line[128];
+    stored_ptr = compute;
+    setvbuf(stdout, NULL, _IOLBF, 0);
+    printf("ready %d\n", getpid());
+    while (fgets(line, sizeof line, stdin)) {
+        int n = 0;
+        if (sscanf(line, "compute %d", &n) == 1) printf("%d\n", compute(n));
+        else if (sscanf(line, "ptr %d", &n) == 1) printf("%d\n", stored_ptr(n));
+        else if (sscanf(line, "factor %d", &n) == 1) { secret_factor = n; printf("ok\n"); }
+        else if (strncmp(line, "counter", 7) == 0) printf("%d\n", counter);
+        else if (strncmp(line, "greet", 5) == 0) printf("%s\n", greet());
+        else if (strncmp(line, "zero", 4) == 0) printf("%d\n", zero());
+        else if (sscanf(line, "spin %d", &n) == 1) {
+            spinning = 1;
+            for (int i = 0; i < n; i++) { pthread_t t; pthread_create(&t, NULL, spin, NULL); }
+            printf("ok\n");
+        } else if (strncmp(line, "stats", 5) == 0) printf("%ld %ld\n", calls, bad);
+        else if (strncmp(line, "block", 5) == 0) {
+            pthread_t t; pthread_create(&t, NULL, block, NULL); usleep(20000); printf("ok\n");
+        } else if (strncmp(line, "seccomp memfd", 13) == 0) printf("%d\n", deny_syscall(SYS_memfd_create));
+        else if (strncmp(line, "seccomp reboot", 14) == 0) printf("%d\n", deny_syscall(SYS_reboot));
+        else if (strncmp(line, "quit", 4) == 0) break;
+        else printf("?\n");
+    }
+    return 0;
+}

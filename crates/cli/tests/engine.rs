@@ -1,0 +1,376 @@
+//! The engine end to end: real C targets compiled by gcc, patched by `suture` through ptrace.
+
+mod common;
+
+use std::path::PathBuf;
+
+use common::*;
+
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Kind {
+    Pie,
+    NonPie,
+    Static,
+    SharedLib,
+}
+
+struct Built {
+    work: Work,
+    exe: PathBuf,
+    /// The module the patches are for (the executable, or libcalc.so).
+    module: String,
+    lib_dir: Option<PathBuf>,
+    key: PathBuf,
+    public: PathBuf,
+}
+
+impl Built {
+    fn start(&self) -> Target {
+        Target::start(&self.exe, self.lib_dir.as_deref())
+    }
+
+    fn trust(&self) -> String {
+        self.public.display().to_string()
+    }
+
+    fn module_path(&self) -> PathBuf {
+        self.work.path(&self.module)
+    }
+}
+
+fn build(kind: Kind) -> Built {
+    let work = Work::new();
+    let target = Work::src("target.c");
+    let (counter, factor, pic) = match kind {
+        Kind::SharedLib => ("-DCOUNTER=counter_in_lib", "-DFACTOR=lib_factor", "-fPIC"),
+        _ => ("-DCOUNTER=counter", "-DFACTOR=secret_factor", "-fPIE"),
+    };
+    let mut module = "target".to_string();
+    let mut lib_dir = None;
+    match kind {
+        Kind::Pie => work.gcc(&["-O2", "-g", "-pthread", &target, "-o", "target"]),
+        Kind::NonPie => work.gcc(&["-O2", "-no-pie", "-fno-pie", "-pthread", &target, "-o", "target"]),
+        Kind::Static => work.gcc(&["-O2", "-static", "-pthread", &target, "-o", "target"]),
+        Kind::SharedLib => {
+            work.gcc(&["-O2", "-shared", "-fPIC", &Work::src("libcalc.c"), "-o", "libcalc.so"]);
+            work.gcc(&["-O2", "-pthread", "-DUSE_LIB", &target, "-L.", "-lcalc", "-o", "target"]);
+            module = "libcalc.so".into();
+            lib_dir = Some(work.dir.path().to_path_buf());
+        }
+    }
+    for (src, obj) in [
+        ("patch_compute.c", "p1.o"),
+        ("patch_greet.c", "p2.o"),
+        ("patch_blocker.c", "blocker.o"),
+        ("patch_zero.c", "zero.o"),
+    ] {
+        work.gcc(&[
+            "-O2", "-c", pic, "-ffunction-sections", "-fdata-sections", counter, factor,
+            &Work::src(src), "-o", obj,
+        ]);
+    }
+    let (key, public) = work.keys("test");
+    Built { exe: work.path("target"), module, lib_dir, key, public, work }
+}
+
+fn apply(b: &Built, bundle: &PathBuf, pid: i32) -> (bool, serde_json::Value) {
+    suture_json(&["apply", bundle.to_str().unwrap(), "--pid", &pid.to_string(), "--trust", &b.trust()])
+}
+
+/// Apply, observe the fix with the same pid and shared state, revert, and compare bytes.
+fn round_trip(kind: Kind) {
+    let b = build(kind);
+    let mut t = b.start();
+    assert_eq!(t.ask("compute 2"), "7");
+    let counter_before: i64 = t.ask("counter").parse().unwrap();
+    let addr = runtime_address(t.pid, &b.module_path(), "compute");
+    let original = read_mem(t.pid, addr, 32);
+
+    let p1 = b.work.bundle(&b.module, "p1.o", &["compute"], 1, &b.key, "p1.suture");
+    let (ok, v) = apply(&b, &p1, t.pid);
+    assert!(ok, "apply failed: {v}");
+    let r = &v["results"][0];
+    assert_eq!(r["pid"], t.pid);
+    assert!(r["stopped_us"].as_u64().unwrap() > 0);
+
+    // Fixed behaviour, same process, through a direct call and a pointer stored before.
+    assert!(t.alive());
+    assert_eq!(t.ask("compute 2"), "106");
+    assert_eq!(t.ask("ptr 2"), "106");
+    assert_eq!(t.ask("greet"), "old greeting");
+    if kind != Kind::SharedLib {
+        // The patch counts in the running global: state is shared, not copied.
+        let after: i64 = t.ask("counter").parse().unwrap();
+        assert_eq!(after, counter_before + 2);
+    }
+    // The static the unchanged helper reads is the running one.
+    assert_eq!(t.ask("factor 5"), "ok");
+    assert_eq!(t.ask("compute 2"), "110");
+    assert_eq!(t.ask("factor 3"), "ok");
+
+    let (ok, st) = suture_json(&["status", "--pid", &t.pid_arg()]);
+    assert!(ok);
+    let patches = &st["processes"][0]["patches"];
+    assert_eq!(patches.as_array().unwrap().len(), 1, "{st}");
+    assert_eq!(patches[0]["level"], 1);
+    let maps = std::fs::read_to_string(format!("/proc/{}/maps", t.pid)).unwrap();
+    assert!(maps.contains("/memfd:suture:"), "patch mapping is named");
+    assert!(
+        !maps.lines().any(|l| l.contains("memfd:suture") && l.split_whitespace().nth(1).unwrap().starts_with("rwx")),
+        "patch memory is never writable and executable"
+    );
+
+    let (ok, v) = suture_json(&["revert", "--pid", &t.pid_arg()]);
+    assert!(ok, "revert failed: {v}");
+    assert_eq!(t.ask("compute 2"), "7");
+    assert_eq!(read_mem(t.pid, addr, 32), original, "revert restores the exact bytes");
+    let maps = std::fs::read_to_string(format!("/proc/{}/maps", t.pid)).unwrap();
+    assert!(!maps.contains("memfd:suture"), "patch memory is unmapped");
+    let (_, st) = suture_json(&["status", "--pid", &t.pid_arg()]);
+    assert_eq!(st["processes"][0]["patches"].as_array().unwrap().len(), 0);
+    assert_eq!(t.ask("quit-check-alive-not"), "?");
+}
+
+#[test]
+fn pie_apply_and_revert() {
+    round_trip(Kind::Pie);
+}
+
+#[test]
+fn non_pie_apply_and_revert() {
+    round_trip(Kind::NonPie);
+}
+
+#[test]
+fn static_apply_and_revert() {
+    round_trip(Kind::Static);
+}
+
+#[test]
+fn shared_library_apply_and_revert() {
+    round_trip(Kind::SharedLib);
+}
+
+#[test]
+fn non_pic_patch_object_for_non_pie_target() {
+    let b = build(Kind::NonPie);
+    b.work.gcc(&[
+        "-O2", "-c", "-fno-pic", "-ffunction-sections", "-DCOUNTER=counter", "-DFACTOR=secret_factor",
+        &Work::src("patch_greet.c"), "-o", "nopic.o",
+    ]);
+    let mut t = b.start();
+    let p = b.work.bundle("target", "nopic.o", &["compute", "greet"], 1, &b.key, "nopic.suture");
+    let (ok, v) = apply(&b, &p, t.pid);
+    assert!(ok, "{v}");
+    assert_eq!(t.ask("greet"), "new greeting");
+    assert_eq!(t.ask("compute 2"), "206");
+}
+
+#[test]
+fn threads_calling_constantly_see_old_or_new_never_garbage() {
+    let b = build(Kind::Pie);
+    let mut t = b.start();
+    assert_eq!(t.ask("spin 8"), "ok");
+    std::thread::sleep(std::time::Duration::from_millis(50));
+    let p1 = b.work.bundle("target", "p1.o", &["compute"], 1, &b.key, "p1.suture");
+    let p2 = b.work.bundle("target", "p2.o", &["compute", "greet"], 2, &b.key, "p2.suture");
+    for p in [&p1, &p2] {
+        let (ok, v) = apply(&b, p, t.pid);
+        assert!(ok, "{v}");
+        assert_eq!(v["results"][0]["threads"], 9);
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let (ok, v) = suture_json(&["revert", "--pid", &t.pid_arg()]);
+    assert!(ok, "{v}");
+    std::thread::sleep(std::time::Duration::from_millis(50));
+    let stats = t.ask("stats");
+    let (calls, bad) = stats.split_once(' ').unwrap();
+    assert!(calls.parse::<u64>().unwrap() > 1000, "threads kept calling: {stats}");
+    assert_eq!(bad, "0", "no call returned garbage");
+    assert!(t.alive());
+}
+
+#[test]
+fn cumulative_level_replaces_lower_and_lower_is_refused() {
+    let b = build(Kind::Pie);
+    let mut t = b.start();
+    let p1 = b.work.bundle("target", "p1.o", &["compute"], 1, &b.key, "p1.suture");
+    let p2 = b.work.bundle("target", "p2.o", &["compute", "greet"], 2, &b.key, "p2.suture");
+    let greet = runtime_address(t.pid, &b.exe, "greet");
+    let greet_bytes = read_mem(t.pid, greet, 16);
+    assert!(apply(&b, &p1, t.pid).0);
+    assert_eq!(t.ask("compute 2"), "106");
+    let (ok, v) = apply(&b, &p2, t.pid);
+    assert!(ok, "{v}");
+    assert_eq!(v["results"][0]["replaced"], "target-L1-".to_string() + &id_hash(&b, "p1.o"));
+    assert_eq!(t.ask("compute 2"), "206");
+    assert_eq!(t.ask("greet"), "new greeting");
+    let (_, st) = suture_json(&["status", "--pid", &t.pid_arg()]);
+    let patches = st["processes"][0]["patches"].as_array().unwrap().clone();
+    assert_eq!(patches.len(), 1, "level 1 was superseded in the same stop: {st}");
+    assert_eq!(patches[0]["level"], 2);
+
+    // Lower or equal level: refused, memory untouched.
+    let before = snapshot(t.pid);
+    for p in [&p1, &p2] {
+        let (ok, v) = apply(&b, p, t.pid);
+        assert!(!ok);
+        assert_eq!(v["kind"], "refused", "{v}");
+        assert!(v["error"].as_str().unwrap().contains("not newer"), "{v}");
+    }
+    assert_same_memory(&before, &snapshot(t.pid));
+    assert_eq!(t.ask("compute 2"), "206");
+
+    let (ok, _) = suture_json(&["revert", "--pid", &t.pid_arg()]);
+    assert!(ok);
+    assert_eq!(t.ask("compute 2"), "7");
+    assert_eq!(t.ask("greet"), "old greeting");
+    assert_eq!(read_mem(t.pid, greet, 16), greet_bytes);
+}
+
+fn id_hash(b: &Built, obj: &str) -> String {
+    use std::process::Command;
+    let out = Command::new("sha256sum").arg(b.work.path(obj)).output().unwrap();
+    String::from_utf8_lossy(&out.stdout)[..8].to_string()
+}
+
+#[test]
+fn thread_inside_replaced_function_makes_apply_report_busy_and_change_nothing() {
+    let b = build(Kind::Pie);
+    let mut t = b.start();
+    assert_eq!(t.ask("block"), "ok");
+    let p = b.work.bundle("target", "blocker.o", &["blocker"], 1, &b.key, "blocker.suture");
+    let before = snapshot(t.pid);
+    let (ok, v) = suture_json(&[
+        "apply", p.to_str().unwrap(), "--pid", &t.pid_arg(), "--trust", &b.trust(), "--timeout-ms", "300",
+    ]);
+    assert!(!ok);
+    assert_eq!(v["kind"], "busy", "{v}");
+    assert!(v["error"].as_str().unwrap().contains("blocker"), "names the function: {v}");
+    assert_same_memory(&before, &snapshot(t.pid));
+    assert_eq!(t.ask("compute 2"), "7");
+}
+
+#[test]
+fn refusals_leave_the_target_byte_identical() {
+    let b = build(Kind::Pie);
+    let mut t = b.start();
+    let p1 = b.work.bundle("target", "p1.o", &["compute"], 1, &b.key, "p1.suture");
+    let pid = t.pid_arg();
+    let before = snapshot(t.pid);
+
+    // Bad signature: one byte of the signed content flipped.
+    let mut bytes = std::fs::read(&p1).unwrap();
+    let n = bytes.len();
+    bytes[n - 100] ^= 0x40; // inside the object, before the signer key and signature
+    let tampered = b.work.path("tampered.suture");
+    std::fs::write(&tampered, &bytes).unwrap();
+    let (ok, v) = suture_json(&["apply", tampered.to_str().unwrap(), "--pid", &pid, "--trust", &b.trust()]);
+    assert!(!ok, "{v}");
+    assert!(v["error"].as_str().unwrap().contains("signature"), "{v}");
+
+    // Untrusted key.
+    let (_, other_pub) = b.work.keys("other");
+    let (ok, v) = suture_json(&["apply", p1.to_str().unwrap(), "--pid", &pid, "--trust", other_pub.to_str().unwrap()]);
+    assert!(!ok);
+    assert!(v["error"].as_str().unwrap().contains("untrusted"), "{v}");
+
+    // Wrong build-id: a bundle made for another build of the program.
+    b.work.gcc(&["-O2", "-DOTHER_BUILD", "-pthread", &Work::src("target.c"), "-o", "other"]);
+    let wrong = b.work.bundle("other", "p1.o", &["compute"], 1, &b.key, "wrong.suture");
+    let (ok, v) = apply(&b, &wrong, t.pid);
+    assert!(!ok);
+    assert_eq!(v["kind"], "refused");
+    assert!(v["error"].as_str().unwrap().contains("build-id"), "{v}");
+
+    assert_same_memory(&before, &snapshot(t.pid));
+    assert_eq!(t.ask("compute 2"), "7");
+}
+
+#[test]
+fn running_bytes_that_differ_are_refused() {
+    let b = build(Kind::Pie);
+    let mut t = b.start();
+    let p1 = b.work.bundle("target", "p1.o", &["compute"], 1, &b.key, "p1.suture");
+    // Someone else changed a byte in the body of compute() (e.g. another tool's breakpoint).
+    let addr = runtime_address(t.pid, &b.exe, "compute");
+    let mut body = read_mem(t.pid, addr + 8, 1);
+    body[0] = 0xcc;
+    {
+        use std::os::unix::fs::FileExt;
+        let f = std::fs::OpenOptions::new().write(true).open(format!("/proc/{}/mem", t.pid)).unwrap();
+        f.write_all_at(&body, addr + 8).unwrap();
+    }
+    let before = snapshot(t.pid);
+    let (ok, v) = apply(&b, &p1, t.pid);
+    assert!(!ok);
+    assert_eq!(v["kind"], "refused");
+    assert!(v["error"].as_str().unwrap().contains("differs"), "{v}");
+    assert_same_memory(&before, &snapshot(t.pid));
+    assert!(t.alive());
+}
+
+#[test]
+fn function_shorter_than_a_detour_is_refused() {
+    let b = build(Kind::Pie);
+    let out = suture(&[
+        "bundle", "--target", b.exe.to_str().unwrap(), "--object", b.work.path("zero.o").to_str().unwrap(),
+        "--replace", "zero", "--key", b.key.to_str().unwrap(), "--out", b.work.path("z.suture").to_str().unwrap(),
+    ]);
+    assert!(!out.status.success());
+    let err = stderr(&out);
+    assert!(err.contains("shorter than the 5-byte detour"), "{err}");
+    assert_eq!(err.trim().lines().count(), 1, "one-line error: {err}");
+    assert!(!b.work.path("z.suture").exists(), "no bundle written");
+}
+
+#[test]
+fn check_reports_patchable_and_module() {
+    let b = build(Kind::Pie);
+    let t = b.start();
+    let p1 = b.work.bundle("target", "p1.o", &["compute"], 1, &b.key, "p1.suture");
+    let (ok, v) = suture_json(&["check", "--pid", &t.pid_arg(), "--bundle", p1.to_str().unwrap()]);
+    assert!(ok, "{v}");
+    assert_eq!(v["patchable"], true);
+    let (ok, v) = suture_json(&["check", "--pid", "999999999"]);
+    assert!(!ok);
+    assert!(v["error"].as_str().unwrap().contains("no process"), "{v}");
+}
+
+#[test]
+fn apply_all_patches_every_process_mapping_the_module() {
+    let b = build(Kind::Pie);
+    let mut targets: Vec<Target> = (0..4).map(|_| b.start()).collect();
+    let p1 = b.work.bundle("target", "p1.o", &["compute"], 1, &b.key, "p1.suture");
+    let (ok, v) = suture_json(&["apply", p1.to_str().unwrap(), "--all", "--trust", &b.trust()]);
+    assert!(ok, "{v}");
+    assert_eq!(v["results"].as_array().unwrap().len(), 4, "{v}");
+    for t in &mut targets {
+        assert_eq!(t.ask("compute 2"), "106");
+    }
+}
+
+#[test]
+fn seccomp_filter_that_blocks_patching_is_refused_and_one_that_does_not_is_patched() {
+    let b = build(Kind::Pie);
+    let p1 = b.work.bundle("target", "p1.o", &["compute"], 1, &b.key, "p1.suture");
+
+    let mut t = b.start();
+    assert_eq!(t.ask("seccomp memfd"), "0");
+    let before = snapshot(t.pid);
+    let (ok, v) = apply(&b, &p1, t.pid);
+    assert!(!ok);
+    assert_eq!(v["kind"], "refused", "{v}");
+    assert!(v["error"].as_str().unwrap().contains("memfd_create"), "{v}");
+    assert_same_memory(&before, &snapshot(t.pid));
+    assert_eq!(t.ask("compute 2"), "7");
+    let (ok, c) = suture_json(&["check", "--pid", &t.pid_arg()]);
+    assert!(!ok && c["patchable"] == false, "{c}");
+
+    // Docker-like: a filter is present but allows what patching needs.
+    let mut t = b.start();
+    assert_eq!(t.ask("seccomp reboot"), "0");
+    let (ok, v) = apply(&b, &p1, t.pid);
+    assert!(ok, "{v}");
+    assert_eq!(t.ask("compute 2"), "106");
+}

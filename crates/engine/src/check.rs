@@ -1,0 +1,142 @@
+//! Read-only questions about processes: what they carry (`status`), whether they can be
+//! patched (`check`), and which of them map a module (`--all`).
+
+use anyhow::Result;
+use serde::Serialize;
+
+use crate::modules;
+use crate::procfs::{self, Memory};
+use crate::record::{self, PatchRecord};
+use crate::stop::Session;
+
+/// The patches process `pid` carries, read from its own memory.
+pub fn status(pid: i32) -> Result<Vec<PatchRecord>> {
+    let maps = procfs::read_maps(pid)?;
+    if !maps.iter().any(record::is_patch_mapping) {
+        return Ok(Vec::new());
+    }
+    let mem = Memory::open(pid)?;
+    record::applied_patches(&mem, &maps)
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct ModuleInfo {
+    pub path: String,
+    pub build_id: Option<String>,
+    pub base: u64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct CheckReport {
+    pub pid: i32,
+    pub command: String,
+    /// Nothing stands in the way of patching.
+    pub patchable: bool,
+    /// Why it cannot be patched, one line each.
+    pub problems: Vec<String>,
+    pub threads: usize,
+    pub modules: Vec<ModuleInfo>,
+    pub patches: Vec<PatchRecord>,
+}
+
+/// Pre-flight: can process `pid` be patched, and if not, why. If `build_id` is given, also
+/// whether the process maps that module.
+pub fn check(pid: i32, build_id: Option<&[u8]>) -> Result<CheckReport> {
+    let mut problems = Vec::new();
+    if !procfs::exists(pid) {
+        anyhow::bail!("no process {pid}");
+    }
+    let command = procfs::command_name(pid);
+    if std::env::consts::ARCH != "x86_64" {
+        problems.push("suture patches x86-64 processes only".to_string());
+    }
+    match procfs::status_field(pid, "State")?.as_deref() {
+        Some(s) if s.starts_with('Z') => problems.push("process is a zombie".into()),
+        Some(s) if s.starts_with('T') => {
+            problems.push("process is stopped (job control or a debugger)".into())
+        }
+        _ => {}
+    }
+    if let Some(t) = procfs::status_field(pid, "TracerPid")? {
+        if t != "0" {
+            problems.push(format!("process is already traced by pid {t}; only one tracer may attach"));
+        }
+    }
+    let maps = match procfs::read_maps(pid) {
+        Ok(m) => m,
+        Err(e) => {
+            problems.push(format!("{e:#}"));
+            Vec::new()
+        }
+    };
+    if let Err(e) = Memory::open(pid) {
+        problems.push(format!("{e:#}"));
+    }
+    let modules: Vec<ModuleInfo> = modules::loaded_modules(pid, &maps)
+        .into_iter()
+        .map(|m| ModuleInfo {
+            build_id: m.build_id_hex(),
+            path: m.path,
+            base: m.bias,
+        })
+        .collect();
+    if let Some(want) = build_id {
+        let want = hex::encode(want);
+        if !modules.iter().any(|m| m.build_id.as_deref() == Some(&want)) {
+            problems.push(format!("process does not map a module with build-id {want}"));
+        }
+    }
+    let threads = procfs::threads(pid).map(|t| t.len()).unwrap_or(0);
+    if problems.is_empty() {
+        // The real test of ptrace permission: seize and let go (a stop of a few microseconds).
+        match Session::seize(pid) {
+            Ok(mut s) => {
+                match s.stop_thread(pid) {
+                    Err(e) => problems.push(format!("{e:#}")),
+                    Ok(()) => {
+                        // The same test apply makes: would the seccomp filter let us work?
+                        match crate::seccomp::filters(pid, pid)
+                            .and_then(|f| crate::seccomp::check_injected(&f, 0))
+                        {
+                            Ok(Ok(())) => {}
+                            Ok(Err(name)) => problems.push(format!(
+                                "its seccomp filter blocks `{name}`, which patching needs"
+                            )),
+                            Err(e) => problems.push(format!("{e:#}")),
+                        }
+                    }
+                }
+                s.detach();
+            }
+            Err(e) => problems.push(format!("{e:#}")),
+        }
+    }
+    let patches = status(pid).unwrap_or_default();
+    Ok(CheckReport {
+        pid,
+        command,
+        patchable: problems.is_empty(),
+        problems,
+        threads,
+        modules,
+        patches,
+    })
+}
+
+/// Every process (but this one) that maps a module with `build_id`.
+pub fn processes_mapping(build_id: &[u8]) -> Result<Vec<i32>> {
+    let me = std::process::id() as i32;
+    let mut out = Vec::new();
+    for pid in procfs::all_pids()? {
+        if pid == me {
+            continue;
+        }
+        let Ok(maps) = procfs::read_maps(pid) else {
+            continue; // exited, or a kernel thread
+        };
+        if modules::find_by_build_id(pid, &maps, build_id).is_some() {
+            out.push(pid);
+        }
+    }
+    Ok(out)
+}

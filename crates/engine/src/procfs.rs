@@ -1,0 +1,210 @@
+//! What `/proc/PID` tells about a process: its mappings, threads, status and memory.
+//!
+//! Files of other processes are always read through the process's own view
+//! (`/proc/PID/map_files`, `/proc/PID/root`), so a target inside a container (another mount
+//! namespace) is read correctly.
+
+use std::fs::File;
+use std::io::Read;
+use std::os::unix::fs::FileExt;
+use std::path::PathBuf;
+
+use anyhow::{bail, Context, Result};
+
+/// One line of `/proc/PID/maps`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Mapping {
+    pub start: u64,
+    pub end: u64,
+    pub readable: bool,
+    pub writable: bool,
+    pub executable: bool,
+    pub offset: u64,
+    /// `major:minor` of the backing file's device, as printed by the kernel.
+    pub dev: String,
+    pub inode: u64,
+    /// Path or pseudo-name (`[stack]`, `/memfd:… (deleted)`), empty for anonymous memory.
+    pub path: String,
+}
+
+impl Mapping {
+    pub fn is_file(&self) -> bool {
+        self.inode != 0 && self.path.starts_with('/')
+    }
+
+    pub fn contains(&self, addr: u64) -> bool {
+        self.start <= addr && addr < self.end
+    }
+
+    /// `/proc/PID/map_files/START-END`: the mapped file as the process sees it.
+    pub fn map_file(&self, pid: i32) -> PathBuf {
+        PathBuf::from(format!(
+            "/proc/{pid}/map_files/{:x}-{:x}",
+            self.start, self.end
+        ))
+    }
+}
+
+pub fn parse_maps(text: &str) -> Result<Vec<Mapping>> {
+    text.lines().map(parse_maps_line).collect()
+}
+
+fn parse_maps_line(line: &str) -> Result<Mapping> {
+    let bad = || format!("unexpected line in /proc/PID/maps: {line:?}");
+    let mut fields = line.splitn(6, ' ');
+    let range = fields.next().with_context(bad)?;
+    let perms = fields.next().with_context(bad)?.as_bytes();
+    let offset = fields.next().with_context(bad)?;
+    let dev = fields.next().with_context(bad)?;
+    let inode = fields.next().with_context(bad)?;
+    let path = fields.next().unwrap_or("").trim_start();
+    let (start, end) = range.split_once('-').with_context(bad)?;
+    if perms.len() < 4 {
+        bail!(bad());
+    }
+    Ok(Mapping {
+        start: u64::from_str_radix(start, 16).with_context(bad)?,
+        end: u64::from_str_radix(end, 16).with_context(bad)?,
+        readable: perms[0] == b'r',
+        writable: perms[1] == b'w',
+        executable: perms[2] == b'x',
+        offset: u64::from_str_radix(offset, 16).with_context(bad)?,
+        dev: dev.to_string(),
+        inode: inode.parse().with_context(bad)?,
+        path: path.to_string(),
+    })
+}
+
+pub fn read_maps(pid: i32) -> Result<Vec<Mapping>> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/maps"))
+        .with_context(|| format!("process {pid}: cannot read /proc/{pid}/maps"))?;
+    parse_maps(&text)
+}
+
+/// The thread ids of a process, from `/proc/PID/task`.
+pub fn threads(pid: i32) -> Result<Vec<i32>> {
+    let dir = std::fs::read_dir(format!("/proc/{pid}/task"))
+        .with_context(|| format!("process {pid}: cannot list threads (has it exited?)"))?;
+    let mut tids = Vec::new();
+    for entry in dir {
+        let entry = entry?;
+        if let Some(tid) = entry.file_name().to_str().and_then(|s| s.parse().ok()) {
+            tids.push(tid);
+        }
+    }
+    tids.sort_unstable();
+    Ok(tids)
+}
+
+pub fn exists(pid: i32) -> bool {
+    std::path::Path::new(&format!("/proc/{pid}")).exists()
+}
+
+/// Field `name` of `/proc/PID/status` (e.g. `Seccomp`, `TracerPid`, `State`).
+pub fn status_field(pid: i32, name: &str) -> Result<Option<String>> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .with_context(|| format!("process {pid}: cannot read /proc/{pid}/status"))?;
+    Ok(text.lines().find_map(|l| {
+        let (k, v) = l.split_once(':')?;
+        (k == name).then(|| v.trim().to_string())
+    }))
+}
+
+pub fn command_name(pid: i32) -> String {
+    std::fs::read_to_string(format!("/proc/{pid}/comm"))
+        .map(|s| s.trim().to_string())
+        .unwrap_or_default()
+}
+
+/// Every numeric entry of `/proc`.
+pub fn all_pids() -> Result<Vec<i32>> {
+    let mut pids = Vec::new();
+    for entry in std::fs::read_dir("/proc").context("cannot list /proc")? {
+        let entry = entry?;
+        if let Some(pid) = entry.file_name().to_str().and_then(|s| s.parse().ok()) {
+            pids.push(pid);
+        }
+    }
+    pids.sort_unstable();
+    Ok(pids)
+}
+
+/// `/proc/PID/mem`, opened once: reads and writes any mapping of the target, including
+/// read-only code (the kernel breaks copy-on-write for us), without the target's page
+/// protections ever changing.
+pub struct Memory {
+    pid: i32,
+    file: File,
+}
+
+impl Memory {
+    pub fn open(pid: i32) -> Result<Memory> {
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(format!("/proc/{pid}/mem"))
+            .with_context(|| format!("process {pid}: cannot open its memory (are you root?)"))?;
+        Ok(Memory { pid, file })
+    }
+
+    pub fn read(&self, addr: u64, len: usize) -> Result<Vec<u8>> {
+        let mut buf = vec![0u8; len];
+        self.read_into(addr, &mut buf)?;
+        Ok(buf)
+    }
+
+    pub fn read_into(&self, addr: u64, buf: &mut [u8]) -> Result<()> {
+        self.file.read_exact_at(buf, addr).with_context(|| {
+            format!(
+                "process {}: cannot read {} bytes at {addr:#x}",
+                self.pid,
+                buf.len()
+            )
+        })
+    }
+
+    pub fn read_u64(&self, addr: u64) -> Result<u64> {
+        let mut b = [0u8; 8];
+        self.read_into(addr, &mut b)?;
+        Ok(u64::from_le_bytes(b))
+    }
+
+    pub fn write(&self, addr: u64, bytes: &[u8]) -> Result<()> {
+        self.file.write_all_at(bytes, addr).with_context(|| {
+            format!(
+                "process {}: cannot write {} bytes at {addr:#x}",
+                self.pid,
+                bytes.len()
+            )
+        })
+    }
+}
+
+/// Reads at most `limit` bytes of a file (bounded: the file belongs to someone else).
+pub fn read_bounded(path: &std::path::Path, limit: u64) -> Result<Vec<u8>> {
+    let file = File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
+    let mut data = Vec::new();
+    file.take(limit)
+        .read_to_end(&mut data)
+        .with_context(|| format!("cannot read {}", path.display()))?;
+    Ok(data)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_maps_lines() {
+        let text = "55d0c0a00000-55d0c0a01000 r--p 00000000 fe:01 1234  /usr/bin/x y\n\
+                    7ffd1000-7ffd2000 rw-p 00000000 00:00 0                          [stack]\n\
+                    7f0000000000-7f0000001000 r-xp 00000000 00:00 0 \n";
+        let maps = parse_maps(text).expect("valid maps");
+        assert_eq!(maps.len(), 3);
+        assert_eq!(maps[0].path, "/usr/bin/x y");
+        assert!(maps[0].is_file());
+        assert_eq!(maps[1].path, "[stack]");
+        assert!(maps[2].executable && maps[2].path.is_empty());
+        assert!(parse_maps("garbage").is_err());
+    }
+}

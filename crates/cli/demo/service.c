@@ -2,7 +2,7 @@
  *
  * Clients connect to a Unix socket and send one line:
  *   LOGIN <user>   -> "granted admin" | "granted user"
- *   STATS          -> "pid=<pid> requests=<n> denied=<n>"
+ *   STATS          -> "pid=<pid> requests=<n> admin_checks_denied=<n>"
  * Four background threads keep calling the access check, as a busy service would.
  *
  * The bug (an authentication bypass, the CVE-2012-2122 family): is_admin() compares only as
@@ -19,7 +19,8 @@
 
 static const char *admins[] = {"admin", "root", NULL};
 long requests;        /* state that must survive the patch */
-long denied_logins;
+long admin_checks_denied;
+static volatile long traffic_admins; /* keeps gcc from dropping the calls below */
 
 /* noinline: a hand-made patch replaces this function; `suture build` would also find callers
  * that inlined it. */
@@ -34,7 +35,7 @@ static void *traffic(void *arg) {
     (void)arg;
     const char *names[] = {"alice", "bob", "root", "carol"};
     for (unsigned i = 0;; i++) {
-        is_admin(names[i % 4]);
+        if (is_admin(names[i % 4])) traffic_admins++;
         usleep(200);
     }
     return NULL;
@@ -52,7 +53,8 @@ static void *serve(void *arg) {
         if (strncmp(line, "LOGIN ", 6) == 0)
             snprintf(out, sizeof out, "%s\n", is_admin(line + 6) ? "granted admin" : "granted user");
         else if (strcmp(line, "STATS") == 0)
-            snprintf(out, sizeof out, "pid=%d requests=%ld denied=%ld\n", getpid(), requests, denied_logins);
+            snprintf(out, sizeof out, "pid=%d requests=%ld admin_checks_denied=%ld\n", getpid(), requests,
+                     admin_checks_denied);
         else
             snprintf(out, sizeof out, "unknown command\n");
         if (write(fd, out, strlen(out)) < 0) { /* client gone */ }

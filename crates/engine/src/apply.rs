@@ -17,7 +17,7 @@ use crate::modules::{self, executable_tp_offset, LoadedModule};
 use crate::procfs::{self, Mapping, Memory};
 use crate::record::{self, Detour, PatchRecord, MEMFD_PREFIX};
 use crate::remote::Remote;
-use crate::safety::{self, Guarded};
+use crate::safety::{Checker, Guarded};
 use crate::stop::Session;
 use crate::EngineError;
 
@@ -240,6 +240,7 @@ pub fn apply(pid: i32, bundle: &Bundle, opts: &ApplyOptions) -> Result<ApplyRepo
         &mut session,
         &mem,
         &maps,
+        &modules::loaded_modules(pid, &maps),
         &guarded,
         opts.timeout,
         |session, mem| {
@@ -322,6 +323,7 @@ pub fn revert(pid: i32, id: Option<&str>, opts: &ApplyOptions) -> Result<RevertR
         &mut session,
         &mem,
         &maps,
+        &modules::loaded_modules(pid, &maps),
         &guarded,
         opts.timeout,
         |session, mem| {
@@ -359,13 +361,14 @@ fn stop_and_write(
     session: &mut Session,
     mem: &Memory,
     maps: &[Mapping],
+    modules: &[LoadedModule],
     guarded: &[Guarded],
     timeout: Duration,
     act: impl Fn(&mut Session, &Memory) -> Result<()>,
 ) -> Result<(u64, u32)> {
     let pid = session.pid();
     let deadline = Instant::now() + timeout;
-    let mut backoff = Duration::from_millis(1);
+    let mut backoff = Duration::from_micros(200);
     let mut stopped = Duration::ZERO;
     let mut attempts = 0;
     let mut maps = maps.to_vec();
@@ -373,13 +376,17 @@ fn stop_and_write(
         attempts += 1;
         let t = Instant::now();
         session.stop_all().map_err(|e| exited_or(pid, e))?;
-        let mut busy = safety::check(session, mem, &maps, guarded).map_err(|e| exited_or(pid, e))?;
+        let mut busy = Checker::new(mem, &maps, modules, guarded)
+            .check(session)
+            .map_err(|e| exited_or(pid, e))?;
         if busy.is_none() && attempts == 1 {
             // Threads born after our snapshot have stacks we have not seen: look again.
             let fresh = procfs::read_maps(pid).map_err(|e| exited_or(pid, e))?;
             if fresh.len() != maps.len() {
                 maps = fresh;
-                busy = safety::check(session, mem, &maps, guarded).map_err(|e| exited_or(pid, e))?;
+                busy = Checker::new(mem, &maps, modules, guarded)
+                    .check(session)
+                    .map_err(|e| exited_or(pid, e))?;
             }
         }
         match busy {
@@ -400,7 +407,7 @@ fn stop_and_write(
                 }
                 debug!(pid, %b, "busy; backing off");
                 std::thread::sleep(backoff);
-                backoff = (backoff * 2).min(Duration::from_millis(100));
+                backoff = (backoff * 2).min(Duration::from_millis(20));
             }
         }
     }

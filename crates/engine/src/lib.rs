@@ -25,6 +25,7 @@ pub mod remote;
 pub mod safety;
 pub mod seccomp;
 pub mod stop;
+pub mod unwind;
 
 mod apply;
 mod check;

@@ -22,6 +22,8 @@ pub struct ModuleFacts {
     pub kind: ModuleKind,
     pub segments: Vec<LoadSegment>,
     pub tls: Option<TlsSegment>,
+    /// `.eh_frame` tables, for walking stacks precisely.
+    pub unwind: Option<crate::unwind::UnwindTables>,
     data: Vec<u8>,
     exports: OnceLock<HashMap<String, Export>>,
 }
@@ -42,9 +44,14 @@ impl ModuleFacts {
             kind: module.kind(),
             segments: module.load_segments().to_vec(),
             tls: module.tls_segment(),
+            unwind: crate::unwind::tables(&module, &data),
             exports: OnceLock::new(),
             data,
         })
+    }
+
+    pub fn data(&self) -> &[u8] {
+        &self.data
     }
 
     /// The exported definition of `name`, if this module has one.

@@ -1,21 +1,29 @@
 //! The activeness check: no thread may be executing in, or be about to return into, code that
 //! a detour is about to bypass or that is about to be unmapped.
 //!
-//! For each stopped thread we look at its instruction pointer and scan its live stack (from the
-//! stack pointer to the end of the stack mapping) for words that point into a guarded range.
-//! The scan is conservative: a return address is always on the stack, so none is missed, and a
-//! stale word that happens to look like one only costs a retry. Signal frames on the same stack
-//! are covered (their saved `rip` is a stack word).
+//! Each stopped thread's stack is walked with the modules' unwind tables ([`crate::unwind`]);
+//! every return address found is checked. Where the tables cannot continue, the rest of the
+//! stack is scanned conservatively: every word that points into guarded code counts. A thread
+//! caught *executing* a replaced function is single-stepped, alone, until it leaves it (a
+//! function that is hot in many threads would otherwise rarely be found idle); one that is
+//! merely deeper down the call chain is not waited for here: the caller backs off and retries.
+
+use std::time::{Duration, Instant};
 
 use anyhow::Result;
 use nix::sys::ptrace;
 use nix::unistd::Pid;
 
+use crate::modules::LoadedModule;
 use crate::procfs::{Mapping, Memory};
 use crate::stop::{gone, Session};
+use crate::unwind::{Frame, Step, Walker};
 
-/// Upper bound on the stack bytes scanned per thread.
-const MAX_STACK_SCAN: u64 = 8 << 20;
+/// Upper bound on the stack bytes read per thread.
+const MAX_STACK: u64 = 8 << 20;
+/// How long one thread may be single-stepped to leave a replaced function.
+const STEP_BUDGET: Duration = Duration::from_millis(2);
+const MAX_FRAMES: usize = 1024;
 
 /// Code that must not be active.
 #[derive(Debug, Clone)]
@@ -26,6 +34,17 @@ pub struct Guarded {
     /// Replaced functions: a thread sitting exactly at the entry is safe (it will take the
     /// detour). Code that is going away is unsafe at any address.
     pub entry_is_safe: bool,
+}
+
+impl Guarded {
+    fn holds_pc(&self, pc: u64) -> bool {
+        pc >= self.start && pc < self.end && !(self.entry_is_safe && pc == self.start)
+    }
+
+    /// A return address points after a call: never at a function's first byte.
+    fn holds_return(&self, ra: u64) -> bool {
+        ra > self.start && ra <= self.end
+    }
 }
 
 /// Why the process cannot be changed right now.
@@ -42,48 +61,143 @@ impl std::fmt::Display for Busy {
     }
 }
 
-pub fn check(
-    session: &Session,
-    mem: &Memory,
-    maps: &[Mapping],
-    guarded: &[Guarded],
-) -> Result<Option<Busy>> {
-    if guarded.is_empty() {
-        return Ok(None);
+/// One thread's stack, read with one system call.
+struct Stack<'a> {
+    mem: &'a Memory,
+    base: u64,
+    bytes: Vec<u8>,
+}
+
+impl Stack<'_> {
+    fn read(&self, addr: u64) -> Option<u64> {
+        let off = addr.checked_sub(self.base)? as usize;
+        match self.bytes.get(off..off + 8) {
+            Some(b) => Some(u64::from_le_bytes(b.try_into().ok()?)),
+            None => self.mem.read_u64(addr).ok(),
+        }
     }
-    for tid in session.threads() {
+}
+
+pub struct Checker<'a> {
+    pub mem: &'a Memory,
+    pub maps: &'a [Mapping],
+    pub modules: &'a [LoadedModule],
+    pub guarded: &'a [Guarded],
+    walker: Walker,
+}
+
+impl<'a> Checker<'a> {
+    pub fn new(
+        mem: &'a Memory,
+        maps: &'a [Mapping],
+        modules: &'a [LoadedModule],
+        guarded: &'a [Guarded],
+    ) -> Self {
+        Checker {
+            mem,
+            maps,
+            modules,
+            guarded,
+            walker: Walker::default(),
+        }
+    }
+
+    /// Checks every thread; steps threads out of replaced functions where that helps.
+    pub fn check(&mut self, session: &mut Session) -> Result<Option<Busy>> {
+        if self.guarded.is_empty() {
+            return Ok(None);
+        }
+        let tids: Vec<i32> = session.threads().collect();
+        for tid in tids {
+            let mut busy = self.thread(session, tid)?;
+            if let Some(b) = &busy {
+                if b.how == EXECUTING && self.step_out(session, tid)? {
+                    busy = self.thread(session, tid)?;
+                }
+            }
+            if busy.is_some() {
+                return Ok(busy);
+            }
+        }
+        Ok(None)
+    }
+
+    fn thread(&mut self, session: &Session, tid: i32) -> Result<Option<Busy>> {
         let regs = ptrace::getregs(Pid::from_raw(tid)).map_err(|_| gone(session.pid()))?;
-        for g in guarded {
-            let inside = regs.rip >= g.start && regs.rip < g.end;
-            if inside && !(g.entry_is_safe && regs.rip == g.start) {
-                return Ok(Some(Busy {
-                    tid,
-                    function: g.name.clone(),
-                    how: "is executing in",
-                }));
+        if let Some(g) = self.guarded.iter().find(|g| g.holds_pc(regs.rip)) {
+            return Ok(Some(busy(tid, g, EXECUTING)));
+        }
+        let sp = regs.rsp & !7;
+        let end = self
+            .maps
+            .iter()
+            .find(|m| m.contains(sp))
+            .map(|m| m.end)
+            .unwrap_or(sp + 64 * 1024);
+        let len = (end.saturating_sub(sp)).min(MAX_STACK) as usize;
+        let bytes = self.mem.read(sp, len).unwrap_or_default();
+        let stack = Stack { mem: self.mem, base: sp, bytes };
+
+        // Precise walk while the unwind tables can answer.
+        let mut frame = Frame::new(&regs);
+        let mut first = true;
+        let mut scan_from = None;
+        for _ in 0..MAX_FRAMES {
+            match self.walker.step(self.modules, &frame, first, &mut |a| stack.read(a)) {
+                Step::Caller(next) => {
+                    if let Some(g) = self.guarded.iter().find(|g| g.holds_return(next.pc)) {
+                        return Ok(Some(busy(tid, g, RETURNS)));
+                    }
+                    frame = next;
+                    first = false;
+                }
+                Step::Done => break,
+                Step::Unknown => {
+                    scan_from = Some(frame.sp);
+                    break;
+                }
             }
         }
-        let sp = regs.rsp;
-        let Some(stack) = maps.iter().find(|m| m.contains(sp)) else {
-            continue; // a stack we cannot see (e.g. not yet in our maps snapshot)
-        };
-        let len = (stack.end - (sp & !7)).min(MAX_STACK_SCAN) as usize;
-        let Ok(words) = mem.read(sp & !7, len) else {
-            continue;
-        };
-        for chunk in words.chunks_exact(8) {
-            let mut w = [0u8; 8];
-            w.copy_from_slice(chunk);
-            let v = u64::from_le_bytes(w);
-            // A return address points after a call: never at the very start of a function.
-            if let Some(g) = guarded.iter().find(|g| v > g.start && v <= g.end) {
-                return Ok(Some(Busy {
-                    tid,
-                    function: g.name.clone(),
-                    how: "would return into",
-                }));
+        // Conservative scan of whatever the walk could not cover.
+        if let Some(from) = scan_from {
+            let mut a = from & !7;
+            while let Some(v) = stack.read(a) {
+                if a >= stack.base + stack.bytes.len() as u64 {
+                    break;
+                }
+                if let Some(g) = self.guarded.iter().find(|g| g.holds_return(v)) {
+                    return Ok(Some(busy(tid, g, RETURNS)));
+                }
+                a += 8;
             }
         }
+        Ok(None)
     }
-    Ok(None)
+
+    /// Single-steps `tid` (alone) until its pc leaves every guarded range; false if it does
+    /// not within the budget (e.g. it blocks in a system call).
+    fn step_out(&mut self, session: &mut Session, tid: i32) -> Result<bool> {
+        let deadline = Instant::now() + STEP_BUDGET;
+        while Instant::now() < deadline {
+            if !session.step(tid, deadline)? {
+                return Ok(false);
+            }
+            let regs = ptrace::getregs(Pid::from_raw(tid)).map_err(|_| gone(session.pid()))?;
+            if !self.guarded.iter().any(|g| g.holds_pc(regs.rip)) {
+                return Ok(true);
+            }
+        }
+        Ok(false)
+    }
+}
+
+const EXECUTING: &str = "is executing in";
+const RETURNS: &str = "would return into";
+
+fn busy(tid: i32, g: &Guarded, how: &'static str) -> Busy {
+    Busy {
+        tid,
+        function: g.name.clone(),
+        how,
+    }
 }

@@ -208,6 +208,41 @@ impl Session {
         self.tracees.remove(&tid);
     }
 
+    /// Executes one instruction of stopped thread `tid`, the others staying stopped. False if
+    /// it did not come back to a stop before `deadline` (it is then stopped again by force).
+    pub fn step(&mut self, tid: i32, deadline: Instant) -> Result<bool> {
+        let pid = Pid::from_raw(tid);
+        ptrace::step(pid, None).map_err(|_| gone(self.pid))?;
+        loop {
+            match waitpid(pid, Some(WaitPidFlag::__WALL | WaitPidFlag::WNOHANG)) {
+                Ok(WaitStatus::Stopped(_, Signal::SIGTRAP)) | Ok(WaitStatus::PtraceEvent(..)) => return Ok(true),
+                Ok(WaitStatus::Stopped(_, sig)) => {
+                    // A signal got in first: keep it for later and take the step again.
+                    self.defer_signal(tid, sig);
+                    ptrace::step(pid, None).map_err(|_| gone(self.pid))?;
+                }
+                Ok(WaitStatus::StillAlive) | Err(Errno::EINTR) => {
+                    if Instant::now() > deadline {
+                        let _ = ptrace::interrupt(pid);
+                        if let Some(t) = self.tracees.get_mut(&tid) {
+                            t.stopped = false;
+                        }
+                        self.wait_stopped(tid)?;
+                        return Ok(false);
+                    }
+                    std::thread::yield_now();
+                }
+                Ok(_) | Err(_) => {
+                    self.tracees.remove(&tid);
+                    if !procfs::exists(self.pid) {
+                        bail!(gone(self.pid));
+                    }
+                    return Ok(false);
+                }
+            }
+        }
+    }
+
     /// Lets every thread run again but keeps them seized (for a retry).
     pub fn resume_all(&mut self) {
         for (&tid, t) in self.tracees.iter_mut() {

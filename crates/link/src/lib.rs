@@ -233,6 +233,8 @@ impl Plan {
                 Some(shndx as usize)
             };
             let place = match shndx {
+                // Symbol 0 (and any nameless undefined one) is the null symbol: value 0.
+                elf::SHN_UNDEF if name.is_empty() => Place::Absolute(0),
                 elf::SHN_UNDEF => Place::Undefined { weak: sym.st_bind() == elf::STB_WEAK },
                 elf::SHN_ABS => Place::Absolute(sym.st_value(endian)),
                 elf::SHN_COMMON => {

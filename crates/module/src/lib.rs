@@ -102,9 +102,18 @@ pub enum Lookup<'a> {
     NotFound,
 }
 
+/// Where `PT_GNU_EH_FRAME` (the `.eh_frame_hdr` search table) lies.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct EhFrameHdr {
+    pub vaddr: u64,
+    pub offset: u64,
+    pub size: u64,
+}
+
 pub struct Module<'data> {
     data: &'data [u8],
     kind: ModuleKind,
+    eh_frame_hdr: Option<EhFrameHdr>,
     build_id: Option<&'data [u8]>,
     segments: Vec<LoadSegment>,
     tls: Option<TlsSegment>,
@@ -161,6 +170,7 @@ impl<'data> Module<'data> {
         };
         let mut segments = Vec::new();
         let mut tls = None;
+        let mut eh_frame_hdr = None;
         for ph in h.program_headers(endian, data).map_err(malformed)? {
             let flags = ph.p_flags(endian);
             match ph.p_type(endian) {
@@ -174,6 +184,13 @@ impl<'data> Module<'data> {
                     writable: flags & elf::PF_W != 0,
                     executable: flags & elf::PF_X != 0,
                 }),
+                elf::PT_GNU_EH_FRAME => {
+                    eh_frame_hdr = Some(EhFrameHdr {
+                        vaddr: ph.p_vaddr(endian),
+                        offset: ph.p_offset(endian),
+                        size: ph.p_filesz(endian),
+                    })
+                }
                 elf::PT_TLS => {
                     tls = Some(TlsSegment {
                         vaddr: ph.p_vaddr(endian),
@@ -249,7 +266,7 @@ impl<'data> Module<'data> {
                 }
             }
         }
-        Ok(Module { data, kind, build_id, segments, tls, symbols, has_symtab })
+        Ok(Module { data, kind, eh_frame_hdr, build_id, segments, tls, symbols, has_symtab })
     }
 
     pub fn build_id(&self) -> Option<&'data [u8]> {
@@ -266,6 +283,17 @@ impl<'data> Module<'data> {
 
     pub fn load_segments(&self) -> &[LoadSegment] {
         &self.segments
+    }
+
+    /// The unwind search table, if the module has one (every normally linked module does).
+    pub fn eh_frame_hdr(&self) -> Option<EhFrameHdr> {
+        self.eh_frame_hdr
+    }
+
+    /// The file bytes from `vaddr` to the end of the file-backed part of its `PT_LOAD`.
+    pub fn bytes_from(&self, vaddr: u64) -> Option<&'data [u8]> {
+        let seg = self.segments.iter().find(|s| vaddr >= s.vaddr && vaddr < s.vaddr.saturating_add(s.filesz))?;
+        self.bytes_at(vaddr, seg.vaddr + seg.filesz - vaddr)
     }
 
     pub fn tls_segment(&self) -> Option<TlsSegment> {

@@ -20,6 +20,7 @@ static int secret_factor = 3; /* static state the patch must share */
 
 #ifdef USE_LIB
 int compute(int x); /* in libcalc.so */
+void set_lib_factor(int f);
 #else
 static __attribute__((noinline)) int helper(int x) { return x * secret_factor; }
 __attribute__((noinline)) int compute(int x) {
@@ -58,7 +59,7 @@ static void *spin(void *arg) {
 
 static void *block(void *arg) {
     (void)arg;
-    blocker(50);
+    blocker(100000); /* sleeps 100 s at a time: the thread stays idle inside */
     return NULL;
 }
 
@@ -87,7 +88,13 @@ int main(void) {
         int n = 0;
         if (sscanf(line, "compute %d", &n) == 1) printf("%d\n", compute(n));
         else if (sscanf(line, "ptr %d", &n) == 1) printf("%d\n", stored_ptr(n));
-        else if (sscanf(line, "factor %d", &n) == 1) { secret_factor = n; printf("ok\n"); }
+        else if (sscanf(line, "factor %d", &n) == 1) {
+            secret_factor = n;
+#ifdef USE_LIB
+            set_lib_factor(n);
+#endif
+            printf("ok\n");
+        }
         else if (strncmp(line, "counter", 7) == 0) printf("%d\n", counter);
         else if (strncmp(line, "greet", 5) == 0) printf("%s\n", greet());
         else if (strncmp(line, "zero", 4) == 0) printf("%d\n", zero());

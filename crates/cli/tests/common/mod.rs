@@ -110,6 +110,9 @@ impl Target {
     pub fn start(exe: &Path, lib_dir: Option<&Path>) -> Target {
         let mut cmd = Command::new(exe);
         cmd.stdin(Stdio::piped()).stdout(Stdio::piped());
+        // The kernel rewrites each thread's registered rseq area (cpu id) whenever the thread
+        // resumes; without registration, any byte that changes was changed by us.
+        cmd.env("GLIBC_TUNABLES", "glibc.pthread.rseq=0");
         if let Some(d) = lib_dir {
             cmd.env("LD_LIBRARY_PATH", d);
         }
@@ -186,9 +189,23 @@ pub fn read_mem(pid: i32, addr: u64, len: usize) -> Vec<u8> {
     buf
 }
 
-/// Every readable mapping's range, protection, name and bytes: the target's whole memory.
+/// Waits until the target's main thread sits in `read(0, …)`, waiting for its next command.
+fn wait_idle(pid: i32) {
+    for _ in 0..500 {
+        let sc = std::fs::read_to_string(format!("/proc/{pid}/syscall")).unwrap_or_default();
+        if sc.split_whitespace().take(2).eq(["0", "0x0"]) {
+            return;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(2));
+    }
+    panic!("target {pid} never went idle");
+}
+
+/// Every readable mapping's range, protection, name and bytes: the target's whole memory,
+/// taken while it waits for a command.
 pub fn snapshot(pid: i32) -> Vec<(String, Vec<u8>)> {
     use std::os::unix::fs::FileExt;
+    wait_idle(pid);
     let maps = std::fs::read_to_string(format!("/proc/{pid}/maps")).expect("maps");
     let f = std::fs::File::open(format!("/proc/{pid}/mem")).expect("open mem");
     let mut out = Vec::new();

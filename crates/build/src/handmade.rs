@@ -68,20 +68,30 @@ pub fn handmade_manifest(h: &Handmade) -> Result<Manifest> {
                 r.function,
                 all.len(),
                 h.target_name,
-                all.iter().map(|s| format!("{:#x}", s.address)).collect::<Vec<_>>().join(", ")
+                all.iter()
+                    .map(|s| format!("{:#x}", s.address))
+                    .collect::<Vec<_>>()
+                    .join(", ")
             ),
             Lookup::NotFound => bail!(
                 "`{}` is not defined in {}{}",
                 r.function,
                 h.target_name,
-                if module.has_symtab() { "" } else { " (it is stripped: only exported functions can be named)" }
+                if module.has_symtab() {
+                    ""
+                } else {
+                    " (it is stripped: only exported functions can be named)"
+                }
             ),
         };
         if !matches!(sym.kind, SymbolKind::Function) {
             bail!("`{}` in {} is not a function", r.function, h.target_name);
         }
         if sym.size == 0 {
-            bail!("`{}` has no size in the symbol table; cannot verify its code", r.function);
+            bail!(
+                "`{}` has no size in the symbol table; cannot verify its code",
+                r.function
+            );
         }
         let code = module
             .bytes_at(sym.address, sym.size)
@@ -145,7 +155,13 @@ pub fn handmade_manifest(h: &Handmade) -> Result<Manifest> {
 fn default_id(name: &str, level: u32, object: &[u8]) -> String {
     let clean: String = name
         .chars()
-        .map(|c| if c.is_ascii_alphanumeric() || c == '.' || c == '_' || c == '-' { c } else { '_' })
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '.' || c == '_' || c == '-' {
+                c
+            } else {
+                '_'
+            }
+        })
         .take(40)
         .collect();
     let hash = hex::encode(Sha256::digest(object));

@@ -17,7 +17,11 @@ fn key_err(msg: impl Into<String>) -> BundleError {
 }
 
 fn valid_name(name: &str) -> bool {
-    !name.is_empty() && name.len() <= 64 && name.bytes().all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
+    !name.is_empty()
+        && name.len() <= 64
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
 }
 
 #[derive(Clone)]
@@ -50,28 +54,51 @@ fn parse_line(text: &str, tag: &str, path: &Path) -> Result<([u8; 32], String), 
 
 impl SecretKey {
     pub fn load(path: &Path) -> Result<SecretKey, BundleError> {
-        let meta = std::fs::metadata(path).map_err(|source| BundleError::Io { path: path.display().to_string(), source })?;
+        let meta = std::fs::metadata(path).map_err(|source| BundleError::Io {
+            path: path.display().to_string(),
+            source,
+        })?;
         if meta.permissions().mode() & 0o077 != 0 {
-            return Err(key_err(format!("{} is readable by others (mode {:o}); chmod 600 it", path.display(), meta.permissions().mode() & 0o777)));
+            return Err(key_err(format!(
+                "{} is readable by others (mode {:o}); chmod 600 it",
+                path.display(),
+                meta.permissions().mode() & 0o777
+            )));
         }
-        let text = std::fs::read_to_string(path).map_err(|source| BundleError::Io { path: path.display().to_string(), source })?;
+        let text = std::fs::read_to_string(path).map_err(|source| BundleError::Io {
+            path: path.display().to_string(),
+            source,
+        })?;
         let (seed, name) = parse_line(&text, SECRET_TAG, path)?;
-        Ok(SecretKey { signing: SigningKey::from_bytes(&seed), name })
+        Ok(SecretKey {
+            signing: SigningKey::from_bytes(&seed),
+            name,
+        })
     }
 
     pub fn public(&self) -> PublicKey {
-        PublicKey { verifying: self.signing.verifying_key(), name: self.name.clone() }
+        PublicKey {
+            verifying: self.signing.verifying_key(),
+            name: self.name.clone(),
+        }
     }
 }
 
 impl PublicKey {
     pub fn from_bytes(bytes: [u8; 32], name: &str) -> Result<PublicKey, BundleError> {
-        let verifying = VerifyingKey::from_bytes(&bytes).map_err(|_| key_err("not a valid Ed25519 public key"))?;
-        Ok(PublicKey { verifying, name: name.to_string() })
+        let verifying = VerifyingKey::from_bytes(&bytes)
+            .map_err(|_| key_err("not a valid Ed25519 public key"))?;
+        Ok(PublicKey {
+            verifying,
+            name: name.to_string(),
+        })
     }
 
     pub fn load(path: &Path) -> Result<PublicKey, BundleError> {
-        let text = std::fs::read_to_string(path).map_err(|source| BundleError::Io { path: path.display().to_string(), source })?;
+        let text = std::fs::read_to_string(path).map_err(|source| BundleError::Io {
+            path: path.display().to_string(),
+            source,
+        })?;
         let (bytes, name) = parse_line(&text, PUBLIC_TAG, path)?;
         PublicKey::from_bytes(bytes, &name)
     }
@@ -94,15 +121,23 @@ impl PublicKey {
 /// Writes DIR/NAME.key (mode 0600 from creation) and DIR/NAME.pub; never overwrites.
 pub fn generate_keypair(name: &str, out_dir: &Path) -> Result<(PathBuf, PathBuf), BundleError> {
     if !valid_name(name) {
-        return Err(key_err(format!("key name {name:?}: use 1-64 characters of A-Z a-z 0-9 . _ -")));
+        return Err(key_err(format!(
+            "key name {name:?}: use 1-64 characters of A-Z a-z 0-9 . _ -"
+        )));
     }
     let mut seed = [0u8; 32];
     getrandom::getrandom(&mut seed).map_err(|e| key_err(format!("no randomness: {e}")))?;
-    let secret = SecretKey { signing: SigningKey::from_bytes(&seed), name: name.into() };
+    let secret = SecretKey {
+        signing: SigningKey::from_bytes(&seed),
+        name: name.into(),
+    };
     let key_path = out_dir.join(format!("{name}.key"));
     let pub_path = out_dir.join(format!("{name}.pub"));
     if pub_path.exists() {
-        return Err(key_err(format!("{} exists; refusing to overwrite", pub_path.display())));
+        return Err(key_err(format!(
+            "{} exists; refusing to overwrite",
+            pub_path.display()
+        )));
     }
     let io = |p: &Path| {
         let p = p.display().to_string();
@@ -117,8 +152,18 @@ pub fn generate_keypair(name: &str, out_dir: &Path) -> Result<(PathBuf, PathBuf)
     writeln!(f, "{SECRET_TAG} ed25519 {} {name}", hex::encode(seed)).map_err(io(&key_path))?;
     f.sync_all().map_err(io(&key_path))?;
     let public = secret.public();
-    let mut p = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o644).open(&pub_path).map_err(io(&pub_path))?;
-    writeln!(p, "{PUBLIC_TAG} ed25519 {} {name}", hex::encode(public.to_bytes())).map_err(io(&pub_path))?;
+    let mut p = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o644)
+        .open(&pub_path)
+        .map_err(io(&pub_path))?;
+    writeln!(
+        p,
+        "{PUBLIC_TAG} ed25519 {} {name}",
+        hex::encode(public.to_bytes())
+    )
+    .map_err(io(&pub_path))?;
     Ok((key_path, pub_path))
 }
 
@@ -154,9 +199,17 @@ impl TrustStore {
         let entries = match std::fs::read_dir(dir) {
             Ok(e) => e,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(s),
-            Err(source) => return Err(BundleError::Io { path: dir.display().to_string(), source }),
+            Err(source) => {
+                return Err(BundleError::Io {
+                    path: dir.display().to_string(),
+                    source,
+                })
+            }
         };
-        let mut paths: Vec<PathBuf> = entries.filter_map(|e| e.ok().map(|e| e.path())).filter(|p| p.extension().is_some_and(|x| x == "pub")).collect();
+        let mut paths: Vec<PathBuf> = entries
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p.extension().is_some_and(|x| x == "pub"))
+            .collect();
         paths.sort();
         for p in paths {
             s.add(PublicKey::load(&p)?);

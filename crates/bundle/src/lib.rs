@@ -44,7 +44,11 @@ pub enum BundleError {
     #[error("bundle has {0} unexpected trailing bytes")]
     Trailing(usize),
     #[error("bundle {what} is too large ({len} bytes, limit {limit})")]
-    TooLarge { what: &'static str, len: u64, limit: u64 },
+    TooLarge {
+        what: &'static str,
+        len: u64,
+        limit: u64,
+    },
     #[error("bundle manifest is not valid: {0}")]
     Manifest(String),
     #[error("manifest field `{field}`: {reason}")]
@@ -60,11 +64,17 @@ pub enum BundleError {
     #[error("key: {0}")]
     Key(String),
     #[error("{path}: {source}")]
-    Io { path: String, source: std::io::Error },
+    Io {
+        path: String,
+        source: std::io::Error,
+    },
 }
 
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> BundleError + '_ {
-    move |source| BundleError::Io { path: path.display().to_string(), source }
+    move |source| BundleError::Io {
+        path: path.display().to_string(),
+        source,
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -123,9 +133,16 @@ struct Reader<'a> {
 
 impl<'a> Reader<'a> {
     fn take(&mut self, n: usize, what: &str) -> Result<&'a [u8], BundleError> {
-        let end = self.pos.checked_add(n).filter(|e| *e <= self.data.len()).ok_or_else(|| {
-            BundleError::Truncated(format!("expected {n} bytes of {what}, found {}", self.data.len() - self.pos))
-        })?;
+        let end = self
+            .pos
+            .checked_add(n)
+            .filter(|e| *e <= self.data.len())
+            .ok_or_else(|| {
+                BundleError::Truncated(format!(
+                    "expected {n} bytes of {what}, found {}",
+                    self.data.len() - self.pos
+                ))
+            })?;
         let s = &self.data[self.pos..end];
         self.pos = end;
         Ok(s)
@@ -139,15 +156,28 @@ impl<'a> Reader<'a> {
 
 impl Bundle {
     /// Validates the manifest and object, and signs them.
-    pub fn sign(manifest: Manifest, object: Vec<u8>, key: &SecretKey) -> Result<Bundle, BundleError> {
+    pub fn sign(
+        manifest: Manifest,
+        object: Vec<u8>,
+        key: &SecretKey,
+    ) -> Result<Bundle, BundleError> {
         manifest.validate()?;
         check_object(&object)?;
         if object.len() > MAX_OBJECT {
-            return Err(BundleError::TooLarge { what: "object", len: object.len() as u64, limit: MAX_OBJECT as u64 });
+            return Err(BundleError::TooLarge {
+                what: "object",
+                len: object.len() as u64,
+                limit: MAX_OBJECT as u64,
+            });
         }
         let json = manifest.to_canonical()?;
         let sig = key.signing.sign(&signed_message(&body(&json, &object)));
-        Ok(Bundle { manifest, object, signer: key.public(), signature: sig.to_bytes() })
+        Ok(Bundle {
+            manifest,
+            object,
+            signer: key.public(),
+            signature: sig.to_bytes(),
+        })
     }
 
     pub fn to_bytes(&self) -> Vec<u8> {
@@ -161,7 +191,10 @@ impl Bundle {
 
     /// Strict parse of a bundle file's bytes. Does not check trust or the signature.
     pub fn parse(bytes: &[u8]) -> Result<Bundle, BundleError> {
-        let mut r = Reader { data: bytes, pos: 0 };
+        let mut r = Reader {
+            data: bytes,
+            pos: 0,
+        };
         let magic = r.take(8, "magic").map_err(|_| BundleError::BadMagic)?;
         if magic[..7] != MAGIC[..7] {
             return Err(BundleError::BadMagic);
@@ -171,12 +204,20 @@ impl Bundle {
         }
         let mlen = r.u32("manifest length")?;
         if mlen > MAX_MANIFEST {
-            return Err(BundleError::TooLarge { what: "manifest", len: mlen as u64, limit: MAX_MANIFEST as u64 });
+            return Err(BundleError::TooLarge {
+                what: "manifest",
+                len: mlen as u64,
+                limit: MAX_MANIFEST as u64,
+            });
         }
         let json = r.take(mlen, "manifest")?;
         let olen = r.u32("object length")?;
         if olen > MAX_OBJECT {
-            return Err(BundleError::TooLarge { what: "object", len: olen as u64, limit: MAX_OBJECT as u64 });
+            return Err(BundleError::TooLarge {
+                what: "object",
+                len: olen as u64,
+                limit: MAX_OBJECT as u64,
+            });
         }
         let object = r.take(olen, "object")?;
         let key = r.take(32, "signer key")?;
@@ -184,7 +225,8 @@ impl Bundle {
         if r.pos != bytes.len() {
             return Err(BundleError::Trailing(bytes.len() - r.pos));
         }
-        let manifest: Manifest = serde_json::from_slice(json).map_err(|e| BundleError::Manifest(e.to_string()))?;
+        let manifest: Manifest =
+            serde_json::from_slice(json).map_err(|e| BundleError::Manifest(e.to_string()))?;
         manifest.validate()?;
         if manifest.to_canonical()? != json {
             return Err(BundleError::NotCanonical);
@@ -194,24 +236,41 @@ impl Bundle {
         k.copy_from_slice(key);
         let mut s = [0u8; 64];
         s.copy_from_slice(sig);
-        Ok(Bundle { manifest, object: object.to_vec(), signer: PublicKey::from_bytes(k, "")?, signature: s })
+        Ok(Bundle {
+            manifest,
+            object: object.to_vec(),
+            signer: PublicKey::from_bytes(k, "")?,
+            signature: s,
+        })
     }
 
     pub fn read_file(path: &Path) -> Result<Bundle, BundleError> {
         let f = std::fs::File::open(path).map_err(io(path))?;
         let len = f.metadata().map_err(io(path))?.len();
         if len > MAX_FILE {
-            return Err(BundleError::TooLarge { what: "file", len, limit: MAX_FILE });
+            return Err(BundleError::TooLarge {
+                what: "file",
+                len,
+                limit: MAX_FILE,
+            });
         }
         let mut data = Vec::with_capacity(len as usize);
-        f.take(MAX_FILE + 1).read_to_end(&mut data).map_err(io(path))?;
+        f.take(MAX_FILE + 1)
+            .read_to_end(&mut data)
+            .map_err(io(path))?;
         Bundle::parse(&data)
     }
 
     /// Writes atomically: a temporary file in the same folder, fsync, rename.
     pub fn write_file(&self, path: &Path) -> Result<(), BundleError> {
-        let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
-        let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+        let dir = path
+            .parent()
+            .filter(|p| !p.as_os_str().is_empty())
+            .unwrap_or(Path::new("."));
+        let name = path
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
         let tmp = dir.join(format!(".{name}.tmp{}", std::process::id()));
         let result = (|| {
             let mut f = std::fs::File::create(&tmp).map_err(io(&tmp))?;
@@ -228,7 +287,10 @@ impl Bundle {
     /// The signer must be trusted, and the signature must verify.
     pub fn verify(&self, trust: &TrustStore) -> Result<(), BundleError> {
         let Some(trusted) = trust.find(&self.signer) else {
-            return Err(BundleError::Untrusted { fingerprint: self.signer.fingerprint(), name: "not in the trust store".into() });
+            return Err(BundleError::Untrusted {
+                fingerprint: self.signer.fingerprint(),
+                name: "not in the trust store".into(),
+            });
         };
         let json = self.manifest.to_canonical()?;
         let msg = signed_message(&body(&json, &self.object));

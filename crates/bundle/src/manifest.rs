@@ -64,11 +64,17 @@ pub enum BindTarget {
 }
 
 fn field(field: &str, reason: impl Into<String>) -> BundleError {
-    BundleError::Field { field: field.into(), reason: reason.into() }
+    BundleError::Field {
+        field: field.into(),
+        reason: reason.into(),
+    }
 }
 
 fn is_id(s: &str) -> bool {
-    !s.is_empty() && s.len() <= 64 && s.bytes().all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
+    !s.is_empty()
+        && s.len() <= 64
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
 }
 
 fn is_symbol(s: &str) -> bool {
@@ -76,19 +82,32 @@ fn is_symbol(s: &str) -> bool {
 }
 
 fn is_cve(s: &str) -> bool {
-    let Some(rest) = s.strip_prefix("CVE-") else { return false };
-    let Some((year, num)) = rest.split_once('-') else { return false };
-    year.len() == 4 && year.bytes().all(|b| b.is_ascii_digit()) && (4..=19).contains(&num.len()) && num.bytes().all(|b| b.is_ascii_digit())
+    let Some(rest) = s.strip_prefix("CVE-") else {
+        return false;
+    };
+    let Some((year, num)) = rest.split_once('-') else {
+        return false;
+    };
+    year.len() == 4
+        && year.bytes().all(|b| b.is_ascii_digit())
+        && (4..=19).contains(&num.len())
+        && num.bytes().all(|b| b.is_ascii_digit())
 }
 
 fn is_hex(s: &str, min: usize, max: usize) -> bool {
-    s.len() % 2 == 0 && (min * 2..=max * 2).contains(&s.len()) && s.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+    s.len().is_multiple_of(2)
+        && (min * 2..=max * 2).contains(&s.len())
+        && s.bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
 }
 
 impl Manifest {
     pub fn validate(&self) -> Result<(), BundleError> {
         if self.format != FORMAT_VERSION {
-            return Err(BundleError::Manifest(format!("unsupported bundle format version {}", self.format)));
+            return Err(BundleError::Manifest(format!(
+                "unsupported bundle format version {}",
+                self.format
+            )));
         }
         if !is_id(&self.id) {
             return Err(field("id", "must be 1-64 characters of A-Z a-z 0-9 . _ -"));
@@ -97,7 +116,10 @@ impl Manifest {
             return Err(field("level", "must be at least 1"));
         }
         if !is_hex(&self.module.build_id, 2, 64) {
-            return Err(field("module.build_id", "must be 2-64 bytes of lowercase hex"));
+            return Err(field(
+                "module.build_id",
+                "must be 2-64 bytes of lowercase hex",
+            ));
         }
         if self.module.name.len() > 255 || self.module.name.contains('\0') {
             return Err(field("module.name", "at most 255 bytes, no NUL"));
@@ -106,7 +128,10 @@ impl Manifest {
             return Err(field("cves", "at most 64"));
         }
         if let Some(bad) = self.cves.iter().find(|c| !is_cve(c)) {
-            return Err(field("cves", format!("{bad:?} is not a CVE id like CVE-2024-12345")));
+            return Err(field(
+                "cves",
+                format!("{bad:?} is not a CVE id like CVE-2024-12345"),
+            ));
         }
         if self.description.len() > 4096 {
             return Err(field("description", "at most 4096 bytes"));
@@ -116,16 +141,31 @@ impl Manifest {
         }
         for (i, f) in self.functions.iter().enumerate() {
             if !is_symbol(&f.symbol) || !is_symbol(&f.replacement) {
-                return Err(field("functions", format!("entry {i} has an invalid symbol name")));
+                return Err(field(
+                    "functions",
+                    format!("entry {i} has an invalid symbol name"),
+                ));
             }
             if f.size < 5 || f.size > 1 << 24 {
-                return Err(field("functions", format!("`{}`: size {} out of range", f.symbol, f.size)));
+                return Err(field(
+                    "functions",
+                    format!("`{}`: size {} out of range", f.symbol, f.size),
+                ));
             }
             if !is_hex(&f.expected_sha256, 32, 32) {
-                return Err(field("functions", format!("`{}`: expected_sha256 is not 64 hex digits", f.symbol)));
+                return Err(field(
+                    "functions",
+                    format!("`{}`: expected_sha256 is not 64 hex digits", f.symbol),
+                ));
             }
-            if self.functions[..i].iter().any(|o| o.symbol == f.symbol || o.address == f.address) {
-                return Err(field("functions", format!("`{}` is listed twice", f.symbol)));
+            if self.functions[..i]
+                .iter()
+                .any(|o| o.symbol == f.symbol || o.address == f.address)
+            {
+                return Err(field(
+                    "functions",
+                    format!("`{}` is listed twice", f.symbol),
+                ));
             }
         }
         if self.bindings.len() > 65536 {

@@ -16,7 +16,11 @@ use suture_engine::ApplyOptions;
 const C: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/benches/c");
 
 fn gcc(dir: &Path, args: &[&str]) {
-    let st = Command::new("gcc").current_dir(dir).args(args).status().expect("gcc");
+    let st = Command::new("gcc")
+        .current_dir(dir)
+        .args(args)
+        .status()
+        .expect("gcc");
     assert!(st.success(), "gcc {args:?}");
 }
 
@@ -27,7 +31,13 @@ fn bundle(dir: &Path, target: &str, object: &str, funcs: &[String], key: &Path) 
         target: &t,
         target_name: target.into(),
         object: &o,
-        replaces: funcs.iter().map(|f| Replace { function: f.clone(), replacement: f.clone() }).collect(),
+        replaces: funcs
+            .iter()
+            .map(|f| Replace {
+                function: f.clone(),
+                replacement: f.clone(),
+            })
+            .collect(),
         id: None,
         level: 1,
         cves: vec![],
@@ -49,7 +59,12 @@ struct Proc {
 
 impl Proc {
     fn start(exe: &Path, arg: &str) -> Proc {
-        let mut child = Command::new(exe).arg(arg).stdin(Stdio::piped()).stdout(Stdio::piped()).spawn().expect("spawn");
+        let mut child = Command::new(exe)
+            .arg(arg)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("spawn");
         let mut out = BufReader::new(child.stdout.take().expect("stdout"));
         let mut l = String::new();
         out.read_line(&mut l).expect("ready");
@@ -75,15 +90,49 @@ fn main() {
     // `cargo bench` passes --bench; nothing else to parse.
     let dir = tempfile::tempdir().expect("tempdir");
     let d = dir.path();
-    gcc(d, &["-O2", "-pthread", &format!("{C}/bench_target.c"), "-o", "bench_target"]);
-    gcc(d, &["-O2", "-c", "-ffunction-sections", &format!("{C}/bench_patch.c"), "-o", "bench_patch.o"]);
+    gcc(
+        d,
+        &[
+            "-O2",
+            "-pthread",
+            &format!("{C}/bench_target.c"),
+            "-o",
+            "bench_target",
+        ],
+    );
+    gcc(
+        d,
+        &[
+            "-O2",
+            "-c",
+            "-ffunction-sections",
+            &format!("{C}/bench_patch.c"),
+            "-o",
+            "bench_patch.o",
+        ],
+    );
     gcc(d, &["-O2", &format!("{C}/idle.c"), "-o", "idle"]);
-    gcc(d, &["-O2", "-c", "-ffunction-sections", &format!("{C}/idle_patch.c"), "-o", "idle_patch.o"]);
+    gcc(
+        d,
+        &[
+            "-O2",
+            "-c",
+            "-ffunction-sections",
+            &format!("{C}/idle_patch.c"),
+            "-o",
+            "idle_patch.o",
+        ],
+    );
     let (key, _) = suture_bundle::generate_keypair("bench", d).expect("keys");
     let opts = ApplyOptions::default();
-    let reps: usize = std::env::var("SUTURE_BENCH_REPS").ok().and_then(|s| s.parse().ok()).unwrap_or(30);
+    let reps: usize = std::env::var("SUTURE_BENCH_REPS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(30);
 
-    println!("## Pause (median of {reps}; floor = bare seize+interrupt+detach of the same threads)\n");
+    println!(
+        "## Pause (median of {reps}; floor = bare seize+interrupt+detach of the same threads)\n"
+    );
     println!("| threads | functions | floor µs | apply stopped µs | ratio | prep µs (1 thread) | revert stopped µs |");
     println!("|---:|---:|---:|---:|---:|---:|---:|");
     let one = vec!["f0".to_string()];
@@ -118,19 +167,37 @@ fn main() {
     let mut p = Proc::start(&d.join("bench_target"), "1");
     let pid = p.child.id() as i32;
     let calls = "calls 200000000";
-    let before: f64 = (0..3).map(|_| p.ask(calls).parse::<f64>().expect("rate")).fold(0.0, f64::max);
-    let bh = bundle(d, "bench_target", "bench_patch.o", &["hot".to_string()], &key);
+    let before: f64 = (0..3)
+        .map(|_| p.ask(calls).parse::<f64>().expect("rate"))
+        .fold(0.0, f64::max);
+    let bh = bundle(
+        d,
+        "bench_target",
+        "bench_patch.o",
+        &["hot".to_string()],
+        &key,
+    );
     suture_engine::apply(pid, &bh, &opts).expect("apply hot");
-    let after: f64 = (0..3).map(|_| p.ask(calls).parse::<f64>().expect("rate")).fold(0.0, f64::max);
+    let after: f64 = (0..3)
+        .map(|_| p.ask(calls).parse::<f64>().expect("rate"))
+        .fold(0.0, f64::max);
     println!("| before (calls/s) | after (calls/s) | after/before |\n|---:|---:|---:|");
     println!("| {:.0} | {:.0} | {:.3} |", before, after, after / before);
     drop(p);
 
-    let fleet: usize = std::env::var("SUTURE_BENCH_FLEET").ok().and_then(|s| s.parse().ok()).unwrap_or(1000);
+    let fleet: usize = std::env::var("SUTURE_BENCH_FLEET")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(1000);
     println!("\n## Fleet: one bundle to {fleet} processes on this host (`apply --all` path)\n");
     let idle: PathBuf = d.join("idle");
     let mut kids: Vec<Child> = (0..fleet)
-        .map(|_| Command::new(&idle).stdin(Stdio::null()).spawn().expect("spawn idle"))
+        .map(|_| {
+            Command::new(&idle)
+                .stdin(Stdio::null())
+                .spawn()
+                .expect("spawn idle")
+        })
         .collect();
     std::thread::sleep(Duration::from_millis(500));
     let bi = bundle(d, "idle", "idle_patch.o", &["handle".to_string()], &key);
@@ -138,7 +205,10 @@ fn main() {
     let t = Instant::now();
     let pids = suture_engine::processes_mapping(&build_id).expect("scan");
     let scan = t.elapsed();
-    let jobs = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2) * 2;
+    let jobs = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(2)
+        * 2;
     let next = std::sync::atomic::AtomicUsize::new(0);
     let failures = std::sync::atomic::AtomicUsize::new(0);
     std::thread::scope(|s| {
@@ -153,7 +223,9 @@ fn main() {
         }
     });
     let total = t.elapsed();
-    println!("| processes | failures | scan s | total s | processes/s |\n|---:|---:|---:|---:|---:|");
+    println!(
+        "| processes | failures | scan s | total s | processes/s |\n|---:|---:|---:|---:|---:|"
+    );
     println!(
         "| {} | {} | {:.2} | {:.2} | {:.0} |",
         pids.len(),

@@ -6,7 +6,11 @@ use clap::{Parser, Subcommand};
 use suture_build::Replace;
 
 #[derive(Parser)]
-#[command(name = "suture", version, about = "Live security patches for running Linux processes")]
+#[command(
+    name = "suture",
+    version,
+    about = "Live security patches for running Linux processes"
+)]
 pub struct Args {
     /// Machine-readable output (one JSON document on stdout).
     #[arg(long, global = true)]

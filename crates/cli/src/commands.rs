@@ -29,10 +29,10 @@ pub fn run(args: Args) -> Result<i32> {
             key,
             out,
         } => {
-            let target_bytes =
-                std::fs::read(&target).with_context(|| format!("cannot read {}", target.display()))?;
-            let object_bytes =
-                std::fs::read(&object).with_context(|| format!("cannot read {}", object.display()))?;
+            let target_bytes = std::fs::read(&target)
+                .with_context(|| format!("cannot read {}", target.display()))?;
+            let object_bytes = std::fs::read(&object)
+                .with_context(|| format!("cannot read {}", object.display()))?;
             let manifest = handmade_manifest(&Handmade {
                 target: &target_bytes,
                 target_name: file_name(&target),
@@ -67,8 +67,10 @@ pub fn run(args: Args) -> Result<i32> {
             let store = trust_store(&trust)?;
             b.verify(&store)?;
             if j {
-                output::json(&json!({"ok": true, "id": b.manifest.id, "signer": b.signer.fingerprint(),
-                    "sha256": b.content_address()}));
+                output::json(
+                    &json!({"ok": true, "id": b.manifest.id, "signer": b.signer.fingerprint(),
+                    "sha256": b.content_address()}),
+                );
             } else {
                 println!(
                     "OK: {} is signed by trusted key {} ({})",
@@ -183,7 +185,11 @@ fn keygen(j: bool, name: &str, out: &Path) -> Result<i32> {
     if j {
         output::json(&json!({"ok": true, "secret": key, "public": public}));
     } else {
-        println!("secret key: {}\npublic key: {}", key.display(), public.display());
+        println!(
+            "secret key: {}\npublic key: {}",
+            key.display(),
+            public.display()
+        );
     }
     Ok(0)
 }
@@ -192,19 +198,28 @@ fn inspect(j: bool, path: &Path) -> Result<i32> {
     let b = Bundle::read_file(path)?;
     let m = &b.manifest;
     if j {
-        output::json(&json!({"ok": true, "manifest": m, "signer": b.signer.fingerprint(),
-            "signer_name": b.signer.name(), "object_bytes": b.object.len(), "sha256": b.content_address()}));
+        output::json(
+            &json!({"ok": true, "manifest": m, "signer": b.signer.fingerprint(),
+            "signer_name": b.signer.name(), "object_bytes": b.object.len(), "sha256": b.content_address()}),
+        );
         return Ok(0);
     }
     println!("patch       {} (level {})", m.id, m.level);
-    println!("module      {} build-id {}", m.module.name, m.module.build_id);
+    println!(
+        "module      {} build-id {}",
+        m.module.name, m.module.build_id
+    );
     if !m.cves.is_empty() {
         println!("fixes       {}", m.cves.join(", "));
     }
     if !m.description.is_empty() {
         println!("description {}", m.description);
     }
-    println!("signed by   {} ({}) — not checked; use `suture verify`", b.signer.name(), b.signer.fingerprint());
+    println!(
+        "signed by   {} ({}) — not checked; use `suture verify`",
+        b.signer.name(),
+        b.signer.fingerprint()
+    );
     println!("sha256      {}", b.content_address());
     println!("object      {} bytes", b.object.len());
     for f in &m.functions {
@@ -236,19 +251,26 @@ fn print_applied(r: &ApplyReport) {
 }
 
 fn apply_all(j: bool, b: &Bundle, opts: &ApplyOptions, jobs: Option<usize>) -> Result<i32> {
-    let build_id =
-        hex::decode(&b.manifest.module.build_id).map_err(|_| anyhow!("bundle has an invalid build-id"))?;
+    let build_id = hex::decode(&b.manifest.module.build_id)
+        .map_err(|_| anyhow!("bundle has an invalid build-id"))?;
     let pids = suture_engine::processes_mapping(&build_id)?;
     if pids.is_empty() {
         if j {
             output::json(&json!({"ok": true, "results": [], "failures": []}));
         } else {
-            println!("no running process maps {} ({})", b.manifest.module.name, b.manifest.module.build_id);
+            println!(
+                "no running process maps {} ({})",
+                b.manifest.module.name, b.manifest.module.build_id
+            );
         }
         return Ok(0);
     }
     let jobs = jobs
-        .unwrap_or_else(|| std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1))
+        .unwrap_or_else(|| {
+            std::thread::available_parallelism()
+                .map(|n| n.get())
+                .unwrap_or(1)
+        })
         .clamp(1, 64)
         .min(pids.len());
     let bar = if j || pids.len() < 8 {
@@ -257,7 +279,8 @@ fn apply_all(j: bool, b: &Bundle, opts: &ApplyOptions, jobs: Option<usize>) -> R
         indicatif::ProgressBar::new(pids.len() as u64)
     };
     let next = AtomicUsize::new(0);
-    let results: Mutex<Vec<(i32, std::result::Result<ApplyReport, EngineError>)>> = Mutex::new(Vec::new());
+    let results: Mutex<Vec<(i32, std::result::Result<ApplyReport, EngineError>)>> =
+        Mutex::new(Vec::new());
     let started = std::time::Instant::now();
     // One tracer thread per worker: ptrace belongs to the thread that attached.
     std::thread::scope(|s| {
@@ -275,11 +298,18 @@ fn apply_all(j: bool, b: &Bundle, opts: &ApplyOptions, jobs: Option<usize>) -> R
     });
     bar.finish_and_clear();
     let elapsed = started.elapsed();
-    let mut results = results.into_inner().map_err(|_| anyhow!("worker panicked"))?;
+    let mut results = results
+        .into_inner()
+        .map_err(|_| anyhow!("worker panicked"))?;
     results.sort_by_key(|(pid, _)| *pid);
-    let ok: Vec<&ApplyReport> = results.iter().filter_map(|(_, r)| r.as_ref().ok()).collect();
-    let failed: Vec<(i32, &EngineError)> =
-        results.iter().filter_map(|(p, r)| r.as_ref().err().map(|e| (*p, e))).collect();
+    let ok: Vec<&ApplyReport> = results
+        .iter()
+        .filter_map(|(_, r)| r.as_ref().ok())
+        .collect();
+    let failed: Vec<(i32, &EngineError)> = results
+        .iter()
+        .filter_map(|(p, r)| r.as_ref().err().map(|e| (*p, e)))
+        .collect();
     if j {
         output::json(&json!({
             "ok": failed.is_empty(),
@@ -321,7 +351,9 @@ fn status(j: bool, pid: Option<i32>) -> Result<i32> {
         }
     }
     if j {
-        output::json(&json!({"ok": true, "processes": rows.iter().map(|(p, v)| json!({"pid": p, "patches": v})).collect::<Vec<_>>()}));
+        output::json(
+            &json!({"ok": true, "processes": rows.iter().map(|(p, v)| json!({"pid": p, "patches": v})).collect::<Vec<_>>()}),
+        );
         return Ok(0);
     }
     if rows.iter().all(|(_, v)| v.is_empty()) {
@@ -329,7 +361,11 @@ fn status(j: bool, pid: Option<i32>) -> Result<i32> {
     }
     for (p, patches) in &rows {
         for r in patches {
-            let cves = if r.cves.is_empty() { String::new() } else { format!(" fixes {}", r.cves.join(",")) };
+            let cves = if r.cves.is_empty() {
+                String::new()
+            } else {
+                format!(" fixes {}", r.cves.join(","))
+            };
             println!(
                 "pid {p}: {} level {} in {} ({} function(s)){cves}",
                 r.id,

@@ -52,8 +52,22 @@ fn run_in(dir: &Path) -> Result<()> {
     step("1. Build the service (gcc) and the fix");
     std::fs::write(dir.join("service.c"), SERVICE_C)?;
     std::fs::write(dir.join("fix.c"), FIX_C)?;
-    gcc(dir, &["-O2", "-g", "-pthread", "service.c", "-o", "service"])?;
-    gcc(dir, &["-O2", "-c", "-ffunction-sections", "-fdata-sections", "fix.c", "-o", "fix.o"])?;
+    gcc(
+        dir,
+        &["-O2", "-g", "-pthread", "service.c", "-o", "service"],
+    )?;
+    gcc(
+        dir,
+        &[
+            "-O2",
+            "-c",
+            "-ffunction-sections",
+            "-fdata-sections",
+            "fix.c",
+            "-o",
+            "fix.o",
+        ],
+    )?;
     println!("   gcc -O2 -pthread service.c -o service; gcc -O2 -c -ffunction-sections fix.c");
 
     step("2. Start it: 4 busy threads plus a thread per client");
@@ -97,7 +111,12 @@ fn run_in(dir: &Path) -> Result<()> {
     let bundle = Bundle::sign(manifest, object, &SecretKey::load(&key)?)?;
     let path = dir.join("auth-fix.suture");
     bundle.write_file(&path)?;
-    println!("   {} ({} bytes, sha256 {})", path.display(), bundle.to_bytes().len(), &bundle.content_address()[..16]);
+    println!(
+        "   {} ({} bytes, sha256 {})",
+        path.display(),
+        bundle.to_bytes().len(),
+        &bundle.content_address()[..16]
+    );
 
     step("5. Apply it live (suture apply --pid)");
     let trusted = TrustStore::load_files(&[public])?;
@@ -114,7 +133,12 @@ fn run_in(dir: &Path) -> Result<()> {
     show(&sock, "LOGIN admin")?;
     show(&sock, "STATS")?;
     for p in suture_engine::status(pid)? {
-        println!("   status: pid {pid} carries {} level {} fixing {}", p.id, p.level, p.cves.join(","));
+        println!(
+            "   status: pid {pid} carries {} level {} fixing {}",
+            p.id,
+            p.level,
+            p.cves.join(",")
+        );
     }
     if ask(&sock, "LOGIN ad")? != "granted user" {
         bail!("the patch did not take effect");

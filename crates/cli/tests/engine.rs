@@ -49,11 +49,29 @@ fn build(kind: Kind) -> Built {
     let mut lib_dir = None;
     match kind {
         Kind::Pie => work.gcc(&["-O2", "-g", "-pthread", &target, "-o", "target"]),
-        Kind::NonPie => work.gcc(&["-O2", "-no-pie", "-fno-pie", "-pthread", &target, "-o", "target"]),
+        Kind::NonPie => work.gcc(&[
+            "-O2", "-no-pie", "-fno-pie", "-pthread", &target, "-o", "target",
+        ]),
         Kind::Static => work.gcc(&["-O2", "-static", "-pthread", &target, "-o", "target"]),
         Kind::SharedLib => {
-            work.gcc(&["-O2", "-shared", "-fPIC", &Work::src("libcalc.c"), "-o", "libcalc.so"]);
-            work.gcc(&["-O2", "-pthread", "-DUSE_LIB", &target, "-L.", "-lcalc", "-o", "target"]);
+            work.gcc(&[
+                "-O2",
+                "-shared",
+                "-fPIC",
+                &Work::src("libcalc.c"),
+                "-o",
+                "libcalc.so",
+            ]);
+            work.gcc(&[
+                "-O2",
+                "-pthread",
+                "-DUSE_LIB",
+                &target,
+                "-L.",
+                "-lcalc",
+                "-o",
+                "target",
+            ]);
             module = "libcalc.so".into();
             lib_dir = Some(work.dir.path().to_path_buf());
         }
@@ -65,16 +83,38 @@ fn build(kind: Kind) -> Built {
         ("patch_zero.c", "zero.o"),
     ] {
         work.gcc(&[
-            "-O2", "-c", pic, "-ffunction-sections", "-fdata-sections", counter, factor,
-            &Work::src(src), "-o", obj,
+            "-O2",
+            "-c",
+            pic,
+            "-ffunction-sections",
+            "-fdata-sections",
+            counter,
+            factor,
+            &Work::src(src),
+            "-o",
+            obj,
         ]);
     }
     let (key, public) = work.keys("test");
-    Built { exe: work.path("target"), module, lib_dir, key, public, work }
+    Built {
+        exe: work.path("target"),
+        module,
+        lib_dir,
+        key,
+        public,
+        work,
+    }
 }
 
-fn apply(b: &Built, bundle: &PathBuf, pid: i32) -> (bool, serde_json::Value) {
-    suture_json(&["apply", bundle.to_str().unwrap(), "--pid", &pid.to_string(), "--trust", &b.trust()])
+fn apply(b: &Built, bundle: &std::path::Path, pid: i32) -> (bool, serde_json::Value) {
+    suture_json(&[
+        "apply",
+        bundle.to_str().unwrap(),
+        "--pid",
+        &pid.to_string(),
+        "--trust",
+        &b.trust(),
+    ])
 }
 
 /// Apply, observe the fix with the same pid and shared state, revert, and compare bytes.
@@ -86,7 +126,9 @@ fn round_trip(kind: Kind) {
     let addr = runtime_address(t.pid, &b.module_path(), "compute");
     let original = read_mem(t.pid, addr, 32);
 
-    let p1 = b.work.bundle(&b.module, "p1.o", &["compute"], 1, &b.key, "p1.suture");
+    let p1 = b
+        .work
+        .bundle(&b.module, "p1.o", &["compute"], 1, &b.key, "p1.suture");
     let (ok, v) = apply(&b, &p1, t.pid);
     assert!(ok, "apply failed: {v}");
     let r = &v["results"][0];
@@ -116,14 +158,19 @@ fn round_trip(kind: Kind) {
     let maps = std::fs::read_to_string(format!("/proc/{}/maps", t.pid)).unwrap();
     assert!(maps.contains("/memfd:suture:"), "patch mapping is named");
     assert!(
-        !maps.lines().any(|l| l.contains("memfd:suture") && l.split_whitespace().nth(1).unwrap().starts_with("rwx")),
+        !maps.lines().any(|l| l.contains("memfd:suture")
+            && l.split_whitespace().nth(1).unwrap().starts_with("rwx")),
         "patch memory is never writable and executable"
     );
 
     let (ok, v) = suture_json(&["revert", "--pid", &t.pid_arg()]);
     assert!(ok, "revert failed: {v}");
     assert_eq!(t.ask("compute 2"), "7");
-    assert_eq!(read_mem(t.pid, addr, 32), original, "revert restores the exact bytes");
+    assert_eq!(
+        read_mem(t.pid, addr, 32),
+        original,
+        "revert restores the exact bytes"
+    );
     let maps = std::fs::read_to_string(format!("/proc/{}/maps", t.pid)).unwrap();
     assert!(!maps.contains("memfd:suture"), "patch memory is unmapped");
     let (_, st) = suture_json(&["status", "--pid", &t.pid_arg()]);
@@ -155,11 +202,25 @@ fn shared_library_apply_and_revert() {
 fn non_pic_patch_object_for_non_pie_target() {
     let b = build(Kind::NonPie);
     b.work.gcc(&[
-        "-O2", "-c", "-fno-pic", "-ffunction-sections", "-DCOUNTER=counter", "-DFACTOR=secret_factor",
-        &Work::src("patch_greet.c"), "-o", "nopic.o",
+        "-O2",
+        "-c",
+        "-fno-pic",
+        "-ffunction-sections",
+        "-DCOUNTER=counter",
+        "-DFACTOR=secret_factor",
+        &Work::src("patch_greet.c"),
+        "-o",
+        "nopic.o",
     ]);
     let mut t = b.start();
-    let p = b.work.bundle("target", "nopic.o", &["compute", "greet"], 1, &b.key, "nopic.suture");
+    let p = b.work.bundle(
+        "target",
+        "nopic.o",
+        &["compute", "greet"],
+        1,
+        &b.key,
+        "nopic.suture",
+    );
     let (ok, v) = apply(&b, &p, t.pid);
     assert!(ok, "{v}");
     assert_eq!(t.ask("greet"), "new greeting");
@@ -172,8 +233,17 @@ fn threads_calling_constantly_see_old_or_new_never_garbage() {
     let mut t = b.start();
     assert_eq!(t.ask("spin 8"), "ok");
     std::thread::sleep(std::time::Duration::from_millis(50));
-    let p1 = b.work.bundle("target", "p1.o", &["compute"], 1, &b.key, "p1.suture");
-    let p2 = b.work.bundle("target", "p2.o", &["compute", "greet"], 2, &b.key, "p2.suture");
+    let p1 = b
+        .work
+        .bundle("target", "p1.o", &["compute"], 1, &b.key, "p1.suture");
+    let p2 = b.work.bundle(
+        "target",
+        "p2.o",
+        &["compute", "greet"],
+        2,
+        &b.key,
+        "p2.suture",
+    );
     for p in [&p1, &p2] {
         let (ok, v) = apply(&b, p, t.pid);
         assert!(ok, "{v}");
@@ -185,7 +255,10 @@ fn threads_calling_constantly_see_old_or_new_never_garbage() {
     std::thread::sleep(std::time::Duration::from_millis(50));
     let stats = t.ask("stats");
     let (calls, bad) = stats.split_once(' ').unwrap();
-    assert!(calls.parse::<u64>().unwrap() > 1000, "threads kept calling: {stats}");
+    assert!(
+        calls.parse::<u64>().unwrap() > 1000,
+        "threads kept calling: {stats}"
+    );
     assert_eq!(bad, "0", "no call returned garbage");
     assert!(t.alive());
 }
@@ -194,20 +267,36 @@ fn threads_calling_constantly_see_old_or_new_never_garbage() {
 fn cumulative_level_replaces_lower_and_lower_is_refused() {
     let b = build(Kind::Pie);
     let mut t = b.start();
-    let p1 = b.work.bundle("target", "p1.o", &["compute"], 1, &b.key, "p1.suture");
-    let p2 = b.work.bundle("target", "p2.o", &["compute", "greet"], 2, &b.key, "p2.suture");
+    let p1 = b
+        .work
+        .bundle("target", "p1.o", &["compute"], 1, &b.key, "p1.suture");
+    let p2 = b.work.bundle(
+        "target",
+        "p2.o",
+        &["compute", "greet"],
+        2,
+        &b.key,
+        "p2.suture",
+    );
     let greet = runtime_address(t.pid, &b.exe, "greet");
     let greet_bytes = read_mem(t.pid, greet, 16);
     assert!(apply(&b, &p1, t.pid).0);
     assert_eq!(t.ask("compute 2"), "106");
     let (ok, v) = apply(&b, &p2, t.pid);
     assert!(ok, "{v}");
-    assert_eq!(v["results"][0]["replaced"], "target-L1-".to_string() + &id_hash(&b, "p1.o"));
+    assert_eq!(
+        v["results"][0]["replaced"],
+        "target-L1-".to_string() + &id_hash(&b, "p1.o")
+    );
     assert_eq!(t.ask("compute 2"), "206");
     assert_eq!(t.ask("greet"), "new greeting");
     let (_, st) = suture_json(&["status", "--pid", &t.pid_arg()]);
     let patches = st["processes"][0]["patches"].as_array().unwrap().clone();
-    assert_eq!(patches.len(), 1, "level 1 was superseded in the same stop: {st}");
+    assert_eq!(
+        patches.len(),
+        1,
+        "level 1 was superseded in the same stop: {st}"
+    );
     assert_eq!(patches[0]["level"], 2);
 
     // Lower or equal level: refused, memory untouched.
@@ -230,7 +319,10 @@ fn cumulative_level_replaces_lower_and_lower_is_refused() {
 
 fn id_hash(b: &Built, obj: &str) -> String {
     use std::process::Command;
-    let out = Command::new("sha256sum").arg(b.work.path(obj)).output().unwrap();
+    let out = Command::new("sha256sum")
+        .arg(b.work.path(obj))
+        .output()
+        .unwrap();
     String::from_utf8_lossy(&out.stdout)[..8].to_string()
 }
 
@@ -239,14 +331,31 @@ fn thread_inside_replaced_function_makes_apply_report_busy_and_change_nothing() 
     let b = build(Kind::Pie);
     let mut t = b.start();
     assert_eq!(t.ask("block"), "ok");
-    let p = b.work.bundle("target", "blocker.o", &["blocker"], 1, &b.key, "blocker.suture");
+    let p = b.work.bundle(
+        "target",
+        "blocker.o",
+        &["blocker"],
+        1,
+        &b.key,
+        "blocker.suture",
+    );
     let before = snapshot(t.pid);
     let (ok, v) = suture_json(&[
-        "apply", p.to_str().unwrap(), "--pid", &t.pid_arg(), "--trust", &b.trust(), "--timeout-ms", "300",
+        "apply",
+        p.to_str().unwrap(),
+        "--pid",
+        &t.pid_arg(),
+        "--trust",
+        &b.trust(),
+        "--timeout-ms",
+        "300",
     ]);
     assert!(!ok);
     assert_eq!(v["kind"], "busy", "{v}");
-    assert!(v["error"].as_str().unwrap().contains("blocker"), "names the function: {v}");
+    assert!(
+        v["error"].as_str().unwrap().contains("blocker"),
+        "names the function: {v}"
+    );
     assert_same_memory(&before, &snapshot(t.pid));
     assert_eq!(t.ask("compute 2"), "7");
 }
@@ -255,7 +364,9 @@ fn thread_inside_replaced_function_makes_apply_report_busy_and_change_nothing() 
 fn refusals_leave_the_target_byte_identical() {
     let b = build(Kind::Pie);
     let mut t = b.start();
-    let p1 = b.work.bundle("target", "p1.o", &["compute"], 1, &b.key, "p1.suture");
+    let p1 = b
+        .work
+        .bundle("target", "p1.o", &["compute"], 1, &b.key, "p1.suture");
     let pid = t.pid_arg();
     let before = snapshot(t.pid);
 
@@ -265,19 +376,42 @@ fn refusals_leave_the_target_byte_identical() {
     bytes[n - 100] ^= 0x40; // inside the object, before the signer key and signature
     let tampered = b.work.path("tampered.suture");
     std::fs::write(&tampered, &bytes).unwrap();
-    let (ok, v) = suture_json(&["apply", tampered.to_str().unwrap(), "--pid", &pid, "--trust", &b.trust()]);
+    let (ok, v) = suture_json(&[
+        "apply",
+        tampered.to_str().unwrap(),
+        "--pid",
+        &pid,
+        "--trust",
+        &b.trust(),
+    ]);
     assert!(!ok, "{v}");
     assert!(v["error"].as_str().unwrap().contains("signature"), "{v}");
 
     // Untrusted key.
     let (_, other_pub) = b.work.keys("other");
-    let (ok, v) = suture_json(&["apply", p1.to_str().unwrap(), "--pid", &pid, "--trust", other_pub.to_str().unwrap()]);
+    let (ok, v) = suture_json(&[
+        "apply",
+        p1.to_str().unwrap(),
+        "--pid",
+        &pid,
+        "--trust",
+        other_pub.to_str().unwrap(),
+    ]);
     assert!(!ok);
     assert!(v["error"].as_str().unwrap().contains("untrusted"), "{v}");
 
     // Wrong build-id: a bundle made for another build of the program.
-    b.work.gcc(&["-O2", "-DOTHER_BUILD", "-pthread", &Work::src("target.c"), "-o", "other"]);
-    let wrong = b.work.bundle("other", "p1.o", &["compute"], 1, &b.key, "wrong.suture");
+    b.work.gcc(&[
+        "-O2",
+        "-DOTHER_BUILD",
+        "-pthread",
+        &Work::src("target.c"),
+        "-o",
+        "other",
+    ]);
+    let wrong = b
+        .work
+        .bundle("other", "p1.o", &["compute"], 1, &b.key, "wrong.suture");
     let (ok, v) = apply(&b, &wrong, t.pid);
     assert!(!ok);
     assert_eq!(v["kind"], "refused");
@@ -291,14 +425,19 @@ fn refusals_leave_the_target_byte_identical() {
 fn running_bytes_that_differ_are_refused() {
     let b = build(Kind::Pie);
     let mut t = b.start();
-    let p1 = b.work.bundle("target", "p1.o", &["compute"], 1, &b.key, "p1.suture");
+    let p1 = b
+        .work
+        .bundle("target", "p1.o", &["compute"], 1, &b.key, "p1.suture");
     // Someone else changed a byte in the body of compute() (e.g. another tool's breakpoint).
     let addr = runtime_address(t.pid, &b.exe, "compute");
     let mut body = read_mem(t.pid, addr + 8, 1);
     body[0] = 0xcc;
     {
         use std::os::unix::fs::FileExt;
-        let f = std::fs::OpenOptions::new().write(true).open(format!("/proc/{}/mem", t.pid)).unwrap();
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(format!("/proc/{}/mem", t.pid))
+            .unwrap();
         f.write_all_at(&body, addr + 8).unwrap();
     }
     let before = snapshot(t.pid);
@@ -314,8 +453,17 @@ fn running_bytes_that_differ_are_refused() {
 fn function_shorter_than_a_detour_is_refused() {
     let b = build(Kind::Pie);
     let out = suture(&[
-        "bundle", "--target", b.exe.to_str().unwrap(), "--object", b.work.path("zero.o").to_str().unwrap(),
-        "--replace", "zero", "--key", b.key.to_str().unwrap(), "--out", b.work.path("z.suture").to_str().unwrap(),
+        "bundle",
+        "--target",
+        b.exe.to_str().unwrap(),
+        "--object",
+        b.work.path("zero.o").to_str().unwrap(),
+        "--replace",
+        "zero",
+        "--key",
+        b.key.to_str().unwrap(),
+        "--out",
+        b.work.path("z.suture").to_str().unwrap(),
     ]);
     assert!(!out.status.success());
     let err = stderr(&out);
@@ -328,8 +476,16 @@ fn function_shorter_than_a_detour_is_refused() {
 fn check_reports_patchable_and_module() {
     let b = build(Kind::Pie);
     let t = b.start();
-    let p1 = b.work.bundle("target", "p1.o", &["compute"], 1, &b.key, "p1.suture");
-    let (ok, v) = suture_json(&["check", "--pid", &t.pid_arg(), "--bundle", p1.to_str().unwrap()]);
+    let p1 = b
+        .work
+        .bundle("target", "p1.o", &["compute"], 1, &b.key, "p1.suture");
+    let (ok, v) = suture_json(&[
+        "check",
+        "--pid",
+        &t.pid_arg(),
+        "--bundle",
+        p1.to_str().unwrap(),
+    ]);
     assert!(ok, "{v}");
     assert_eq!(v["patchable"], true);
     let (ok, v) = suture_json(&["check", "--pid", "999999999"]);
@@ -341,8 +497,16 @@ fn check_reports_patchable_and_module() {
 fn apply_all_patches_every_process_mapping_the_module() {
     let b = build(Kind::Pie);
     let mut targets: Vec<Target> = (0..4).map(|_| b.start()).collect();
-    let p1 = b.work.bundle("target", "p1.o", &["compute"], 1, &b.key, "p1.suture");
-    let (ok, v) = suture_json(&["apply", p1.to_str().unwrap(), "--all", "--trust", &b.trust()]);
+    let p1 = b
+        .work
+        .bundle("target", "p1.o", &["compute"], 1, &b.key, "p1.suture");
+    let (ok, v) = suture_json(&[
+        "apply",
+        p1.to_str().unwrap(),
+        "--all",
+        "--trust",
+        &b.trust(),
+    ]);
     assert!(ok, "{v}");
     assert_eq!(v["results"].as_array().unwrap().len(), 4, "{v}");
     for t in &mut targets {
@@ -353,7 +517,9 @@ fn apply_all_patches_every_process_mapping_the_module() {
 #[test]
 fn seccomp_filter_that_blocks_patching_is_refused_and_one_that_does_not_is_patched() {
     let b = build(Kind::Pie);
-    let p1 = b.work.bundle("target", "p1.o", &["compute"], 1, &b.key, "p1.suture");
+    let p1 = b
+        .work
+        .bundle("target", "p1.o", &["compute"], 1, &b.key, "p1.suture");
 
     let mut t = b.start();
     assert_eq!(t.ask("seccomp memfd"), "0");

@@ -49,7 +49,10 @@ pub fn check_site(address: u64, code: &[u8]) -> Result<(), SiteError> {
         if branches {
             let to = insn.near_branch_target();
             if to > address && to < entry_end {
-                return Err(SiteError::BranchIntoEntry { from: insn.ip(), to });
+                return Err(SiteError::BranchIntoEntry {
+                    from: insn.ip(),
+                    to,
+                });
             }
         }
     }
@@ -70,7 +73,10 @@ pub fn decode_jmp(from: u64, bytes: &[u8]) -> Option<u64> {
     match bytes {
         [0xe9, a, b, c, d, ..] => {
             let rel = i32::from_le_bytes([*a, *b, *c, *d]) as i64;
-            Some(from.wrapping_add(DETOUR_LEN as u64).wrapping_add(rel as u64))
+            Some(
+                from.wrapping_add(DETOUR_LEN as u64)
+                    .wrapping_add(rel as u64),
+            )
         }
         _ => None,
     }

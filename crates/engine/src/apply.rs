@@ -94,8 +94,8 @@ struct Target {
 /// Applies a bundle (whose signature the caller has verified) to process `pid`.
 pub fn apply(pid: i32, bundle: &Bundle, opts: &ApplyOptions) -> Result<ApplyReport> {
     let m = &bundle.manifest;
-    let build_id = hex::decode(&m.module.build_id)
-        .map_err(|_| refused("bundle names an invalid build-id"))?;
+    let build_id =
+        hex::decode(&m.module.build_id).map_err(|_| refused("bundle names an invalid build-id"))?;
     if !procfs::exists(pid) {
         return Err(refused(format!("no process {pid}")));
     }
@@ -135,7 +135,10 @@ pub fn apply(pid: i32, bundle: &Bundle, opts: &ApplyOptions) -> Result<ApplyRepo
     // From here on the process is touched; every error path undoes what was done.
     let mut session = Session::seize(pid).map_err(|e| exited_or(pid, e))?;
     let threads = session.thread_count();
-    let tid0 = session.threads().find(|&t| t == pid).or_else(|| session.threads().next());
+    let tid0 = session
+        .threads()
+        .find(|&t| t == pid)
+        .or_else(|| session.threads().next());
     let tid0 = tid0.ok_or_else(|| exited_or(pid, anyhow!("no threads")))?;
     let t_prep = Instant::now();
     session.stop_thread(tid0).map_err(|e| exited_or(pid, e))?;
@@ -189,7 +192,10 @@ pub fn apply(pid: i32, bundle: &Bundle, opts: &ApplyOptions) -> Result<ApplyRepo
         &plan,
         &symbols,
         &mut record,
-        &targets.iter().map(|t| t.replacement.clone()).collect::<Vec<_>>(),
+        &targets
+            .iter()
+            .map(|t| t.replacement.clone())
+            .collect::<Vec<_>>(),
         header_len,
         total,
     )
@@ -224,12 +230,23 @@ pub fn apply(pid: i32, bundle: &Bundle, opts: &ApplyOptions) -> Result<ApplyRepo
         })
         .collect();
     if let Some(p) = &prev {
-        for d in p.functions.iter().filter(|d| !targets.iter().any(|t| t.address == d.address)) {
+        for d in p
+            .functions
+            .iter()
+            .filter(|d| !targets.iter().any(|t| t.address == d.address))
+        {
             let saved = hex::decode(&d.saved).map_err(|_| refused("corrupt patch record"))?;
             writes.push((d.address, saved));
         }
         guarded.push(Guarded {
-            name: format!("{} (code of patch {})", p.functions.first().map(|d| d.symbol.as_str()).unwrap_or("?"), p.id),
+            name: format!(
+                "{} (code of patch {})",
+                p.functions
+                    .first()
+                    .map(|d| d.symbol.as_str())
+                    .unwrap_or("?"),
+                p.id
+            ),
             start: p.text_start,
             end: p.text_end,
             entry_is_safe: false,
@@ -317,7 +334,10 @@ pub fn revert(pid: i32, id: Option<&str>, opts: &ApplyOptions) -> Result<RevertR
         entry_is_safe: false,
     }];
     let mut session = Session::seize(pid).map_err(|e| exited_or(pid, e))?;
-    let tid0 = session.threads().find(|&t| t == pid).or_else(|| session.threads().next());
+    let tid0 = session
+        .threads()
+        .find(|&t| t == pid)
+        .or_else(|| session.threads().next());
     let tid0 = tid0.ok_or_else(|| exited_or(pid, anyhow!("no threads")))?;
     let (stopped_us, attempts) = stop_and_write(
         &mut session,
@@ -539,14 +559,15 @@ fn resolve_bindings(
     let mut loaded: Option<Vec<LoadedModule>> = None;
     for name in plan.undefined_symbols() {
         let binding = bundle.manifest.bindings.iter().find(|b| &b.symbol == name);
-        let target = binding.map(|b| b.target.clone()).unwrap_or(BindTarget::External {
-            name: name.clone(),
-        });
+        let target = binding
+            .map(|b| b.target.clone())
+            .unwrap_or(BindTarget::External { name: name.clone() });
         match target {
             BindTarget::Module { address } => {
-                symbols
-                    .known
-                    .insert(name.clone(), Resolved::Address(module.bias.wrapping_add(address)));
+                symbols.known.insert(
+                    name.clone(),
+                    Resolved::Address(module.bias.wrapping_add(address)),
+                );
             }
             BindTarget::ModuleIfunc { address } => {
                 symbols
@@ -561,7 +582,9 @@ fn resolve_bindings(
                     )));
                 }
                 let tls = module.facts.tls.as_ref().ok_or_else(|| {
-                    refused(format!("patch uses thread-local `{name}` but the module has no TLS segment"))
+                    refused(format!(
+                        "patch uses thread-local `{name}` but the module has no TLS segment"
+                    ))
                 })?;
                 let off = executable_tp_offset(tls, offset)
                     .ok_or_else(|| refused(format!("unsupported TLS layout for `{name}`")))?;
@@ -579,7 +602,8 @@ fn resolve_bindings(
                 let mut found = None;
                 for lm in loaded.iter() {
                     if let Some(e) = lm.facts.export(&ext) {
-                        let better = found.map(|(_, f): (&LoadedModule, modules::Export)| f.weak && !e.weak);
+                        let better =
+                            found.map(|(_, f): (&LoadedModule, modules::Export)| f.weak && !e.weak);
                         if found.is_none() || better == Some(true) {
                             found = Some((lm, e));
                         }
@@ -593,9 +617,10 @@ fn resolve_bindings(
                         .ifuncs
                         .push((name.clone(), lm.bias.wrapping_add(e.address))),
                     Some((lm, e)) => {
-                        symbols
-                            .known
-                            .insert(name.clone(), Resolved::Address(lm.bias.wrapping_add(e.address)));
+                        symbols.known.insert(
+                            name.clone(),
+                            Resolved::Address(lm.bias.wrapping_add(e.address)),
+                        );
                     }
                     None => {} // the dry link reports it (or binds a weak reference to 0)
                 }
@@ -636,7 +661,11 @@ fn map_patch(
     name.push(0);
     let scratch = remote.scratch() - 256;
     mem.write(scratch, &name)?;
-    let ret = remote.syscall(session, libc::SYS_memfd_create, &[scratch, libc::MFD_CLOEXEC as u64])?;
+    let ret = remote.syscall(
+        session,
+        libc::SYS_memfd_create,
+        &[scratch, libc::MFD_CLOEXEC as u64],
+    )?;
     let fd = remote.check("memfd_create", ret)?;
     let result = (|| -> anyhow::Result<Mapped> {
         let file = OpenOptions::new()
@@ -659,7 +688,10 @@ fn map_patch(
                 .map_err(|e| anyhow!("patch cannot be linked: {e}"))?;
             record.base = base;
             record.len = total;
-            let text = image.segments.iter().find(|s| matches!(s.prot, Prot::ReadExecute));
+            let text = image
+                .segments
+                .iter()
+                .find(|s| matches!(s.prot, Prot::ReadExecute));
             record.text_start = base + header_len + text.map(|s| s.offset).unwrap_or(0);
             record.text_end = record.text_start + text.map(|s| s.len).unwrap_or(0);
             for (d, name) in record.functions.iter_mut().zip(replacements) {
@@ -730,7 +762,10 @@ fn unmap_now(session: &mut Session, mem: &Memory, maps: &[Mapping], tid: i32, ba
 
 fn r_check(pid: i32, what: &str, ret: i64) -> anyhow::Result<u64> {
     if ret < 0 && ret > -4096 {
-        anyhow::bail!("process {pid}: {what} failed in the target: {}", nix::errno::Errno::from_raw((-ret) as i32));
+        anyhow::bail!(
+            "process {pid}: {what} failed in the target: {}",
+            nix::errno::Errno::from_raw((-ret) as i32)
+        );
     }
     Ok(ret as u64)
 }

@@ -59,7 +59,9 @@ pub fn check(pid: i32, build_id: Option<&[u8]>) -> Result<CheckReport> {
     }
     if let Some(t) = procfs::status_field(pid, "TracerPid")? {
         if t != "0" {
-            problems.push(format!("process is already traced by pid {t}; only one tracer may attach"));
+            problems.push(format!(
+                "process is already traced by pid {t}; only one tracer may attach"
+            ));
         }
     }
     let maps = match procfs::read_maps(pid) {
@@ -83,7 +85,9 @@ pub fn check(pid: i32, build_id: Option<&[u8]>) -> Result<CheckReport> {
     if let Some(want) = build_id {
         let want = hex::encode(want);
         if !modules.iter().any(|m| m.build_id.as_deref() == Some(&want)) {
-            problems.push(format!("process does not map a module with build-id {want}"));
+            problems.push(format!(
+                "process does not map a module with build-id {want}"
+            ));
         }
     }
     let threads = procfs::threads(pid).map(|t| t.len()).unwrap_or(0);

@@ -118,7 +118,8 @@ pub fn facts(pid: i32, mapping: &Mapping) -> Result<Arc<ModuleFacts>> {
     }
     let data = procfs::read_bounded(&path, MAX_MODULE_BYTES)?;
     let facts = Arc::new(
-        ModuleFacts::read(data).with_context(|| format!("{}: not a usable ELF module", mapping.path))?,
+        ModuleFacts::read(data)
+            .with_context(|| format!("{}: not a usable ELF module", mapping.path))?,
     );
     if let Ok(mut c) = cache().lock() {
         c.insert(key, facts.clone());
@@ -201,7 +202,7 @@ fn bias_of(facts: &ModuleFacts, mapping: &Mapping) -> Option<u64> {
 /// The TP-relative offset of a TLS variable at `offset` in the main executable's TLS block
 /// (x86-64 TLS variant II: the executable's block ends at the thread pointer).
 pub fn executable_tp_offset(tls: &TlsSegment, offset: u64) -> Option<i64> {
-    if tls.align > 1 && tls.vaddr % tls.align != 0 {
+    if tls.align > 1 && !tls.vaddr.is_multiple_of(tls.align) {
         return None; // glibc would add a first-byte offset we do not model
     }
     let align = tls.align.max(1);

@@ -14,7 +14,13 @@ const BRK_ROOM: u64 = 1 << 30;
 
 /// Candidate base addresses for `size` bytes, best first (closest to the module).
 /// `low` asks for memory below 2 GiB (the patch has absolute 32-bit relocations).
-pub fn candidates(maps: &[Mapping], module_lo: u64, module_hi: u64, size: u64, low: bool) -> Vec<u64> {
+pub fn candidates(
+    maps: &[Mapping],
+    module_lo: u64,
+    module_hi: u64,
+    size: u64,
+    low: bool,
+) -> Vec<u64> {
     let mut win_lo = module_hi.saturating_sub(REACH).max(LOWEST);
     let mut win_hi = module_lo.saturating_add(REACH).min(HIGHEST);
     if low {

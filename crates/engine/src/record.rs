@@ -76,7 +76,8 @@ impl PatchRecord {
             bail!("patch header at {base:#x} is implausibly large ({len} bytes)");
         }
         let json = mem.read(base + 16, len as usize)?;
-        serde_json::from_slice(&json).with_context(|| format!("patch header at {base:#x} is corrupt"))
+        serde_json::from_slice(&json)
+            .with_context(|| format!("patch header at {base:#x} is corrupt"))
     }
 
     /// The runtime range a replaced function `symbol` occupies, if this patch detours it.

@@ -101,7 +101,10 @@ impl Remote {
                 args: a,
             };
             if !seccomp::allows(&self.filters, &data)? {
-                bail!("process {}: its seccomp filter would block system call {nr}; not injected", self.pid);
+                bail!(
+                    "process {}: its seccomp filter would block system call {nr}; not injected",
+                    self.pid
+                );
             }
         }
         let mut regs = self.saved;
@@ -186,7 +189,10 @@ impl Remote {
                         let _ = ptrace::interrupt(pid);
                         let _ = waitpid(pid, Some(WaitPidFlag::__WALL));
                         let _ = self.restore();
-                        bail!("process {}: injected operation did not finish in time", self.pid);
+                        bail!(
+                            "process {}: injected operation did not finish in time",
+                            self.pid
+                        );
                     }
                     std::thread::yield_now();
                 }

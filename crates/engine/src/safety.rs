@@ -136,14 +136,21 @@ impl<'a> Checker<'a> {
             .unwrap_or(sp + 64 * 1024);
         let len = (end.saturating_sub(sp)).min(MAX_STACK) as usize;
         let bytes = self.mem.read(sp, len).unwrap_or_default();
-        let stack = Stack { mem: self.mem, base: sp, bytes };
+        let stack = Stack {
+            mem: self.mem,
+            base: sp,
+            bytes,
+        };
 
         // Precise walk while the unwind tables can answer.
         let mut frame = Frame::new(&regs);
         let mut first = true;
         let mut scan_from = None;
         for _ in 0..MAX_FRAMES {
-            match self.walker.step(self.modules, &frame, first, &mut |a| stack.read(a)) {
+            match self
+                .walker
+                .step(self.modules, &frame, first, &mut |a| stack.read(a))
+            {
                 Step::Caller(next) => {
                     if let Some(g) = self.guarded.iter().find(|g| g.holds_return(next.pc)) {
                         return Ok(Some(busy(tid, g, RETURNS)));

@@ -39,7 +39,8 @@ const RET_LOG: u32 = 0x7ffc_0000;
 /// Threads without a filter (`Seccomp: 0` in their status) are not asked.
 pub fn filters(pid: i32, tid: i32) -> Result<Vec<Vec<SockFilter>>> {
     let mut out = Vec::new();
-    let status = std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/status")).unwrap_or_default();
+    let status =
+        std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/status")).unwrap_or_default();
     let mode = status
         .lines()
         .find_map(|l| l.strip_prefix("Seccomp:"))
@@ -48,7 +49,9 @@ pub fn filters(pid: i32, tid: i32) -> Result<Vec<Vec<SockFilter>>> {
     match mode {
         "0" => return Ok(out),
         "2" => {}
-        _ => bail!("thread {tid} is in seccomp strict mode: it may not make the calls patching needs"),
+        _ => bail!(
+            "thread {tid} is in seccomp strict mode: it may not make the calls patching needs"
+        ),
     }
     for index in 0..64u64 {
         // SAFETY: with a null buffer the kernel only returns the filter's length.
@@ -111,7 +114,7 @@ fn load_word(data: &SeccompData, off: u32) -> Result<u32> {
         0 => data.nr as u32,
         4 => data.arch,
         8 | 12 => word(data.instruction_pointer, off == 12),
-        16..=60 if off % 4 == 0 => {
+        16..=60 if off.is_multiple_of(4) => {
             let i = ((off - 16) / 8) as usize;
             word(data.args[i], (off - 16) % 8 == 4)
         }
@@ -139,7 +142,9 @@ pub fn run(prog: &[SockFilter], data: &SeccompData) -> Result<u32> {
                     0x20 => load_word(data, k)?, // ABS
                     0x80 => 64,                  // LEN: sizeof(struct seccomp_data)
                     0x00 => k,                   // IMM
-                    0x60 => *mem.get(k as usize).ok_or_else(|| anyhow::anyhow!("bad M[{k}]"))?,
+                    0x60 => *mem
+                        .get(k as usize)
+                        .ok_or_else(|| anyhow::anyhow!("bad M[{k}]"))?,
                     m => bail!("unsupported seccomp load mode {m:#x}"),
                 }
             }
@@ -148,14 +153,17 @@ pub fn run(prog: &[SockFilter], data: &SeccompData) -> Result<u32> {
                 x = match ins.code & 0xe0 {
                     0x80 => 64,
                     0x00 => k,
-                    0x60 => *mem.get(k as usize).ok_or_else(|| anyhow::anyhow!("bad M[{k}]"))?,
+                    0x60 => *mem
+                        .get(k as usize)
+                        .ok_or_else(|| anyhow::anyhow!("bad M[{k}]"))?,
                     m => bail!("unsupported seccomp ldx mode {m:#x}"),
                 }
             }
             0x02 | 0x03 => {
                 // BPF_ST / BPF_STX
                 let v = if class == 0x02 { a } else { x };
-                *mem.get_mut(k as usize).ok_or_else(|| anyhow::anyhow!("bad M[{k}]"))? = v;
+                *mem.get_mut(k as usize)
+                    .ok_or_else(|| anyhow::anyhow!("bad M[{k}]"))? = v;
             }
             0x04 => {
                 // BPF_ALU
@@ -207,6 +215,65 @@ pub fn run(prog: &[SockFilter], data: &SeccompData) -> Result<u32> {
     bail!("seccomp filter does not terminate")
 }
 
+/// The system calls the engine injects, with representative arguments.
+const INJECTED: &[(&str, i64, [u64; 6])] = &[
+    (
+        "memfd_create",
+        libc::SYS_memfd_create,
+        [0, libc::MFD_CLOEXEC as u64, 0, 0, 0, 0],
+    ),
+    (
+        "mmap",
+        libc::SYS_mmap,
+        [
+            0,
+            4096,
+            libc::PROT_READ as u64,
+            (libc::MAP_PRIVATE | libc::MAP_FIXED_NOREPLACE) as u64,
+            3,
+            0,
+        ],
+    ),
+    (
+        "mprotect",
+        libc::SYS_mprotect,
+        [0, 4096, (libc::PROT_READ | libc::PROT_EXEC) as u64, 0, 0, 0],
+    ),
+    (
+        "mprotect",
+        libc::SYS_mprotect,
+        [
+            0,
+            4096,
+            (libc::PROT_READ | libc::PROT_WRITE) as u64,
+            0,
+            0,
+            0,
+        ],
+    ),
+    ("close", libc::SYS_close, [3, 0, 0, 0, 0, 0]),
+    ("munmap", libc::SYS_munmap, [0, 4096, 0, 0, 0, 0]),
+];
+
+/// Checks every system call the engine will inject; `Err` names the first one a filter stops.
+pub fn check_injected(
+    filters: &[Vec<SockFilter>],
+    ip: u64,
+) -> Result<std::result::Result<(), &'static str>> {
+    for (name, nr, args) in INJECTED {
+        let d = SeccompData {
+            nr: *nr as i32,
+            arch: AUDIT_ARCH_X86_64,
+            instruction_pointer: ip,
+            args: *args,
+        };
+        if !allows(filters, &d)? {
+            return Ok(Err(name));
+        }
+    }
+    Ok(Ok(()))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -216,19 +283,24 @@ mod tests {
     }
 
     fn data(nr: i32) -> SeccompData {
-        SeccompData { nr, arch: AUDIT_ARCH_X86_64, instruction_pointer: 0, args: [0; 6] }
+        SeccompData {
+            nr,
+            arch: AUDIT_ARCH_X86_64,
+            instruction_pointer: 0,
+            args: [0; 6],
+        }
     }
 
     /// arch check, then: memfd_create -> ERRNO(EPERM), everything else -> ALLOW.
     fn deny_memfd() -> Vec<SockFilter> {
         vec![
-            ins(0x20, 0, 0, 4),                         // ld arch
-            ins(0x15, 1, 0, AUDIT_ARCH_X86_64),         // jeq arch, +1
-            ins(0x06, 0, 0, 0x8000_0000),               // ret KILL_PROCESS
-            ins(0x20, 0, 0, 0),                         // ld nr
+            ins(0x20, 0, 0, 4),                             // ld arch
+            ins(0x15, 1, 0, AUDIT_ARCH_X86_64),             // jeq arch, +1
+            ins(0x06, 0, 0, 0x8000_0000),                   // ret KILL_PROCESS
+            ins(0x20, 0, 0, 0),                             // ld nr
             ins(0x15, 0, 1, libc::SYS_memfd_create as u32), // jeq memfd_create
-            ins(0x06, 0, 0, 0x0005_0000 | 1),           // ret ERRNO(EPERM)
-            ins(0x06, 0, 0, RET_ALLOW),                 // ret ALLOW
+            ins(0x06, 0, 0, 0x0005_0000 | 1),               // ret ERRNO(EPERM)
+            ins(0x06, 0, 0, RET_ALLOW),                     // ret ALLOW
         ]
     }
 
@@ -249,29 +321,4 @@ mod tests {
         assert!(run(&[ins(0x05, 0, 0, 100)], &data(0)).is_err()); // jump past the end
         assert!(run(&[ins(0x02, 0, 0, 99)], &data(0)).is_err()); // bad scratch slot
     }
-}
-
-/// The system calls the engine injects, with representative arguments.
-const INJECTED: &[(&str, i64, [u64; 6])] = &[
-    ("memfd_create", libc::SYS_memfd_create, [0, libc::MFD_CLOEXEC as u64, 0, 0, 0, 0]),
-    (
-        "mmap",
-        libc::SYS_mmap,
-        [0, 4096, libc::PROT_READ as u64, (libc::MAP_PRIVATE | libc::MAP_FIXED_NOREPLACE) as u64, 3, 0],
-    ),
-    ("mprotect", libc::SYS_mprotect, [0, 4096, (libc::PROT_READ | libc::PROT_EXEC) as u64, 0, 0, 0]),
-    ("mprotect", libc::SYS_mprotect, [0, 4096, (libc::PROT_READ | libc::PROT_WRITE) as u64, 0, 0, 0]),
-    ("close", libc::SYS_close, [3, 0, 0, 0, 0, 0]),
-    ("munmap", libc::SYS_munmap, [0, 4096, 0, 0, 0, 0]),
-];
-
-/// Checks every system call the engine will inject; `Err` names the first one a filter stops.
-pub fn check_injected(filters: &[Vec<SockFilter>], ip: u64) -> Result<std::result::Result<(), &'static str>> {
-    for (name, nr, args) in INJECTED {
-        let d = SeccompData { nr: *nr as i32, arch: AUDIT_ARCH_X86_64, instruction_pointer: ip, args: *args };
-        if !allows(filters, &d)? {
-            return Ok(Err(name));
-        }
-    }
-    Ok(Ok(()))
 }

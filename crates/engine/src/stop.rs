@@ -215,7 +215,9 @@ impl Session {
         ptrace::step(pid, None).map_err(|_| gone(self.pid))?;
         loop {
             match waitpid(pid, Some(WaitPidFlag::__WALL | WaitPidFlag::WNOHANG)) {
-                Ok(WaitStatus::Stopped(_, Signal::SIGTRAP)) | Ok(WaitStatus::PtraceEvent(..)) => return Ok(true),
+                Ok(WaitStatus::Stopped(_, Signal::SIGTRAP)) | Ok(WaitStatus::PtraceEvent(..)) => {
+                    return Ok(true)
+                }
                 Ok(WaitStatus::Stopped(_, sig)) => {
                     // A signal got in first: keep it for later and take the step again.
                     self.defer_signal(tid, sig);

@@ -63,15 +63,19 @@ impl Frame {
         let mut regs = [0u64; 17];
         // DWARF numbering for x86-64.
         for (i, v) in [
-            r.rax, r.rdx, r.rcx, r.rbx, r.rsi, r.rdi, r.rbp, r.rsp, r.r8, r.r9, r.r10, r.r11, r.r12,
-            r.r13, r.r14, r.r15, r.rip,
+            r.rax, r.rdx, r.rcx, r.rbx, r.rsi, r.rdi, r.rbp, r.rsp, r.r8, r.r9, r.r10, r.r11,
+            r.r12, r.r13, r.r14, r.r15, r.rip,
         ]
         .into_iter()
         .enumerate()
         {
             regs[i] = v;
         }
-        Frame { pc: r.rip, sp: r.rsp, regs }
+        Frame {
+            pc: r.rip,
+            sp: r.rsp,
+            regs,
+        }
     }
 }
 
@@ -107,7 +111,11 @@ impl Walker {
         first: bool,
         read: &mut dyn FnMut(u64) -> Option<u64>,
     ) -> Step {
-        let pc = if first { frame.pc } else { frame.pc.wrapping_sub(1) };
+        let pc = if first {
+            frame.pc
+        } else {
+            frame.pc.wrapping_sub(1)
+        };
         let Some(m) = modules.iter().find(|m| pc >= m.lo && pc < m.hi) else {
             return Step::Unknown;
         };
@@ -115,7 +123,10 @@ impl Walker {
             return Step::Unknown;
         };
         let data = m.facts.data();
-        let (Some(hdr), Some(eh)) = (data.get(t.hdr.0..t.hdr.1), data.get(t.eh_frame.0..t.eh_frame.1)) else {
+        let (Some(hdr), Some(eh)) = (
+            data.get(t.hdr.0..t.hdr.1),
+            data.get(t.eh_frame.0..t.eh_frame.1),
+        ) else {
             return Step::Unknown;
         };
         let bases = BaseAddresses::default()
@@ -129,7 +140,8 @@ impl Walker {
         };
         let eh_frame: EhFrame<R> = EhFrame::new(eh, LittleEndian);
         let link_pc = pc.wrapping_sub(m.bias);
-        let Ok(fde) = table.fde_for_address(&eh_frame, &bases, link_pc, EhFrame::cie_from_offset) else {
+        let Ok(fde) = table.fde_for_address(&eh_frame, &bases, link_pc, EhFrame::cie_from_offset)
+        else {
             return Step::Unknown;
         };
         let Ok(row) = fde.unwind_info_for_address(&eh_frame, &bases, &mut self.ctx, link_pc) else {
@@ -145,7 +157,15 @@ impl Walker {
             _ => return Step::Unknown,
         };
         let mut next = *frame;
-        for reg in [X86_64::RBX, X86_64::RBP, X86_64::R12, X86_64::R13, X86_64::R14, X86_64::R15, X86_64::RA] {
+        for reg in [
+            X86_64::RBX,
+            X86_64::RBP,
+            X86_64::R12,
+            X86_64::R13,
+            X86_64::R14,
+            X86_64::R15,
+            X86_64::RA,
+        ] {
             let value = match row.register(reg) {
                 RegisterRule::Undefined if reg == X86_64::RA => return Step::Done,
                 RegisterRule::Undefined | RegisterRule::SameValue => continue,

@@ -35,11 +35,27 @@ pub enum LinkError {
     #[error("unresolved symbol `{0}`")]
     Unresolved(String),
     #[error("unsupported relocation {kind} against `{symbol}` in {section} at {offset:#x}")]
-    Unsupported { kind: String, symbol: String, section: String, offset: u64 },
+    Unsupported {
+        kind: String,
+        symbol: String,
+        section: String,
+        offset: u64,
+    },
     #[error("relocation overflow: {kind} against `{symbol}` in {section} at {offset:#x} (value {value:#x}){hint}")]
-    Overflow { kind: String, symbol: String, section: String, offset: u64, value: i128, hint: &'static str },
+    Overflow {
+        kind: String,
+        symbol: String,
+        section: String,
+        offset: u64,
+        value: i128,
+        hint: &'static str,
+    },
     #[error("`{symbol}` is thread-local but used by {kind} in {section}, or the reverse")]
-    TlsMismatch { kind: String, symbol: String, section: String },
+    TlsMismatch {
+        kind: String,
+        symbol: String,
+        section: String,
+    },
 }
 
 fn malformed(e: object::Error) -> LinkError {
@@ -99,7 +115,9 @@ enum Place {
     /// Allocated COMMON symbol at image offset.
     Common(u64),
     Absolute(u64),
-    Undefined { weak: bool },
+    Undefined {
+        weak: bool,
+    },
     /// Defined in a section we do not load.
     NotLoaded,
 }
@@ -161,7 +179,10 @@ fn reloc_name(kind: u32) -> String {
 fn uses_got(kind: u32) -> bool {
     matches!(
         kind,
-        elf::R_X86_64_GOTPCREL | elf::R_X86_64_GOTPCRELX | elf::R_X86_64_REX_GOTPCRELX | elf::R_X86_64_GOTTPOFF
+        elf::R_X86_64_GOTPCREL
+            | elf::R_X86_64_GOTPCRELX
+            | elf::R_X86_64_REX_GOTPCRELX
+            | elf::R_X86_64_GOTTPOFF
     )
 }
 
@@ -176,19 +197,26 @@ impl Plan {
             return Err(LinkError::NotObject("not little-endian x86-64".into()));
         }
         if h.e_type(endian) != elf::ET_REL {
-            return Err(LinkError::NotObject(format!("ELF type {} is not ET_REL (compile with -c)", h.e_type(endian))));
+            return Err(LinkError::NotObject(format!(
+                "ELF type {} is not ET_REL (compile with -c)",
+                h.e_type(endian)
+            )));
         }
         let table = h.sections(endian, object).map_err(malformed)?;
 
         // Which sections to load, and where (offsets relative to the image start).
         let mut loaded_index: HashMap<usize, usize> = HashMap::new();
-        let mut by_class: [Vec<(usize, String, u64, u64)>; 3] = [Vec::new(), Vec::new(), Vec::new()];
+        let mut by_class: [Vec<(usize, String, u64, u64)>; 3] =
+            [Vec::new(), Vec::new(), Vec::new()];
         for (i, sh) in table.iter().enumerate() {
-            let name = String::from_utf8_lossy(table.section_name(endian, sh).map_err(malformed)?).into_owned();
+            let name = String::from_utf8_lossy(table.section_name(endian, sh).map_err(malformed)?)
+                .into_owned();
             let flags = sh.sh_flags(endian);
             let ty = sh.sh_type(endian);
-            if matches!(ty, elf::SHT_INIT_ARRAY | elf::SHT_FINI_ARRAY | elf::SHT_PREINIT_ARRAY)
-                || name.starts_with(".ctors")
+            if matches!(
+                ty,
+                elf::SHT_INIT_ARRAY | elf::SHT_FINI_ARRAY | elf::SHT_PREINIT_ARRAY
+            ) || name.starts_with(".ctors")
                 || name.starts_with(".dtors")
             {
                 return Err(LinkError::Constructors(name));
@@ -199,7 +227,11 @@ impl Plan {
             if flags & u64::from(elf::SHF_TLS) != 0 {
                 return Err(LinkError::DefinesTls(name));
             }
-            if ty == elf::SHT_X86_64_UNWIND || name == ".eh_frame" || ty == elf::SHT_NOTE || ty == elf::SHT_GROUP {
+            if ty == elf::SHT_X86_64_UNWIND
+                || name == ".eh_frame"
+                || ty == elf::SHT_NOTE
+                || ty == elf::SHT_GROUP
+            {
                 continue;
             }
             let size = sh.sh_size(endian);
@@ -217,11 +249,14 @@ impl Plan {
         }
 
         // Symbols.
-        let symtab = table.symbols(endian, object, elf::SHT_SYMTAB).map_err(malformed)?;
+        let symtab = table
+            .symbols(endian, object, elf::SHT_SYMTAB)
+            .map_err(malformed)?;
         let mut symbols = Vec::with_capacity(symtab.len());
         let mut commons: Vec<(usize, u64, u64)> = Vec::new();
         for (i, sym) in symtab.iter().enumerate() {
-            let name = String::from_utf8_lossy(symtab.symbol_name(endian, sym).map_err(malformed)?).into_owned();
+            let name = String::from_utf8_lossy(symtab.symbol_name(endian, sym).map_err(malformed)?)
+                .into_owned();
             let shndx = sym.st_shndx(endian);
             let st_type = sym.st_type();
             if st_type == elf::STT_TLS && shndx != elf::SHN_UNDEF {
@@ -235,7 +270,9 @@ impl Plan {
             let place = match shndx {
                 // Symbol 0 (and any nameless undefined one) is the null symbol: value 0.
                 elf::SHN_UNDEF if name.is_empty() => Place::Absolute(0),
-                elf::SHN_UNDEF => Place::Undefined { weak: sym.st_bind() == elf::STB_WEAK },
+                elf::SHN_UNDEF => Place::Undefined {
+                    weak: sym.st_bind() == elf::STB_WEAK,
+                },
                 elf::SHN_ABS => Place::Absolute(sym.st_value(endian)),
                 elf::SHN_COMMON => {
                     commons.push((i, sym.st_size(endian), sym.st_value(endian).max(1)));
@@ -256,12 +293,18 @@ impl Plan {
         let mut relocs: HashMap<usize, Vec<Reloc>> = HashMap::new();
         for sh in table.iter() {
             match sh.sh_type(endian) {
-                elf::SHT_REL => return Err(LinkError::Malformed("SHT_REL relocations are not used on x86-64".into())),
+                elf::SHT_REL => {
+                    return Err(LinkError::Malformed(
+                        "SHT_REL relocations are not used on x86-64".into(),
+                    ))
+                }
                 elf::SHT_RELA => {}
                 _ => continue,
             }
             let target = sh.sh_info(endian) as usize;
-            let Some((rela, _)) = sh.rela(endian, object).map_err(malformed)? else { continue };
+            let Some((rela, _)) = sh.rela(endian, object).map_err(malformed)? else {
+                continue;
+            };
             let list = relocs.entry(target).or_default();
             for r in rela {
                 list.push(Reloc {
@@ -280,11 +323,20 @@ impl Plan {
         for (class_list, _) in by_class.iter().zip(0..) {
             for (i, ..) in class_list {
                 for r in relocs.get(i).map(Vec::as_slice).unwrap_or(&[]) {
-                    let sym = symbols.get(r.sym).ok_or_else(|| LinkError::Malformed(format!("relocation names symbol {} of {}", r.sym, symbols.len())))?;
+                    let sym = symbols.get(r.sym).ok_or_else(|| {
+                        LinkError::Malformed(format!(
+                            "relocation names symbol {} of {}",
+                            r.sym,
+                            symbols.len()
+                        ))
+                    })?;
                     if uses_got(r.kind) && !got_syms.contains(&r.sym) {
                         got_syms.push(r.sym);
                     }
-                    if r.kind == elf::R_X86_64_PLT32 && matches!(sym.place, Place::Undefined { .. }) && !plt_syms.contains(&r.sym) {
+                    if r.kind == elf::R_X86_64_PLT32
+                        && matches!(sym.place, Place::Undefined { .. })
+                        && !plt_syms.contains(&r.sym)
+                    {
                         plt_syms.push(r.sym);
                         if !got_syms.contains(&r.sym) {
                             got_syms.push(r.sym);
@@ -325,7 +377,9 @@ impl Plan {
                     bytes,
                     relocs: relocs.remove(i).unwrap_or_default(),
                 });
-                cursor = cursor.checked_add(*size).ok_or_else(|| LinkError::Malformed("section sizes overflow".into()))?;
+                cursor = cursor
+                    .checked_add(*size)
+                    .ok_or_else(|| LinkError::Malformed("section sizes overflow".into()))?;
             }
             match class {
                 0 => {
@@ -348,14 +402,20 @@ impl Plan {
                         if let Some(s) = symbols.get_mut(*i) {
                             s.place = Place::Common(cursor);
                         }
-                        cursor = cursor.checked_add(*size).ok_or_else(|| LinkError::Malformed("common sizes overflow".into()))?;
+                        cursor = cursor
+                            .checked_add(*size)
+                            .ok_or_else(|| LinkError::Malformed("common sizes overflow".into()))?;
                     }
                 }
             }
             let end = align_up(cursor, PAGE_SIZE);
             if cursor > start {
                 let prot = [Prot::ReadExecute, Prot::Read, Prot::ReadWrite][class];
-                segments.push(Segment { offset: start, len: end - start, prot });
+                segments.push(Segment {
+                    offset: start,
+                    len: end - start,
+                    prot,
+                });
             }
             cursor = end;
         }
@@ -375,7 +435,16 @@ impl Plan {
             .collect();
         undefined.sort();
         undefined.dedup();
-        Ok(Plan { sections, symbols, got, plt, segments, size: cursor, undefined, needs_low })
+        Ok(Plan {
+            sections,
+            symbols,
+            got,
+            plt,
+            segments,
+            size: cursor,
+            undefined,
+            needs_low,
+        })
     }
 
     pub fn size(&self) -> u64 {
@@ -398,8 +467,13 @@ impl Plan {
         self.needs_low
     }
 
-    pub fn link(&self, base: u64, resolve: &dyn Fn(&str) -> Option<Resolved>) -> Result<Image, LinkError> {
-        let size = usize::try_from(self.size).map_err(|_| LinkError::Malformed("image too large".into()))?;
+    pub fn link(
+        &self,
+        base: u64,
+        resolve: &dyn Fn(&str) -> Option<Resolved>,
+    ) -> Result<Image, LinkError> {
+        let size = usize::try_from(self.size)
+            .map_err(|_| LinkError::Malformed("image too large".into()))?;
         let mut bytes = vec![0u8; size];
         for s in &self.sections {
             if let Some(b) = &s.bytes {
@@ -411,7 +485,10 @@ impl Plan {
         let mut values: Vec<Option<Resolved>> = Vec::with_capacity(self.symbols.len());
         for s in &self.symbols {
             values.push(match s.place {
-                Place::Section(i, v) => self.sections.get(i).map(|sec| Resolved::Address(base + sec.offset + v)),
+                Place::Section(i, v) => self
+                    .sections
+                    .get(i)
+                    .map(|sec| Resolved::Address(base + sec.offset + v)),
                 Place::Common(off) => Some(Resolved::Address(base + off)),
                 Place::Absolute(v) => Some(Resolved::Address(v)),
                 Place::Undefined { weak } => match resolve(&s.name) {
@@ -422,7 +499,12 @@ impl Plan {
                 Place::NotLoaded => None,
             });
         }
-        let name_of = |i: usize| self.symbols.get(i).map(|s| s.name.clone()).unwrap_or_default();
+        let name_of = |i: usize| {
+            self.symbols
+                .get(i)
+                .map(|s| s.name.clone())
+                .unwrap_or_default()
+        };
         // GOT and PLT.
         for (&sym, &off) in &self.got {
             let v = match values.get(sym).copied().flatten() {
@@ -460,7 +542,11 @@ impl Plan {
                 let addr = |v: Option<Resolved>| -> Result<i128, LinkError> {
                     match v {
                         Some(Resolved::Address(a)) => Ok(a as i128),
-                        Some(Resolved::TpOffset(_)) => Err(LinkError::TlsMismatch { kind: kind.clone(), symbol: symbol.clone(), section: sec.name.clone() }),
+                        Some(Resolved::TpOffset(_)) => Err(LinkError::TlsMismatch {
+                            kind: kind.clone(),
+                            symbol: symbol.clone(),
+                            section: sec.name.clone(),
+                        }),
                         None => Err(LinkError::Unresolved(symbol.clone())),
                     }
                 };
@@ -473,7 +559,10 @@ impl Plan {
                     elf::R_X86_64_PC32 => {
                         let v = addr(value)? + a - pi;
                         if i32::try_from(v).is_err() {
-                            return Err(fail_overflow(v, " (target beyond ±2 GiB: compile the patch with -fPIC)"));
+                            return Err(fail_overflow(
+                                v,
+                                " (target beyond ±2 GiB: compile the patch with -fPIC)",
+                            ));
                         }
                         (4, v)
                     }
@@ -490,44 +579,82 @@ impl Plan {
                     elf::R_X86_64_32 => {
                         let v = addr(value)? + a;
                         if u32::try_from(v).is_err() {
-                            return Err(fail_overflow(v, " (absolute 32-bit address: compile the patch with -fPIC)"));
+                            return Err(fail_overflow(
+                                v,
+                                " (absolute 32-bit address: compile the patch with -fPIC)",
+                            ));
                         }
                         (4, v)
                     }
                     elf::R_X86_64_32S => {
                         let v = addr(value)? + a;
                         if i32::try_from(v).is_err() {
-                            return Err(fail_overflow(v, " (absolute 32-bit address: compile the patch with -fPIC)"));
+                            return Err(fail_overflow(
+                                v,
+                                " (absolute 32-bit address: compile the patch with -fPIC)",
+                            ));
                         }
                         (4, v)
                     }
-                    elf::R_X86_64_GOTPCREL | elf::R_X86_64_GOTPCRELX | elf::R_X86_64_REX_GOTPCRELX | elf::R_X86_64_GOTTPOFF => {
+                    elf::R_X86_64_GOTPCREL
+                    | elf::R_X86_64_GOTPCRELX
+                    | elf::R_X86_64_REX_GOTPCRELX
+                    | elf::R_X86_64_GOTTPOFF => {
                         let is_tls = matches!(value, Some(Resolved::TpOffset(_)));
                         if is_tls != (r.kind == elf::R_X86_64_GOTTPOFF) {
-                            return Err(LinkError::TlsMismatch { kind, symbol, section: sec.name.clone() });
+                            return Err(LinkError::TlsMismatch {
+                                kind,
+                                symbol,
+                                section: sec.name.clone(),
+                            });
                         }
-                        let slot = self.got.get(&r.sym).map(|o| base + o).ok_or_else(|| LinkError::Malformed("missing GOT slot".into()))?;
+                        let slot = self
+                            .got
+                            .get(&r.sym)
+                            .map(|o| base + o)
+                            .ok_or_else(|| LinkError::Malformed("missing GOT slot".into()))?;
                         (4, slot as i128 + a - pi)
                     }
                     elf::R_X86_64_TPOFF32 => match value {
                         Some(Resolved::TpOffset(t)) => (4, t as i128 + a),
-                        _ => return Err(LinkError::TlsMismatch { kind, symbol, section: sec.name.clone() }),
+                        _ => {
+                            return Err(LinkError::TlsMismatch {
+                                kind,
+                                symbol,
+                                section: sec.name.clone(),
+                            })
+                        }
                     },
                     elf::R_X86_64_GOTOFF64 => (8, addr(value)? + a - got_base as i128),
                     elf::R_X86_64_GOTPC32 => (4, got_base as i128 + a - pi),
                     elf::R_X86_64_GOTPC64 => (8, got_base as i128 + a - pi),
                     _ => {
-                        return Err(LinkError::Unsupported { kind, symbol, section: sec.name.clone(), offset: r.offset })
+                        return Err(LinkError::Unsupported {
+                            kind,
+                            symbol,
+                            section: sec.name.clone(),
+                            offset: r.offset,
+                        })
                     }
                 };
                 if width == 4 && i32::try_from(v).is_err() && u32::try_from(v).is_err() {
                     return Err(fail_overflow(v, ""));
                 }
-                let end = r.offset.checked_add(width as u64).filter(|e| *e <= sec.size).ok_or_else(|| {
-                    LinkError::Malformed(format!("relocation at {:#x} lies outside {}", r.offset, sec.name))
-                })?;
+                let end = r
+                    .offset
+                    .checked_add(width as u64)
+                    .filter(|e| *e <= sec.size)
+                    .ok_or_else(|| {
+                        LinkError::Malformed(format!(
+                            "relocation at {:#x} lies outside {}",
+                            r.offset, sec.name
+                        ))
+                    })?;
                 if sec.bytes.is_none() {
-                    return Err(LinkError::Malformed(format!("relocation in bss section {}", sec.name)));
+                    return Err(LinkError::Malformed(format!(
+                        "relocation in bss section {}",
+                        sec.name
+                    )));
                 }
                 let o = (sec.offset + end) as usize - width;
                 let le = (v as i64).to_le_bytes();
@@ -542,6 +669,10 @@ impl Plan {
                 }
             }
         }
-        Ok(Image { bytes, segments: self.segments.clone(), symbols })
+        Ok(Image {
+            bytes,
+            segments: self.segments.clone(),
+            symbols,
+        })
     }
 }

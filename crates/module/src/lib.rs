@@ -141,7 +141,11 @@ fn header(data: &[u8]) -> Result<(&Header, Endianness), ModuleError> {
     Ok((h, endian))
 }
 
-fn build_id_of<'d>(h: &Header, endian: Endianness, data: &'d [u8]) -> Result<Option<&'d [u8]>, ModuleError> {
+fn build_id_of<'d>(
+    h: &Header,
+    endian: Endianness,
+    data: &'d [u8],
+) -> Result<Option<&'d [u8]>, ModuleError> {
     for ph in h.program_headers(endian, data).map_err(malformed)? {
         if let Some(mut notes) = ph.notes(endian, data).map_err(malformed)? {
             while let Some(note) = notes.next().map_err(malformed)? {
@@ -207,7 +211,10 @@ impl<'data> Module<'data> {
         let mut has_symtab = false;
         // Section headers are optional at run time; a module without them has no symbols.
         if let Ok(sections) = h.sections(endian, data) {
-            for (sh_type, source) in [(elf::SHT_SYMTAB, SymbolSource::Symtab), (elf::SHT_DYNSYM, SymbolSource::Dynsym)] {
+            for (sh_type, source) in [
+                (elf::SHT_SYMTAB, SymbolSource::Symtab),
+                (elf::SHT_DYNSYM, SymbolSource::Dynsym),
+            ] {
                 let table = sections.symbols(endian, data, sh_type).map_err(malformed)?;
                 if table.is_empty() {
                     continue;
@@ -222,7 +229,11 @@ impl<'data> Module<'data> {
                 };
                 for (index, sym) in table.iter().enumerate() {
                     let shndx = sym.st_shndx(endian);
-                    if shndx == elf::SHN_UNDEF || (shndx >= elf::SHN_LORESERVE && shndx != elf::SHN_ABS && shndx != elf::SHN_XINDEX) {
+                    if shndx == elf::SHN_UNDEF
+                        || (shndx >= elf::SHN_LORESERVE
+                            && shndx != elf::SHN_ABS
+                            && shndx != elf::SHN_XINDEX)
+                    {
                         continue;
                     }
                     let kind = match sym.st_type() {
@@ -239,11 +250,15 @@ impl<'data> Module<'data> {
                         elf::STB_LOCAL => SymbolBinding::Local,
                         _ => continue,
                     };
-                    let Ok(name) = table.symbol_name(endian, sym) else { continue };
+                    let Ok(name) = table.symbol_name(endian, sym) else {
+                        continue;
+                    };
                     if name.is_empty() {
                         continue;
                     }
-                    let Ok(name) = std::str::from_utf8(name) else { continue };
+                    let Ok(name) = std::str::from_utf8(name) else {
+                        continue;
+                    };
                     let hidden_version = versions
                         .as_ref()
                         .map(|v| v.version_index(endian, SymbolIndex(index)).is_hidden())
@@ -259,14 +274,25 @@ impl<'data> Module<'data> {
                     };
                     // .dynsym mostly repeats .symtab: keep the first (the symtab one has sizes of locals).
                     let dup = source == SymbolSource::Dynsym
-                        && symbols.iter().any(|o: &Symbol| o.name == s.name && o.address == s.address && o.kind == s.kind);
+                        && symbols.iter().any(|o: &Symbol| {
+                            o.name == s.name && o.address == s.address && o.kind == s.kind
+                        });
                     if !dup {
                         symbols.push(s);
                     }
                 }
             }
         }
-        Ok(Module { data, kind, eh_frame_hdr, build_id, segments, tls, symbols, has_symtab })
+        Ok(Module {
+            data,
+            kind,
+            eh_frame_hdr,
+            build_id,
+            segments,
+            tls,
+            symbols,
+            has_symtab,
+        })
     }
 
     pub fn build_id(&self) -> Option<&'data [u8]> {
@@ -292,7 +318,10 @@ impl<'data> Module<'data> {
 
     /// The file bytes from `vaddr` to the end of the file-backed part of its `PT_LOAD`.
     pub fn bytes_from(&self, vaddr: u64) -> Option<&'data [u8]> {
-        let seg = self.segments.iter().find(|s| vaddr >= s.vaddr && vaddr < s.vaddr.saturating_add(s.filesz))?;
+        let seg = self
+            .segments
+            .iter()
+            .find(|s| vaddr >= s.vaddr && vaddr < s.vaddr.saturating_add(s.filesz))?;
         self.bytes_at(vaddr, seg.vaddr + seg.filesz - vaddr)
     }
 
@@ -312,7 +341,9 @@ impl<'data> Module<'data> {
     /// address, or ambiguous), then locals (static functions and variables).
     pub fn lookup(&self, name: &str) -> Lookup<'_> {
         let named = || self.symbols.iter().filter(move |s| s.name == name);
-        let global: Vec<&Symbol> = named().filter(|s| s.binding != SymbolBinding::Local).collect();
+        let global: Vec<&Symbol> = named()
+            .filter(|s| s.binding != SymbolBinding::Local)
+            .collect();
         if let Some(first) = global.first() {
             if global.iter().all(|s| s.address == first.address) {
                 let best = global
@@ -322,7 +353,11 @@ impl<'data> Module<'data> {
                     .unwrap_or(first);
                 return Lookup::Unique(best);
             }
-            let defaults: Vec<&Symbol> = global.iter().copied().filter(|s| !s.hidden_version).collect();
+            let defaults: Vec<&Symbol> = global
+                .iter()
+                .copied()
+                .filter(|s| !s.hidden_version)
+                .collect();
             if defaults.len() == 1 {
                 return Lookup::Unique(defaults[0]);
             }
@@ -353,7 +388,9 @@ impl<'data> Module<'data> {
         };
         let in_dynsym = |s: &&Symbol| {
             s.source == SymbolSource::Dynsym
-                || self.symbols.iter().any(|d| d.source == SymbolSource::Dynsym && d.name == s.name && d.address == s.address)
+                || self.symbols.iter().any(|d| {
+                    d.source == SymbolSource::Dynsym && d.name == s.name && d.address == s.address
+                })
         };
         exported()
             .filter(in_dynsym)
@@ -364,7 +401,10 @@ impl<'data> Module<'data> {
     /// The file bytes behind `[vaddr, vaddr + len)`, if one `PT_LOAD` backs them entirely.
     pub fn bytes_at(&self, vaddr: u64, len: u64) -> Option<&'data [u8]> {
         let seg = self.segments.iter().find(|s| {
-            vaddr >= s.vaddr && vaddr.checked_add(len).is_some_and(|end| end <= s.vaddr.saturating_add(s.filesz))
+            vaddr >= s.vaddr
+                && vaddr
+                    .checked_add(len)
+                    .is_some_and(|end| end <= s.vaddr.saturating_add(s.filesz))
         })?;
         let start = usize::try_from(seg.offset.checked_add(vaddr - seg.vaddr)?).ok()?;
         let end = start.checked_add(usize::try_from(len).ok()?)?;
@@ -373,8 +413,18 @@ impl<'data> Module<'data> {
 
     /// Lowest `PT_LOAD` address (page-aligned down) to the highest end.
     pub fn vaddr_range(&self) -> (u64, u64) {
-        let lo = self.segments.iter().map(|s| s.vaddr & !0xfff).min().unwrap_or(0);
-        let hi = self.segments.iter().map(|s| s.vaddr.saturating_add(s.memsz)).max().unwrap_or(0);
+        let lo = self
+            .segments
+            .iter()
+            .map(|s| s.vaddr & !0xfff)
+            .min()
+            .unwrap_or(0);
+        let hi = self
+            .segments
+            .iter()
+            .map(|s| s.vaddr.saturating_add(s.memsz))
+            .max()
+            .unwrap_or(0);
         (lo, hi)
     }
 }

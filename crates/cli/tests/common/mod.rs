@@ -42,13 +42,30 @@ impl Work {
 
     /// Generates a key pair NAME in the work directory.
     pub fn keys(&self, name: &str) -> (PathBuf, PathBuf) {
-        let out = suture(&["keygen", "--name", name, "--out", self.dir.path().to_str().unwrap()]);
+        let out = suture(&[
+            "keygen",
+            "--name",
+            name,
+            "--out",
+            self.dir.path().to_str().unwrap(),
+        ]);
         assert!(out.status.success(), "keygen: {}", stderr(&out));
-        (self.path(&format!("{name}.key")), self.path(&format!("{name}.pub")))
+        (
+            self.path(&format!("{name}.key")),
+            self.path(&format!("{name}.pub")),
+        )
     }
 
     /// `suture bundle`, asserting success; returns the bundle path.
-    pub fn bundle(&self, target: &str, object: &str, replaces: &[&str], level: u32, key: &Path, out: &str) -> PathBuf {
+    pub fn bundle(
+        &self,
+        target: &str,
+        object: &str,
+        replaces: &[&str],
+        level: u32,
+        key: &Path,
+        out: &str,
+    ) -> PathBuf {
         let out_path = self.path(out);
         let mut args = vec![
             "bundle".to_string(),
@@ -89,8 +106,13 @@ pub fn suture_json(args: &[&str]) -> (bool, serde_json::Value) {
     let mut a = vec!["--json"];
     a.extend_from_slice(args);
     let out = suture(&a);
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout)
-        .unwrap_or_else(|e| panic!("bad json ({e}): {} / {}", String::from_utf8_lossy(&out.stdout), stderr(&out)));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!(
+            "bad json ({e}): {} / {}",
+            String::from_utf8_lossy(&out.stdout),
+            stderr(&out)
+        )
+    });
     (out.status.success(), v)
 }
 
@@ -123,7 +145,12 @@ impl Target {
         stdout.read_line(&mut first).expect("ready line");
         assert!(first.starts_with("ready"), "target said {first:?}");
         let pid = child.id() as i32;
-        Target { child, stdin, stdout, pid }
+        Target {
+            child,
+            stdin,
+            stdout,
+            pid,
+        }
     }
 
     pub fn ask(&mut self, line: &str) -> String {
@@ -131,7 +158,11 @@ impl Target {
         self.stdin.flush().expect("flush");
         let mut out = String::new();
         self.stdout.read_line(&mut out).expect("read from target");
-        assert!(!out.is_empty(), "target {} closed its output (crashed?)", self.pid);
+        assert!(
+            !out.is_empty(),
+            "target {} closed its output (crashed?)",
+            self.pid
+        );
         out.trim().to_string()
     }
 
@@ -175,7 +206,9 @@ pub fn runtime_address(pid: i32, file: &Path, symbol: &str) -> u64 {
     let canon = std::fs::canonicalize(file).expect("canonical");
     let base = maps
         .lines()
-        .find(|l| l.ends_with(canon.to_str().unwrap()) && l.split_whitespace().nth(2) == Some("00000000"))
+        .find(|l| {
+            l.ends_with(canon.to_str().unwrap()) && l.split_whitespace().nth(2) == Some("00000000")
+        })
         .and_then(|l| u64::from_str_radix(l.split('-').next()?, 16).ok())
         .expect("module mapped");
     base + value
@@ -217,7 +250,10 @@ pub fn snapshot(pid: i32) -> Vec<(String, Vec<u8>)> {
         let range = parts.next().unwrap();
         let perms = parts.next().unwrap();
         let (s, e) = range.split_once('-').unwrap();
-        let (s, e) = (u64::from_str_radix(s, 16).unwrap(), u64::from_str_radix(e, 16).unwrap());
+        let (s, e) = (
+            u64::from_str_radix(s, 16).unwrap(),
+            u64::from_str_radix(e, 16).unwrap(),
+        );
         let mut bytes = Vec::new();
         if perms.starts_with('r') {
             bytes = vec![0u8; (e - s) as usize];

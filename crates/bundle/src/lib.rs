@@ -284,8 +284,9 @@ impl Bundle {
         result
     }
 
-    /// The signer must be trusted, and the signature must verify.
-    pub fn verify(&self, trust: &TrustStore) -> Result<(), BundleError> {
+    /// The signer must be trusted, and the signature must verify. Returns the trusted key
+    /// (which carries the name the host knows it by).
+    pub fn verify<'t>(&self, trust: &'t TrustStore) -> Result<&'t PublicKey, BundleError> {
         let Some(trusted) = trust.find(&self.signer) else {
             return Err(BundleError::Untrusted {
                 fingerprint: self.signer.fingerprint(),
@@ -297,7 +298,8 @@ impl Bundle {
         trusted
             .verifying
             .verify_strict(&msg, &Signature::from_bytes(&self.signature))
-            .map_err(|_| BundleError::BadSignature)
+            .map_err(|_| BundleError::BadSignature)?;
+        Ok(trusted)
     }
 
     pub fn content_address(&self) -> String {

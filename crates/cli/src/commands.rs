@@ -65,18 +65,18 @@ pub fn run(args: Args) -> Result<i32> {
         Command::Verify { bundle, trust } => {
             let b = Bundle::read_file(&bundle)?;
             let store = trust_store(&trust)?;
-            b.verify(&store)?;
+            let signer = b.verify(&store)?;
             if j {
                 output::json(
-                    &json!({"ok": true, "id": b.manifest.id, "signer": b.signer.fingerprint(),
-                    "sha256": b.content_address()}),
+                    &json!({"ok": true, "id": b.manifest.id, "signer": signer.fingerprint(),
+                    "signer_name": signer.name(), "sha256": b.content_address()}),
                 );
             } else {
                 println!(
                     "OK: {} is signed by trusted key {} ({})",
                     bundle.display(),
-                    b.signer.name(),
-                    b.signer.fingerprint()
+                    signer.name(),
+                    signer.fingerprint()
                 );
             }
             Ok(0)
@@ -200,7 +200,7 @@ fn inspect(j: bool, path: &Path) -> Result<i32> {
     if j {
         output::json(
             &json!({"ok": true, "manifest": m, "signer": b.signer.fingerprint(),
-            "signer_name": b.signer.name(), "object_bytes": b.object.len(), "sha256": b.content_address()}),
+            "object_bytes": b.object.len(), "sha256": b.content_address()}),
         );
         return Ok(0);
     }
@@ -216,8 +216,7 @@ fn inspect(j: bool, path: &Path) -> Result<i32> {
         println!("description {}", m.description);
     }
     println!(
-        "signed by   {} ({}) — not checked; use `suture verify`",
-        b.signer.name(),
+        "signed by   key {} (not checked here: use `suture verify`)",
         b.signer.fingerprint()
     );
     println!("sha256      {}", b.content_address());

@@ -88,6 +88,8 @@ struct Target {
     replacement: String,
     /// The original first bytes (from the running code, or from the patch being superseded).
     saved: [u8; DETOUR_LEN],
+    /// What the entry holds now (the original, or the superseded patch's detour).
+    running_head: [u8; DETOUR_LEN],
     expected_sha256: String,
 }
 
@@ -219,7 +221,15 @@ pub fn apply(pid: i32, bundle: &Bundle, opts: &ApplyOptions) -> Result<ApplyRepo
             return Err(e);
         }
     };
-    let mut writes: Vec<(u64, Vec<u8>)> = detours.iter().map(|(a, j)| (*a, j.to_vec())).collect();
+    let mut writes: Vec<Write> = detours
+        .iter()
+        .zip(&targets)
+        .map(|((a, j), t)| Write {
+            address: *a,
+            bytes: j.to_vec(),
+            before: t.running_head.to_vec(),
+        })
+        .collect();
     let mut guarded: Vec<Guarded> = targets
         .iter()
         .map(|t| Guarded {
@@ -236,7 +246,12 @@ pub fn apply(pid: i32, bundle: &Bundle, opts: &ApplyOptions) -> Result<ApplyRepo
             .filter(|d| !targets.iter().any(|t| t.address == d.address))
         {
             let saved = hex::decode(&d.saved).map_err(|_| refused("corrupt patch record"))?;
-            writes.push((d.address, saved));
+            let jmp = encode_jmp(d.address, d.replacement).map_err(|e| refused(e.to_string()))?;
+            writes.push(Write {
+                address: d.address,
+                bytes: saved,
+                before: jmp.to_vec(),
+            });
         }
         guarded.push(Guarded {
             name: format!(
@@ -325,7 +340,12 @@ pub fn revert(pid: i32, id: Option<&str>, opts: &ApplyOptions) -> Result<RevertR
     let mut writes = Vec::new();
     for d in &rec.functions {
         let saved = hex::decode(&d.saved).map_err(|_| refused("corrupt patch record"))?;
-        writes.push((d.address, saved));
+        let jmp = encode_jmp(d.address, d.replacement).map_err(|e| refused(e.to_string()))?;
+        writes.push(Write {
+            address: d.address,
+            bytes: saved,
+            before: jmp.to_vec(),
+        });
     }
     let guarded = vec![Guarded {
         name: format!("code of patch {}", rec.id),
@@ -396,18 +416,14 @@ fn stop_and_write(
         attempts += 1;
         let t = Instant::now();
         session.stop_all().map_err(|e| exited_or(pid, e))?;
-        let mut busy = Checker::new(mem, &maps, modules, guarded)
-            .check(session)
-            .map_err(|e| exited_or(pid, e))?;
-        if busy.is_none() && attempts == 1 {
-            // Threads born after our snapshot have stacks we have not seen: look again.
-            let fresh = procfs::read_maps(pid).map_err(|e| exited_or(pid, e))?;
-            if fresh.len() != maps.len() {
-                maps = fresh;
-                busy = Checker::new(mem, &maps, modules, guarded)
-                    .check(session)
-                    .map_err(|e| exited_or(pid, e))?;
-            }
+        let mut checker = Checker::new(mem, &maps, modules, guarded);
+        let mut busy = checker.check(session).map_err(|e| exited_or(pid, e))?;
+        if checker.saw_unknown_stack {
+            // A thread born after our snapshot runs on a stack we have not seen: look again.
+            maps = procfs::read_maps(pid).map_err(|e| exited_or(pid, e))?;
+            busy = Checker::new(mem, &maps, modules, guarded)
+                .check(session)
+                .map_err(|e| exited_or(pid, e))?;
         }
         match busy {
             None => {
@@ -433,18 +449,22 @@ fn stop_and_write(
     }
 }
 
-/// Writes every `(address, bytes)`; if one write fails, puts back the ones already written.
-fn write_all(mem: &Memory, writes: &[(u64, Vec<u8>)]) -> Result<()> {
-    let mut done: Vec<(u64, Vec<u8>)> = Vec::new();
-    for (addr, bytes) in writes {
-        let before = mem.read(*addr, bytes.len())?;
-        if let Err(e) = mem.write(*addr, bytes) {
-            for (a, b) in done.iter().rev() {
-                let _ = mem.write(*a, b);
+/// One write of the stop: `bytes` go to `address`, which holds `before` (already verified).
+struct Write {
+    address: u64,
+    bytes: Vec<u8>,
+    before: Vec<u8>,
+}
+
+/// Performs every write; if one fails, puts back the ones already done.
+fn write_all(mem: &Memory, writes: &[Write]) -> Result<()> {
+    for (i, w) in writes.iter().enumerate() {
+        if let Err(e) = mem.write(w.address, &w.bytes) {
+            for done in writes[..i].iter().rev() {
+                let _ = mem.write(done.address, &done.before);
             }
             return Err(EngineError::Failed(e));
         }
-        done.push((*addr, before));
     }
     Ok(())
 }
@@ -478,12 +498,15 @@ fn locate_functions(
                 s
             }
         };
+        let mut running_head = [0u8; DETOUR_LEN];
+        running_head.copy_from_slice(&mem.read(address, DETOUR_LEN)?);
         let t = Target {
             symbol: f.symbol.clone(),
             address,
             size: f.size,
             replacement: f.replacement.clone(),
             saved,
+            running_head,
             expected_sha256: f.expected_sha256.clone(),
         };
         let code = verify_running(mem, &t, prev).map_err(EngineError::Refused)?;

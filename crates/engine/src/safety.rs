@@ -6,7 +6,8 @@
 //! stack is scanned conservatively: every word that points into guarded code counts. A thread
 //! caught *executing* a replaced function is single-stepped, alone, until it leaves it (a
 //! function that is hot in many threads would otherwise rarely be found idle); one that is
-//! merely deeper down the call chain is not waited for here: the caller backs off and retries.
+//! still down the call chain is stepped too, within a small budget; what is left over makes
+//! the caller back off and retry.
 
 use std::time::{Duration, Instant};
 
@@ -84,6 +85,8 @@ pub struct Checker<'a> {
     pub modules: &'a [LoadedModule],
     pub guarded: &'a [Guarded],
     walker: Walker,
+    /// Some thread's stack is not in our snapshot of the mappings (a thread born since).
+    pub saw_unknown_stack: bool,
 }
 
 impl<'a> Checker<'a> {
@@ -99,10 +102,11 @@ impl<'a> Checker<'a> {
             modules,
             guarded,
             walker: Walker::default(),
+            saw_unknown_stack: false,
         }
     }
 
-    /// Checks every thread; steps threads out of replaced functions where that helps.
+    /// Checks every thread; steps a busy thread (alone) until it is clear, where that is quick.
     pub fn check(&mut self, session: &mut Session) -> Result<Option<Busy>> {
         if self.guarded.is_empty() {
             return Ok(None);
@@ -110,10 +114,8 @@ impl<'a> Checker<'a> {
         let tids: Vec<i32> = session.threads().collect();
         for tid in tids {
             let mut busy = self.thread(session, tid)?;
-            if let Some(b) = &busy {
-                if b.how == EXECUTING && self.step_out(session, tid)? {
-                    busy = self.thread(session, tid)?;
-                }
+            if busy.is_some() {
+                busy = self.step_out(session, tid)?;
             }
             if busy.is_some() {
                 return Ok(busy);
@@ -128,12 +130,13 @@ impl<'a> Checker<'a> {
             return Ok(Some(busy(tid, g, EXECUTING)));
         }
         let sp = regs.rsp & !7;
-        let end = self
-            .maps
-            .iter()
-            .find(|m| m.contains(sp))
-            .map(|m| m.end)
-            .unwrap_or(sp + 64 * 1024);
+        let end = match self.maps.iter().find(|m| m.contains(sp)) {
+            Some(m) => m.end,
+            None => {
+                self.saw_unknown_stack = true;
+                sp + 64 * 1024
+            }
+        };
         let len = (end.saturating_sub(sp)).min(MAX_STACK) as usize;
         let bytes = self.mem.read(sp, len).unwrap_or_default();
         let stack = Stack {
@@ -181,20 +184,19 @@ impl<'a> Checker<'a> {
         Ok(None)
     }
 
-    /// Single-steps `tid` (alone) until its pc leaves every guarded range; false if it does
-    /// not within the budget (e.g. it blocks in a system call).
-    fn step_out(&mut self, session: &mut Session, tid: i32) -> Result<bool> {
+    /// Single-steps `tid` (alone) until neither its pc nor its stack touches guarded code;
+    /// returns what still stands in the way when the budget runs out (e.g. it blocked in a
+    /// system call, or the guarded function is far down its stack).
+    fn step_out(&mut self, session: &mut Session, tid: i32) -> Result<Option<Busy>> {
         let deadline = Instant::now() + STEP_BUDGET;
-        while Instant::now() < deadline {
+        let mut busy = self.thread(session, tid)?;
+        while busy.is_some() && Instant::now() < deadline {
             if !session.step(tid, deadline)? {
-                return Ok(false);
+                break;
             }
-            let regs = ptrace::getregs(Pid::from_raw(tid)).map_err(|_| gone(session.pid()))?;
-            if !self.guarded.iter().any(|g| g.holds_pc(regs.rip)) {
-                return Ok(true);
-            }
+            busy = self.thread(session, tid)?;
         }
-        Ok(false)
+        Ok(busy)
     }
 }
 

@@ -51,8 +51,14 @@ impl Session {
             tracees: BTreeMap::new(),
             stop_timeout: Duration::from_secs(2),
         };
-        session.seize_new_threads()?;
-        if !session.tracees.contains_key(&pid) && session.tracees.is_empty() {
+        // Converge before anything stops: once every listed thread is seized, any thread created
+        // later is born traced (TRACECLONE), so the stop itself need not list /proc again.
+        for _ in 0..64 {
+            if session.seize_new_threads()? == 0 {
+                break;
+            }
+        }
+        if session.tracees.is_empty() {
             bail!(gone(pid));
         }
         Ok(session)
@@ -118,13 +124,12 @@ impl Session {
             for &tid in &running {
                 self.wait_stopped(tid)?;
             }
-            // New threads either were auto-attached (TRACECLONE, seen in wait_stopped) or
-            // appear in /proc: keep going until the list is stable and everyone is stopped.
-            let new = self.seize_new_threads()?;
+            // Threads born meanwhile were auto-attached (TRACECLONE, seen in wait_stopped) and
+            // are stopped on the next round.
             if self.tracees.is_empty() {
                 bail!(gone(self.pid));
             }
-            if new == 0 && self.tracees.values().all(|t| t.stopped) {
+            if self.tracees.values().all(|t| t.stopped) {
                 return Ok(());
             }
         }

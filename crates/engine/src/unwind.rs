@@ -7,8 +7,9 @@
 //! safety.
 
 use gimli::{
-    BaseAddresses, CfaRule, EhFrame, EhFrameHdr, EndianSlice, LittleEndian, Pointer, Register,
-    RegisterRule, UnwindContext, UnwindSection, X86_64,
+    BaseAddresses, CfaRule, CieOrFde, EhFrame, EhFrameHdr, EhFrameOffset, EndianSlice,
+    FrameDescriptionEntry, LittleEndian, Pointer, Register, RegisterRule, UnwindContext,
+    UnwindSection, X86_64,
 };
 use suture_module::Module;
 
@@ -19,10 +20,19 @@ type R<'a> = EndianSlice<'a, LittleEndian>;
 /// Where a module's unwind tables are, in its file and at link time.
 #[derive(Debug, Clone)]
 pub struct UnwindTables {
-    hdr_vaddr: u64,
-    hdr: (usize, usize),
     eh_frame_vaddr: u64,
     eh_frame: (usize, usize),
+    search: Search,
+}
+
+/// How to find the FDE for an address.
+#[derive(Debug, Clone)]
+enum Search {
+    /// The binary-search table of `.eh_frame_hdr`.
+    Hdr { vaddr: u64, range: (usize, usize) },
+    /// Our own sorted index `(start, end, FDE offset)`, for modules linked without a header
+    /// (static executables).
+    Index(Vec<(u64, u64, usize)>),
 }
 
 fn range_of(data: &[u8], part: &[u8]) -> (usize, usize) {
@@ -30,23 +40,86 @@ fn range_of(data: &[u8], part: &[u8]) -> (usize, usize) {
     (start, start + part.len())
 }
 
-/// Finds the tables through `PT_GNU_EH_FRAME`, which stripped modules keep too.
+/// Finds the tables through `PT_GNU_EH_FRAME` (stripped modules keep it), or else indexes
+/// the `.eh_frame` section once.
 pub fn tables(module: &Module, data: &[u8]) -> Option<UnwindTables> {
-    let h = module.eh_frame_hdr()?;
-    let hdr = module.bytes_at(h.vaddr, h.size)?;
-    let bases = BaseAddresses::default().set_eh_frame_hdr(h.vaddr);
-    let parsed = EhFrameHdr::new(hdr, LittleEndian).parse(&bases, 8).ok()?;
-    let eh_frame_vaddr = match parsed.eh_frame_ptr() {
-        Pointer::Direct(a) => a,
-        Pointer::Indirect(_) => return None,
-    };
-    let eh = module.bytes_from(eh_frame_vaddr)?;
+    if let Some(h) = module.eh_frame_hdr() {
+        let hdr = module.bytes_at(h.vaddr, h.size)?;
+        let bases = BaseAddresses::default().set_eh_frame_hdr(h.vaddr);
+        let parsed = EhFrameHdr::new(hdr, LittleEndian).parse(&bases, 8).ok()?;
+        let eh_frame_vaddr = match parsed.eh_frame_ptr() {
+            Pointer::Direct(a) => a,
+            Pointer::Indirect(_) => return None,
+        };
+        let eh = module.bytes_from(eh_frame_vaddr)?;
+        return Some(UnwindTables {
+            eh_frame_vaddr,
+            eh_frame: range_of(data, eh),
+            search: Search::Hdr {
+                vaddr: h.vaddr,
+                range: range_of(data, hdr),
+            },
+        });
+    }
+    let (vaddr, size) = module.eh_frame()?;
+    let eh = module.bytes_at(vaddr, size)?;
+    let bases = BaseAddresses::default().set_eh_frame(vaddr);
+    let section: EhFrame<R> = EhFrame::new(eh, LittleEndian);
+    let mut index = Vec::new();
+    let mut entries = section.entries(&bases);
+    while let Ok(Some(entry)) = entries.next() {
+        if let CieOrFde::Fde(partial) = entry {
+            if let Ok(fde) = partial.parse(EhFrame::cie_from_offset) {
+                let start = fde.initial_address();
+                index.push((start, start.saturating_add(fde.len()), fde.offset()));
+            }
+        }
+    }
+    index.sort_unstable();
     Some(UnwindTables {
-        hdr_vaddr: h.vaddr,
-        hdr: range_of(data, hdr),
-        eh_frame_vaddr,
+        eh_frame_vaddr: vaddr,
         eh_frame: range_of(data, eh),
+        search: Search::Index(index),
     })
+}
+
+impl UnwindTables {
+    fn fde<'a>(
+        &self,
+        data: &'a [u8],
+        pc: u64,
+    ) -> Option<(EhFrame<R<'a>>, BaseAddresses, FrameDescriptionEntry<R<'a>>)> {
+        let eh = data.get(self.eh_frame.0..self.eh_frame.1)?;
+        let eh_frame: EhFrame<R> = EhFrame::new(eh, LittleEndian);
+        match &self.search {
+            Search::Hdr { vaddr, range } => {
+                let bases = BaseAddresses::default()
+                    .set_eh_frame_hdr(*vaddr)
+                    .set_eh_frame(self.eh_frame_vaddr);
+                let hdr = data.get(range.0..range.1)?;
+                let parsed = EhFrameHdr::new(hdr, LittleEndian).parse(&bases, 8).ok()?;
+                let fde = parsed
+                    .table()?
+                    .fde_for_address(&eh_frame, &bases, pc, EhFrame::cie_from_offset)
+                    .ok()?;
+                Some((eh_frame, bases, fde))
+            }
+            Search::Index(index) => {
+                let bases = BaseAddresses::default().set_eh_frame(self.eh_frame_vaddr);
+                let i = index
+                    .partition_point(|(start, _, _)| *start <= pc)
+                    .checked_sub(1)?;
+                let (start, end, offset) = index[i];
+                if pc < start || pc >= end {
+                    return None;
+                }
+                let fde = eh_frame
+                    .fde_from_offset(&bases, EhFrameOffset(offset), EhFrame::cie_from_offset)
+                    .ok()?;
+                Some((eh_frame, bases, fde))
+            }
+        }
+    }
 }
 
 /// The registers the walk tracks: the stack and frame pointers and the callee-saved ones that
@@ -122,26 +195,8 @@ impl Walker {
         let Some(t) = m.facts.unwind.as_ref() else {
             return Step::Unknown;
         };
-        let data = m.facts.data();
-        let (Some(hdr), Some(eh)) = (
-            data.get(t.hdr.0..t.hdr.1),
-            data.get(t.eh_frame.0..t.eh_frame.1),
-        ) else {
-            return Step::Unknown;
-        };
-        let bases = BaseAddresses::default()
-            .set_eh_frame_hdr(t.hdr_vaddr)
-            .set_eh_frame(t.eh_frame_vaddr);
-        let Ok(parsed) = EhFrameHdr::new(hdr, LittleEndian).parse(&bases, 8) else {
-            return Step::Unknown;
-        };
-        let Some(table) = parsed.table() else {
-            return Step::Unknown;
-        };
-        let eh_frame: EhFrame<R> = EhFrame::new(eh, LittleEndian);
         let link_pc = pc.wrapping_sub(m.bias);
-        let Ok(fde) = table.fde_for_address(&eh_frame, &bases, link_pc, EhFrame::cie_from_offset)
-        else {
+        let Some((eh_frame, bases, fde)) = t.fde(m.facts.data(), link_pc) else {
             return Step::Unknown;
         };
         let Ok(row) = fde.unwind_info_for_address(&eh_frame, &bases, &mut self.ctx, link_pc) else {

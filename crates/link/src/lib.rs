@@ -18,6 +18,9 @@ use object::read::elf::{FileHeader, Rela, SectionHeader, Sym};
 use object::{Endianness, SymbolIndex};
 
 pub const PAGE_SIZE: u64 = 4096;
+/// Largest image we lay out: a live patch is a few functions, and a corrupt `.bss` size must
+/// not become a huge allocation.
+pub const MAX_IMAGE: u64 = 256 << 20;
 const PLT_STUB: u64 = 16;
 
 type Header = elf::FileHeader64<Endianness>;
@@ -115,6 +118,8 @@ enum Place {
     /// Allocated COMMON symbol at image offset.
     Common(u64),
     Absolute(u64),
+    /// `_GLOBAL_OFFSET_TABLE_`: defined by the linker, the start of our GOT.
+    GotBase,
     Undefined {
         weak: bool,
     },
@@ -134,6 +139,8 @@ pub struct Plan {
     sections: Vec<Section>,
     symbols: Vec<ObjSym>,
     got: HashMap<usize, u64>,
+    /// Image offset where the GOT starts (also without slots, for GOTOFF/GOTPC references).
+    got_offset: Option<u64>,
     plt: HashMap<usize, u64>,
     segments: Vec<Segment>,
     size: u64,
@@ -270,6 +277,7 @@ impl Plan {
             let place = match shndx {
                 // Symbol 0 (and any nameless undefined one) is the null symbol: value 0.
                 elf::SHN_UNDEF if name.is_empty() => Place::Absolute(0),
+                elf::SHN_UNDEF if name == "_GLOBAL_OFFSET_TABLE_" => Place::GotBase,
                 elf::SHN_UNDEF => Place::Undefined {
                     weak: sym.st_bind() == elf::STB_WEAK,
                 },
@@ -320,6 +328,7 @@ impl Plan {
         let mut got_syms: Vec<usize> = Vec::new();
         let mut plt_syms: Vec<usize> = Vec::new();
         let mut needs_low = false;
+        let mut referenced = vec![false; symbols.len()];
         for (class_list, _) in by_class.iter().zip(0..) {
             for (i, ..) in class_list {
                 for r in relocs.get(i).map(Vec::as_slice).unwrap_or(&[]) {
@@ -330,6 +339,7 @@ impl Plan {
                             symbols.len()
                         ))
                     })?;
+                    referenced[r.sym] = true;
                     if uses_got(r.kind) && !got_syms.contains(&r.sym) {
                         got_syms.push(r.sym);
                     }
@@ -354,6 +364,7 @@ impl Plan {
         let mut segments = Vec::new();
         let mut cursor = 0u64;
         let mut got = HashMap::new();
+        let mut got_offset = None;
         let mut plt = HashMap::new();
         for (class, list) in by_class.iter().enumerate() {
             let start = cursor;
@@ -391,6 +402,7 @@ impl Plan {
                 }
                 1 => {
                     cursor = align_up(cursor, 8);
+                    got_offset = Some(cursor);
                     for s in &got_syms {
                         got.insert(*s, cursor);
                         cursor += 8;
@@ -419,6 +431,11 @@ impl Plan {
             }
             cursor = end;
         }
+        if cursor > MAX_IMAGE {
+            return Err(LinkError::Malformed(format!(
+                "patch image of {cursor} bytes is larger than {MAX_IMAGE}"
+            )));
+        }
         // Symbols now point at loaded sections by our index.
         for s in &mut symbols {
             if let Place::Section(i, v) = s.place {
@@ -426,6 +443,12 @@ impl Plan {
                     Some(&li) => Place::Section(li, v),
                     None => Place::NotLoaded,
                 };
+            }
+        }
+        // An undefined symbol no loaded relocation uses needs no resolving (gas declares some).
+        for (s, used) in symbols.iter_mut().zip(&referenced) {
+            if !used && matches!(s.place, Place::Undefined { .. }) {
+                s.place = Place::NotLoaded;
             }
         }
         let mut undefined: Vec<String> = symbols
@@ -439,6 +462,7 @@ impl Plan {
             sections,
             symbols,
             got,
+            got_offset,
             plt,
             segments,
             size: cursor,
@@ -481,6 +505,7 @@ impl Plan {
                 bytes[o..o + b.len()].copy_from_slice(b);
             }
         }
+        let got_base = self.got_offset.map(|o| base + o).unwrap_or(base);
         // Symbol values (None: defined nowhere we can reach).
         let mut values: Vec<Option<Resolved>> = Vec::with_capacity(self.symbols.len());
         for s in &self.symbols {
@@ -491,6 +516,7 @@ impl Plan {
                     .map(|sec| Resolved::Address(base + sec.offset + v)),
                 Place::Common(off) => Some(Resolved::Address(base + off)),
                 Place::Absolute(v) => Some(Resolved::Address(v)),
+                Place::GotBase => Some(Resolved::Address(got_base)),
                 Place::Undefined { weak } => match resolve(&s.name) {
                     Some(r) => Some(r),
                     None if weak => Some(Resolved::Address(0)),
@@ -523,7 +549,6 @@ impl Plan {
             bytes[o + 2..o + 6].copy_from_slice(&rel.to_le_bytes());
             bytes[o + 6..o + PLT_STUB as usize].fill(0xcc);
         }
-        let got_base = self.got.values().min().map(|o| base + o).unwrap_or(base);
         // Relocations.
         for sec in &self.sections {
             for r in &sec.relocs {

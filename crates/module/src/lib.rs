@@ -7,7 +7,7 @@
 //! every offset and size is checked, nothing panics.
 
 use object::elf;
-use object::read::elf::{FileHeader, ProgramHeader, Sym};
+use object::read::elf::{FileHeader, ProgramHeader, SectionHeader, Sym};
 use object::{Endianness, SymbolIndex};
 
 type Header = elf::FileHeader64<Endianness>;
@@ -114,6 +114,8 @@ pub struct Module<'data> {
     data: &'data [u8],
     kind: ModuleKind,
     eh_frame_hdr: Option<EhFrameHdr>,
+    /// `.eh_frame` (link-time address, size) from the section headers, when present.
+    eh_frame: Option<(u64, u64)>,
     build_id: Option<&'data [u8]>,
     segments: Vec<LoadSegment>,
     tls: Option<TlsSegment>,
@@ -209,8 +211,14 @@ impl<'data> Module<'data> {
         let build_id = build_id_of(h, endian, data)?;
         let mut symbols = Vec::new();
         let mut has_symtab = false;
+        let mut eh_frame = None;
         // Section headers are optional at run time; a module without them has no symbols.
         if let Ok(sections) = h.sections(endian, data) {
+            for sh in sections.iter() {
+                if sections.section_name(endian, sh).ok() == Some(b".eh_frame".as_slice()) {
+                    eh_frame = Some((sh.sh_addr(endian), sh.sh_size(endian)));
+                }
+            }
             for (sh_type, source) in [
                 (elf::SHT_SYMTAB, SymbolSource::Symtab),
                 (elf::SHT_DYNSYM, SymbolSource::Dynsym),
@@ -287,6 +295,7 @@ impl<'data> Module<'data> {
             data,
             kind,
             eh_frame_hdr,
+            eh_frame,
             build_id,
             segments,
             tls,
@@ -314,6 +323,12 @@ impl<'data> Module<'data> {
     /// The unwind search table, if the module has one (every normally linked module does).
     pub fn eh_frame_hdr(&self) -> Option<EhFrameHdr> {
         self.eh_frame_hdr
+    }
+
+    /// The `.eh_frame` section's link-time address and size (modules linked without an
+    /// `.eh_frame_hdr`, such as static executables, still have it).
+    pub fn eh_frame(&self) -> Option<(u64, u64)> {
+        self.eh_frame
     }
 
     /// The file bytes from `vaddr` to the end of the file-backed part of its `PT_LOAD`.

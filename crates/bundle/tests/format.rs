@@ -161,7 +161,8 @@ fn truncation_and_trailing_bytes_are_refused_without_panic() {
 #[test]
 fn invalid_manifest_fields_are_refused_at_signing() {
     let k = keys();
-    let cases: Vec<(&str, Box<dyn Fn(&mut Manifest)>)> = vec![
+    type Mutation = Box<dyn Fn(&mut Manifest)>;
+    let cases: Vec<(&str, Mutation)> = vec![
         ("id", Box::new(|m| m.id = "bad id/../".into())),
         ("level", Box::new(|m| m.level = 0)),
         ("cves", Box::new(|m| m.cves = vec!["CVE-24-1".into()])),

@@ -100,9 +100,9 @@ fn resolver(counter: u64) -> impl Fn(&str) -> Option<Resolved> {
     move |name| {
         Some(Resolved::Address(match name {
             "host_counter" => counter,
-            "host_add" => host_add as usize as u64,
-            "snprintf" => libc::snprintf as usize as u64,
-            "strlen" => libc::strlen as usize as u64,
+            "host_add" => host_add as *const () as u64,
+            "snprintf" => libc::snprintf as *const () as u64,
+            "strlen" => libc::strlen as *const () as u64,
             _ => return None,
         }))
     }

@@ -540,3 +540,96 @@ fn seccomp_filter_that_blocks_patching_is_refused_and_one_that_does_not_is_patch
     assert!(ok, "{v}");
     assert_eq!(t.ask("compute 2"), "106");
 }
+
+#[test]
+fn threads_born_and_dying_during_the_stop_do_not_escape_or_break_it() {
+    let b = build(Kind::Pie);
+    let mut t = b.start();
+    assert_eq!(t.ask("churn"), "ok");
+    let p1 = b
+        .work
+        .bundle("target", "p1.o", &["compute"], 1, &b.key, "p1.suture");
+    let p2 = b.work.bundle(
+        "target",
+        "p2.o",
+        &["compute", "greet"],
+        2,
+        &b.key,
+        "p2.suture",
+    );
+    for p in [&p1, &p2] {
+        let (ok, v) = apply(&b, p, t.pid);
+        assert!(ok, "{v}");
+    }
+    let (ok, v) = suture_json(&["revert", "--pid", &t.pid_arg()]);
+    assert!(ok, "{v}");
+    let stats = t.ask("stats");
+    let (calls, bad) = stats.split_once(' ').unwrap();
+    assert!(
+        calls.parse::<u64>().unwrap() > 100,
+        "threads kept being born: {stats}"
+    );
+    assert_eq!(bad, "0");
+    assert_eq!(t.ask("compute 2"), "7");
+}
+
+#[test]
+fn a_process_that_exits_mid_apply_gets_a_one_line_error() {
+    let b = build(Kind::Pie);
+    let p1 = b
+        .work
+        .bundle("target", "p1.o", &["compute"], 1, &b.key, "p1.suture");
+    for delay_us in [0u64, 100, 300, 600, 1000, 2000] {
+        let mut t = b.start();
+        assert_eq!(t.ask("spin 4"), "ok");
+        let pid = t.pid;
+        let killer = std::thread::spawn(move || {
+            std::thread::sleep(std::time::Duration::from_micros(delay_us));
+            // SAFETY: kill(2) of a child this test owns; no memory is involved.
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+        });
+        let out = suture(&[
+            "--json",
+            "apply",
+            p1.to_str().unwrap(),
+            "--pid",
+            &pid.to_string(),
+            "--trust",
+            &b.trust(),
+        ]);
+        killer.join().unwrap();
+        let v: serde_json::Value =
+            serde_json::from_slice(&out.stdout).expect("json even when the target dies");
+        if !out.status.success() {
+            let kind = v["kind"].as_str().unwrap();
+            assert!(["exited", "refused", "failed"].contains(&kind), "{v}");
+            assert!(!v["error"].as_str().unwrap().contains('\n'));
+        }
+        let _ = t.child.wait();
+    }
+}
+
+#[test]
+fn thread_local_variables_of_the_executable_are_shared() {
+    let b = build(Kind::Pie);
+    b.work.gcc(&[
+        "-O2",
+        "-c",
+        "-fPIE",
+        "-ffunction-sections",
+        &Work::src("patch_tls.c"),
+        "-o",
+        "tls.o",
+    ]);
+    let mut t = b.start();
+    assert_eq!(t.ask("tls"), "1");
+    assert_eq!(t.ask("tls"), "2");
+    let p = b
+        .work
+        .bundle("target", "tls.o", &["touch_tls"], 1, &b.key, "tls.suture");
+    let (ok, v) = apply(&b, &p, t.pid);
+    assert!(ok, "{v}");
+    // The main thread's own counter (2) continues: the patch found the running TLS block.
+    assert_eq!(t.ask("tls"), "102");
+    assert_eq!(t.ask("tls"), "202");
+}

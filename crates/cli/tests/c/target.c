@@ -30,6 +30,9 @@ __attribute__((noinline)) int compute(int x) {
 #endif
 
 __attribute__((noinline)) const char *greet(void) { return "old greeting"; }
+
+__thread int tls_hits; /* thread-local state of the executable */
+__attribute__((noinline)) int touch_tls(void) { return ++tls_hits; }
 __attribute__((noinline)) int zero(void) { return 0; }
 
 /* A function a thread stays inside of (it sleeps in a loop in here). */
@@ -53,6 +56,25 @@ static void *spin(void *arg) {
         /* Every call answers the old (7) or a patched behaviour (106, 206), never garbage. */
         if (r != 7 && r != 106 && r != 206) __atomic_add_fetch(&bad, 1, __ATOMIC_SEQ_CST);
         __atomic_add_fetch(&calls, 1, __ATOMIC_SEQ_CST);
+    }
+    return NULL;
+}
+
+/* Creates short-lived threads that call compute(), without end: threads are born and die
+ * while suture stops the process. */
+static void *short_lived(void *arg) {
+    (void)arg;
+    int r = compute(2);
+    if (r != 7 && r != 106 && r != 206) __atomic_add_fetch(&bad, 1, __ATOMIC_SEQ_CST);
+    __atomic_add_fetch(&calls, 1, __ATOMIC_SEQ_CST);
+    return NULL;
+}
+
+static void *churn(void *arg) {
+    (void)arg;
+    for (;;) {
+        pthread_t t;
+        if (pthread_create(&t, NULL, short_lived, NULL) == 0) pthread_join(t, NULL);
     }
     return NULL;
 }
@@ -102,7 +124,10 @@ int main(void) {
             spinning = 1;
             for (int i = 0; i < n; i++) { pthread_t t; pthread_create(&t, NULL, spin, NULL); }
             printf("ok\n");
-        } else if (strncmp(line, "stats", 5) == 0) printf("%ld %ld\n", calls, bad);
+        } else if (strncmp(line, "churn", 5) == 0) {
+            pthread_t t; pthread_create(&t, NULL, churn, NULL); printf("ok\n");
+        } else if (strncmp(line, "tls", 3) == 0) printf("%d\n", touch_tls());
+        else if (strncmp(line, "stats", 5) == 0) printf("%ld %ld\n", calls, bad);
         else if (strncmp(line, "block", 5) == 0) {
             pthread_t t; pthread_create(&t, NULL, block, NULL); usleep(20000); printf("ok\n");
         } else if (strncmp(line, "seccomp memfd", 13) == 0) printf("%d\n", deny_syscall(SYS_memfd_create));

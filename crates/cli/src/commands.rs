@@ -252,14 +252,27 @@ fn print_applied(r: &ApplyReport) {
 fn apply_all(j: bool, b: &Bundle, opts: &ApplyOptions, jobs: Option<usize>) -> Result<i32> {
     let build_id = hex::decode(&b.manifest.module.build_id)
         .map_err(|_| anyhow!("bundle has an invalid build-id"))?;
-    let pids = suture_engine::processes_mapping(&build_id)?;
+    let all = suture_engine::processes_mapping(&build_id)?;
+    // Re-running --all (new processes started since) must not fail on the ones already done.
+    let sha = b.content_address();
+    let (skipped, pids): (Vec<i32>, Vec<i32>) = all.into_iter().partition(|&pid| {
+        suture_engine::status(pid)
+            .map(|ps| ps.iter().any(|p| p.bundle_sha256 == sha))
+            .unwrap_or(false)
+    });
     if pids.is_empty() {
         if j {
-            output::json(&json!({"ok": true, "results": [], "failures": []}));
-        } else {
+            output::json(&json!({"ok": true, "results": [], "failures": [], "skipped": skipped}));
+        } else if skipped.is_empty() {
             println!(
                 "no running process maps {} ({})",
                 b.manifest.module.name, b.manifest.module.build_id
+            );
+        } else {
+            println!(
+                "all {} process(es) mapping {} already carry this patch",
+                skipped.len(),
+                b.manifest.module.name
             );
         }
         return Ok(0);
@@ -314,6 +327,7 @@ fn apply_all(j: bool, b: &Bundle, opts: &ApplyOptions, jobs: Option<usize>) -> R
             "ok": failed.is_empty(),
             "elapsed_ms": elapsed.as_millis() as u64,
             "results": ok,
+            "skipped": skipped,
             "failures": failed.iter().map(|(p, e)| json!({"pid": p, "kind": e.kind(), "error": e.to_string()})).collect::<Vec<_>>(),
         }));
     } else {
@@ -326,10 +340,15 @@ fn apply_all(j: bool, b: &Bundle, opts: &ApplyOptions, jobs: Option<usize>) -> R
             println!("pid {p}: FAILED: {e}");
         }
         println!(
-            "{} of {} process(es) patched in {:.2} s",
+            "{} of {} process(es) patched in {:.2} s{}",
             ok.len(),
             results.len(),
-            elapsed.as_secs_f64()
+            elapsed.as_secs_f64(),
+            if skipped.is_empty() {
+                String::new()
+            } else {
+                format!("; {} already carried it", skipped.len())
+            }
         );
     }
     Ok(if failed.is_empty() { 0 } else { 1 })

@@ -633,3 +633,33 @@ fn thread_local_variables_of_the_executable_are_shared() {
     assert_eq!(t.ask("tls"), "102");
     assert_eq!(t.ask("tls"), "202");
 }
+
+#[test]
+fn apply_all_again_skips_processes_that_already_carry_the_patch() {
+    let b = build(Kind::Pie);
+    let mut first = b.start();
+    let p1 = b
+        .work
+        .bundle("target", "p1.o", &["compute"], 1, &b.key, "p1.suture");
+    let (ok, v) = suture_json(&[
+        "apply",
+        p1.to_str().unwrap(),
+        "--all",
+        "--trust",
+        &b.trust(),
+    ]);
+    assert!(ok, "{v}");
+    let mut second = b.start(); // started after the rollout
+    let (ok, v) = suture_json(&[
+        "apply",
+        p1.to_str().unwrap(),
+        "--all",
+        "--trust",
+        &b.trust(),
+    ]);
+    assert!(ok, "{v}");
+    assert_eq!(v["skipped"], serde_json::json!([first.pid]));
+    assert_eq!(v["results"][0]["pid"], second.pid);
+    assert_eq!(first.ask("compute 2"), "106");
+    assert_eq!(second.ask("compute 2"), "106");
+}

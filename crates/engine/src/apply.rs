@@ -275,24 +275,14 @@ pub fn apply(pid: i32, bundle: &Bundle, opts: &ApplyOptions) -> Result<ApplyRepo
         &modules::loaded_modules(pid, &maps),
         &guarded,
         opts.timeout,
-        |session, mem| {
+        prev.as_ref().map(|_| tid0),
+        |_session, mem| {
             // Re-verify under the stop: nothing may have changed since we looked.
-            for t in &targets {
-                verify_running(mem, t, prev.as_ref()).map_err(EngineError::Refused)?;
+            let codes = read_functions(mem, &targets)?;
+            for (t, code) in targets.iter().zip(codes) {
+                verify_code(t, code, prev.as_ref()).map_err(EngineError::Refused)?;
             }
             write_all(mem, &writes)?;
-            // The detours are live from here on: failing to free the superseded patch's memory
-            // must not undo them, it only leaks that memory.
-            if let Some(p) = &prev {
-                let freed = Remote::new(session, tid0, mem, &maps).and_then(|mut r| {
-                    let ret = r.syscall(session, libc::SYS_munmap, &[p.base, p.len]);
-                    r.finish(mem)?;
-                    r_check(pid, "munmap of the superseded patch", ret?)
-                });
-                if let Err(e) = freed {
-                    tracing::warn!(pid, "superseded patch {} stays mapped: {e:#}", p.id);
-                }
-            }
             Ok(())
         },
     );
@@ -305,6 +295,20 @@ pub fn apply(pid: i32, bundle: &Bundle, opts: &ApplyOptions) -> Result<ApplyRepo
             return Err(e);
         }
     };
+    // The detours are live and the other threads run again. The superseded patch's code is
+    // unreachable now (no detour leads there and no thread was in it), so its memory goes;
+    // failing that only leaks it.
+    if let Some(p) = &prev {
+        let freed = Remote::new(&session, tid0, &mem, &maps).and_then(|mut r| {
+            let ret = r.syscall(&mut session, libc::SYS_munmap, &[p.base, p.len]);
+            r.finish(&mem)?;
+            r_check(pid, "munmap of the superseded patch", ret?)
+        });
+        if let Err(e) = freed {
+            tracing::warn!(pid, "superseded patch {} stays mapped: {e:#}", p.id);
+        }
+        session.detach();
+    }
     info!(pid, patch = %m.id, level = m.level, stopped_us, "applied");
     Ok(ApplyReport {
         pid,
@@ -366,7 +370,8 @@ pub fn revert(pid: i32, id: Option<&str>, opts: &ApplyOptions) -> Result<RevertR
         &modules::loaded_modules(pid, &maps),
         &guarded,
         opts.timeout,
-        |session, mem| {
+        Some(tid0),
+        |_session, mem| {
             for d in &rec.functions {
                 let now = mem.read(d.address, DETOUR_LEN)?;
                 if decode_jmp(d.address, &now) != Some(d.replacement) {
@@ -376,14 +381,18 @@ pub fn revert(pid: i32, id: Option<&str>, opts: &ApplyOptions) -> Result<RevertR
                     )));
                 }
             }
-            write_all(mem, &writes)?;
-            let mut r = Remote::new(session, tid0, mem, &maps)?;
-            let ret = r.syscall(session, libc::SYS_munmap, &[rec.base, rec.len]);
-            r.finish(mem)?;
-            r_check(pid, "munmap of the patch", ret?)?;
-            Ok(())
+            write_all(mem, &writes)
         },
     )?;
+    // The original code is back and the other threads run; the patch's code is unreachable.
+    let mut r = Remote::new(&session, tid0, &mem, &maps).map_err(|e| exited_or(pid, e))?;
+    let ret = r.syscall(&mut session, libc::SYS_munmap, &[rec.base, rec.len]);
+    r.finish(&mem).map_err(|e| exited_or(pid, e))?;
+    if let Err(e) = ret.and_then(|ret| r_check(pid, "munmap of the patch", ret)) {
+        // The detours are gone, so the patch is reverted; only its memory (and record) stay.
+        tracing::warn!(pid, "reverted patch {} stays mapped: {e:#}", rec.id);
+    }
+    session.detach();
     info!(pid, patch = %rec.id, stopped_us, "reverted");
     Ok(RevertReport {
         pid,
@@ -395,8 +404,8 @@ pub fn revert(pid: i32, id: Option<&str>, opts: &ApplyOptions) -> Result<RevertR
     })
 }
 
-/// Stops the world, waits for safety (retrying with back-off), then runs `act`.
-/// Returns the total stopped time and the number of attempts.
+/// Stops the world, waits for safety (retrying with back-off), then runs `act` and lets the
+/// threads go (all but `keep`). Returns the total stopped time and the number of attempts.
 fn stop_and_write(
     session: &mut Session,
     mem: &Memory,
@@ -404,6 +413,7 @@ fn stop_and_write(
     modules: &[LoadedModule],
     guarded: &[Guarded],
     timeout: Duration,
+    keep: Option<i32>,
     act: impl Fn(&mut Session, &Memory) -> Result<()>,
 ) -> Result<(u64, u32)> {
     let pid = session.pid();
@@ -428,8 +438,12 @@ fn stop_and_write(
         match busy {
             None => {
                 act(session, mem)?;
-                // Success: let go right away; the pause ends when the last thread runs.
-                session.detach_inner();
+                // Success: let go right away; the pause ends when the last thread runs. `keep`
+                // stays stopped for clean-up that no longer needs the world stopped.
+                match keep {
+                    Some(tid) => session.resume_all_except(tid),
+                    None => session.detach_inner(),
+                }
                 stopped += t.elapsed();
                 return Ok((stopped.as_micros() as u64, attempts));
             }
@@ -523,9 +537,45 @@ fn verify_running(
     t: &Target,
     prev: Option<&PatchRecord>,
 ) -> std::result::Result<Vec<u8>, String> {
-    let mut code = mem
+    let code = mem
         .read(t.address, t.size as usize)
         .map_err(|e| format!("`{}`: {e:#}", t.symbol))?;
+    verify_code(t, code, prev)
+}
+
+/// Reads every target function; with one system call when they lie close together (inside
+/// the stop, each call counts).
+fn read_functions(mem: &Memory, targets: &[Target]) -> Result<Vec<Vec<u8>>> {
+    let lo = targets.iter().map(|t| t.address).min().unwrap_or(0);
+    let hi = targets
+        .iter()
+        .map(|t| t.address + t.size)
+        .max()
+        .unwrap_or(0);
+    if hi - lo <= 1 << 20 {
+        let span = mem.read(lo, (hi - lo) as usize)?;
+        Ok(targets
+            .iter()
+            .map(|t| span[(t.address - lo) as usize..(t.address - lo + t.size) as usize].to_vec())
+            .collect())
+    } else {
+        targets
+            .iter()
+            .map(|t| {
+                mem.read(t.address, t.size as usize)
+                    .map_err(EngineError::Failed)
+            })
+            .collect()
+    }
+}
+
+/// Compares a function's running code with the bundle's expectation (undoing the detour of
+/// the patch being superseded first). Returns the original code.
+fn verify_code(
+    t: &Target,
+    mut code: Vec<u8>,
+    prev: Option<&PatchRecord>,
+) -> std::result::Result<Vec<u8>, String> {
     if let Some(d) = prev.and_then(|p| p.detour(t.address)) {
         if decode_jmp(t.address, &code) != Some(d.replacement) {
             return Err(format!(

@@ -260,6 +260,16 @@ impl Session {
         }
     }
 
+    /// Lets every thread but `keep` run again, keeping them seized.
+    pub fn resume_all_except(&mut self, keep: i32) {
+        for (&tid, t) in self.tracees.iter_mut() {
+            if t.stopped && tid != keep {
+                let _ = ptrace::cont(Pid::from_raw(tid), t.pending.take());
+                t.stopped = false;
+            }
+        }
+    }
+
     /// Lets one thread run again, keeping it seized.
     pub fn resume_thread(&mut self, tid: i32) {
         if let Some(t) = self.tracees.get_mut(&tid) {

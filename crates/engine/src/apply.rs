@@ -268,24 +268,33 @@ pub fn apply(pid: i32, bundle: &Bundle, opts: &ApplyOptions) -> Result<ApplyRepo
         });
     }
 
-    let outcome = stop_and_write(
-        &mut session,
-        &mem,
-        &maps,
-        &modules::loaded_modules(pid, &maps),
-        &guarded,
-        opts.timeout,
-        prev.as_ref().map(|_| tid0),
-        |_session, mem| {
-            // Re-verify under the stop: nothing may have changed since we looked.
-            let codes = read_functions(mem, &targets)?;
-            for (t, code) in targets.iter().zip(codes) {
-                verify_code(t, code, prev.as_ref()).map_err(EngineError::Refused)?;
-            }
-            write_all(mem, &writes)?;
-            Ok(())
-        },
-    );
+    // Give each detour site its private copy of the page now, by writing back the bytes it
+    // holds: the content does not change, and the writes inside the stop become plain copies
+    // instead of copy-on-write faults.
+    // (Bytes that changed meanwhile are left alone; the check inside the stop refuses them.)
+    for w in &writes {
+        if mem.read(w.address, w.before.len())? == w.before {
+            mem.write(w.address, &w.before)?;
+        }
+    }
+    let loaded = modules::loaded_modules(pid, &maps);
+    let plan = StopPlan {
+        mem: &mem,
+        maps: &maps,
+        modules: &loaded,
+        guarded: &guarded,
+        timeout: opts.timeout,
+        keep: prev.as_ref().map(|_| tid0),
+    };
+    let outcome = stop_and_write(&mut session, plan, |_session, mem| {
+        // Re-verify under the stop: nothing may have changed since we looked.
+        let codes = read_functions(mem, &targets)?;
+        for (t, code) in targets.iter().zip(codes) {
+            verify_code(t, code, prev.as_ref()).map_err(EngineError::Refused)?;
+        }
+        write_all(mem, &writes)?;
+        Ok(())
+    });
     let (stopped_us, attempts) = match outcome {
         Ok(v) => v,
         Err(e) => {
@@ -363,27 +372,27 @@ pub fn revert(pid: i32, id: Option<&str>, opts: &ApplyOptions) -> Result<RevertR
         .find(|&t| t == pid)
         .or_else(|| session.threads().next());
     let tid0 = tid0.ok_or_else(|| exited_or(pid, anyhow!("no threads")))?;
-    let (stopped_us, attempts) = stop_and_write(
-        &mut session,
-        &mem,
-        &maps,
-        &modules::loaded_modules(pid, &maps),
-        &guarded,
-        opts.timeout,
-        Some(tid0),
-        |_session, mem| {
-            for d in &rec.functions {
-                let now = mem.read(d.address, DETOUR_LEN)?;
-                if decode_jmp(d.address, &now) != Some(d.replacement) {
-                    return Err(refused(format!(
-                        "`{}` at {:#x} no longer holds this patch's detour; not touching it",
-                        d.symbol, d.address
-                    )));
-                }
+    let loaded = modules::loaded_modules(pid, &maps);
+    let plan = StopPlan {
+        mem: &mem,
+        maps: &maps,
+        modules: &loaded,
+        guarded: &guarded,
+        timeout: opts.timeout,
+        keep: Some(tid0),
+    };
+    let (stopped_us, attempts) = stop_and_write(&mut session, plan, |_session, mem| {
+        for d in &rec.functions {
+            let now = mem.read(d.address, DETOUR_LEN)?;
+            if decode_jmp(d.address, &now) != Some(d.replacement) {
+                return Err(refused(format!(
+                    "`{}` at {:#x} no longer holds this patch's detour; not touching it",
+                    d.symbol, d.address
+                )));
             }
-            write_all(mem, &writes)
-        },
-    )?;
+        }
+        write_all(mem, &writes)
+    })?;
     // The original code is back and the other threads run; the patch's code is unreachable.
     let mut r = Remote::new(&session, tid0, &mem, &maps).map_err(|e| exited_or(pid, e))?;
     let ret = r.syscall(&mut session, libc::SYS_munmap, &[rec.base, rec.len]);
@@ -406,16 +415,30 @@ pub fn revert(pid: i32, id: Option<&str>, opts: &ApplyOptions) -> Result<RevertR
 
 /// Stops the world, waits for safety (retrying with back-off), then runs `act` and lets the
 /// threads go (all but `keep`). Returns the total stopped time and the number of attempts.
+/// What a stop needs to know besides the session.
+struct StopPlan<'a> {
+    mem: &'a Memory,
+    maps: &'a [Mapping],
+    modules: &'a [LoadedModule],
+    guarded: &'a [Guarded],
+    timeout: Duration,
+    /// A thread that stays stopped afterwards, for clean-up.
+    keep: Option<i32>,
+}
+
 fn stop_and_write(
     session: &mut Session,
-    mem: &Memory,
-    maps: &[Mapping],
-    modules: &[LoadedModule],
-    guarded: &[Guarded],
-    timeout: Duration,
-    keep: Option<i32>,
+    plan: StopPlan,
     act: impl Fn(&mut Session, &Memory) -> Result<()>,
 ) -> Result<(u64, u32)> {
+    let StopPlan {
+        mem,
+        maps,
+        modules,
+        guarded,
+        timeout,
+        keep,
+    } = plan;
     let pid = session.pid();
     let deadline = Instant::now() + timeout;
     let mut backoff = Duration::from_micros(200);

@@ -138,10 +138,8 @@ pub fn apply(pid: i32, bundle: &Bundle, opts: &ApplyOptions) -> Result<ApplyRepo
     let mut session = Session::seize(pid).map_err(|e| exited_or(pid, e))?;
     let threads = session.thread_count();
     let tid0 = session
-        .threads()
-        .find(|&t| t == pid)
-        .or_else(|| session.threads().next());
-    let tid0 = tid0.ok_or_else(|| exited_or(pid, anyhow!("no threads")))?;
+        .injection_thread()
+        .ok_or_else(|| exited_or(pid, anyhow!("no threads")))?;
     let t_prep = Instant::now();
     session.stop_thread(tid0).map_err(|e| exited_or(pid, e))?;
     let mut remote = Remote::new(&session, tid0, &mem, &maps).map_err(|e| {
@@ -368,10 +366,8 @@ pub fn revert(pid: i32, id: Option<&str>, opts: &ApplyOptions) -> Result<RevertR
     }];
     let mut session = Session::seize(pid).map_err(|e| exited_or(pid, e))?;
     let tid0 = session
-        .threads()
-        .find(|&t| t == pid)
-        .or_else(|| session.threads().next());
-    let tid0 = tid0.ok_or_else(|| exited_or(pid, anyhow!("no threads")))?;
+        .injection_thread()
+        .ok_or_else(|| exited_or(pid, anyhow!("no threads")))?;
     let loaded = modules::loaded_modules(pid, &maps);
     let plan = StopPlan {
         mem: &mem,
@@ -464,14 +460,14 @@ fn stop_and_write(
                 // Success: let go right away; the pause ends when the last thread runs. `keep`
                 // stays stopped for clean-up that no longer needs the world stopped.
                 match keep {
-                    Some(tid) => session.resume_all_except(tid),
+                    Some(tid) => session.resume(Some(tid)),
                     None => session.detach_inner(),
                 }
                 stopped += t.elapsed();
                 return Ok((stopped.as_micros() as u64, attempts));
             }
             Some(b) => {
-                session.resume_all();
+                session.resume(None);
                 stopped += t.elapsed();
                 if Instant::now() + backoff > deadline {
                     return Err(EngineError::Busy(format!(
@@ -493,17 +489,62 @@ struct Write {
     before: Vec<u8>,
 }
 
-/// Performs every write; if one fails, puts back the ones already done.
+/// Writes closer together than this go out as one: inside the stop every system call counts.
+const CLUSTER_GAP: u64 = 4096;
+
+/// Performs every write (all threads are stopped). Nearby writes are merged: their span is read
+/// once, each write's `before` bytes are checked in it, and the span is written back in one
+/// call. If a write fails, the spans already written are put back.
 fn write_all(mem: &Memory, writes: &[Write]) -> Result<()> {
-    for (i, w) in writes.iter().enumerate() {
-        if let Err(e) = mem.write(w.address, &w.bytes) {
-            for done in writes[..i].iter().rev() {
-                let _ = mem.write(done.address, &done.before);
+    let mut order: Vec<&Write> = writes.iter().collect();
+    order.sort_by_key(|w| w.address);
+    let mut clusters: Vec<Vec<&Write>> = Vec::new();
+    for w in order {
+        match clusters.last_mut() {
+            Some(c)
+                if w.address
+                    <= c[c.len() - 1].address + c[c.len() - 1].bytes.len() as u64 + CLUSTER_GAP =>
+            {
+                c.push(w)
             }
-            return Err(EngineError::Failed(e));
+            _ => clusters.push(vec![w]),
         }
     }
+    let mut done: Vec<(u64, Vec<u8>)> = Vec::new();
+    for c in clusters {
+        let lo = c[0].address;
+        let hi = c
+            .iter()
+            .map(|w| w.address + w.bytes.len() as u64)
+            .max()
+            .unwrap_or(lo);
+        let before = mem.read(lo, (hi - lo) as usize)?;
+        let mut after = before.clone();
+        for w in &c {
+            let at = (w.address - lo) as usize;
+            if after[at..at + w.before.len()] != w.before[..] {
+                undo(mem, &done);
+                return Err(refused(format!(
+                    "code at {:#x} changed during the stop; nothing was changed",
+                    w.address
+                )));
+            }
+            after[at..at + w.bytes.len()].copy_from_slice(&w.bytes);
+        }
+        if let Err(e) = mem.write(lo, &after) {
+            let _ = mem.write(lo, &before);
+            undo(mem, &done);
+            return Err(EngineError::Failed(e));
+        }
+        done.push((lo, before));
+    }
     Ok(())
+}
+
+fn undo(mem: &Memory, done: &[(u64, Vec<u8>)]) {
+    for (addr, bytes) in done.iter().rev() {
+        let _ = mem.write(*addr, bytes);
+    }
 }
 
 fn locate_functions(

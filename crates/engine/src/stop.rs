@@ -100,6 +100,22 @@ impl Session {
         Ok(new)
     }
 
+    /// Threads we trace that are not in a stop.
+    fn running(&self) -> Vec<i32> {
+        self.tracees
+            .iter()
+            .filter(|(_, t)| !t.stopped)
+            .map(|(tid, _)| *tid)
+            .collect()
+    }
+
+    /// The thread to act through: the main thread if it lives, else any.
+    pub fn injection_thread(&self) -> Option<i32> {
+        self.threads()
+            .find(|&t| t == self.pid)
+            .or_else(|| self.threads().next())
+    }
+
     /// Stops one thread.
     pub fn stop_thread(&mut self, tid: i32) -> Result<()> {
         if self.tracees.get(&tid).is_some_and(|t| !t.stopped) {
@@ -112,12 +128,7 @@ impl Session {
     /// Stops every thread, including any created while stopping.
     pub fn stop_all(&mut self) -> Result<()> {
         loop {
-            let running: Vec<i32> = self
-                .tracees
-                .iter()
-                .filter(|(_, t)| !t.stopped)
-                .map(|(tid, _)| *tid)
-                .collect();
+            let running = self.running();
             for &tid in &running {
                 let _ = ptrace::interrupt(Pid::from_raw(tid));
             }
@@ -250,30 +261,11 @@ impl Session {
         }
     }
 
-    /// Lets every thread run again but keeps them seized (for a retry).
-    pub fn resume_all(&mut self) {
+    /// Lets every thread but `keep` run again, keeping them seized (for a retry, or while
+    /// `keep` does clean-up that no longer needs the world stopped).
+    pub fn resume(&mut self, keep: Option<i32>) {
         for (&tid, t) in self.tracees.iter_mut() {
-            if t.stopped {
-                let _ = ptrace::cont(Pid::from_raw(tid), t.pending.take());
-                t.stopped = false;
-            }
-        }
-    }
-
-    /// Lets every thread but `keep` run again, keeping them seized.
-    pub fn resume_all_except(&mut self, keep: i32) {
-        for (&tid, t) in self.tracees.iter_mut() {
-            if t.stopped && tid != keep {
-                let _ = ptrace::cont(Pid::from_raw(tid), t.pending.take());
-                t.stopped = false;
-            }
-        }
-    }
-
-    /// Lets one thread run again, keeping it seized.
-    pub fn resume_thread(&mut self, tid: i32) {
-        if let Some(t) = self.tracees.get_mut(&tid) {
-            if t.stopped {
+            if t.stopped && Some(tid) != keep {
                 let _ = ptrace::cont(Pid::from_raw(tid), t.pending.take());
                 t.stopped = false;
             }
@@ -287,12 +279,7 @@ impl Session {
 
     /// Same as [`Session::detach`], leaving an empty session behind.
     pub fn detach_inner(&mut self) {
-        let running: Vec<i32> = self
-            .tracees
-            .iter()
-            .filter(|(_, t)| !t.stopped)
-            .map(|(tid, _)| *tid)
-            .collect();
+        let running = self.running();
         for tid in running {
             let _ = ptrace::interrupt(Pid::from_raw(tid));
             let _ = self.wait_stopped(tid);

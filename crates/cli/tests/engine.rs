@@ -663,3 +663,30 @@ fn apply_all_again_skips_processes_that_already_carry_the_patch() {
     assert_eq!(first.ask("compute 2"), "106");
     assert_eq!(second.ask("compute 2"), "106");
 }
+
+#[test]
+fn target_in_its_own_mount_namespace_is_found_through_its_own_view() {
+    // Like a container: the binary lives on a tmpfs mounted only inside the target's mount
+    // namespace, so its path means nothing on the host.
+    let b = build(Kind::Pie);
+    let p1 = b
+        .work
+        .bundle("target", "p1.o", &["compute"], 1, &b.key, "p1.suture");
+    let inside = b.work.path("ns");
+    std::fs::create_dir_all(&inside).unwrap();
+    let script = format!(
+        "mount -t tmpfs none {d} && cp {exe} {d}/target && exec {d}/target",
+        d = inside.display(),
+        exe = b.exe.display()
+    );
+    let mut cmd = std::process::Command::new("unshare");
+    cmd.args(["--mount", "--propagation", "private", "sh", "-c", &script]);
+    let mut t = Target::start_command(cmd, None);
+    assert!(
+        !inside.join("target").exists(),
+        "the host does not see the binary"
+    );
+    let (ok, v) = apply(&b, &p1, t.pid);
+    assert!(ok, "{v}");
+    assert_eq!(t.ask("compute 2"), "106");
+}

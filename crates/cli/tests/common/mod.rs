@@ -130,7 +130,11 @@ pub struct Target {
 
 impl Target {
     pub fn start(exe: &Path, lib_dir: Option<&Path>) -> Target {
-        let mut cmd = Command::new(exe);
+        Target::start_command(Command::new(exe), lib_dir)
+    }
+
+    /// Starts `cmd`, which must end up `exec`ing the target (same pid).
+    pub fn start_command(mut cmd: Command, lib_dir: Option<&Path>) -> Target {
         cmd.stdin(Stdio::piped()).stdout(Stdio::piped());
         // The kernel rewrites each thread's registered rseq area (cpu id) whenever the thread
         // resumes; without registration, any byte that changes was changed by us.

@@ -53,6 +53,39 @@ pub enum Command {
         #[arg(long)]
         out: PathBuf,
     },
+    /// Build a signed patch from a source tree and a fix, or say why it cannot be live.
+    Build {
+        /// The source tree the deployed binary was built from.
+        #[arg(long)]
+        source: PathBuf,
+        /// The fix, as a unified diff (-p1 or -p0).
+        #[arg(long)]
+        diff: PathBuf,
+        /// The deployed executable or shared library (may be stripped).
+        #[arg(long)]
+        target: PathBuf,
+        /// The project's own build command, run in the tree's top folder.
+        #[arg(long)]
+        build_cmd: String,
+        /// Where the target appears in the tree after the build.
+        #[arg(long)]
+        artifact: Option<PathBuf>,
+        #[arg(long)]
+        key: PathBuf,
+        #[arg(long)]
+        out: PathBuf,
+        #[arg(long, default_value_t = 1)]
+        level: u32,
+        #[arg(long = "cve")]
+        cve: Vec<String>,
+        #[arg(long, default_value = "")]
+        description: String,
+        #[arg(long)]
+        id: Option<String>,
+        /// Keep the work trees and build logs in DIR.
+        #[arg(long)]
+        keep_work: Option<PathBuf>,
+    },
     /// Show what a bundle contains (does not check trust).
     Inspect { bundle: PathBuf },
     /// Check a bundle's signature against trusted keys.

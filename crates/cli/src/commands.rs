@@ -61,6 +61,80 @@ pub fn run(args: Args) -> Result<i32> {
             }
             Ok(0)
         }
+        Command::Build {
+            source,
+            diff,
+            target,
+            build_cmd,
+            artifact,
+            key,
+            out,
+            level,
+            cve,
+            description,
+            id,
+            keep_work,
+        } => {
+            let key = SecretKey::load(&key)?;
+            let temp = std::env::temp_dir().join(format!("suture-build-{}", std::process::id()));
+            let work = keep_work.clone().unwrap_or_else(|| temp.clone());
+            let fix = suture_build::source::SourceFix {
+                source: &source,
+                diff: &diff,
+                target: &target,
+                build_cmd: &build_cmd,
+                artifact: artifact.as_deref(),
+                work: &work,
+                id,
+                level,
+                cves: cve,
+                description,
+            };
+            let bar = if j {
+                indicatif::ProgressBar::hidden()
+            } else {
+                indicatif::ProgressBar::new_spinner()
+            };
+            bar.enable_steady_tick(Duration::from_millis(120));
+            let built = suture_build::source::build_from_source(&fix, &mut |msg| {
+                bar.set_message(msg.to_string())
+            });
+            bar.finish_and_clear();
+            if keep_work.is_none() {
+                let _ = std::fs::remove_dir_all(&temp);
+            }
+            let built = built?;
+            let bundle = Bundle::sign(built.manifest, built.object, &key)?;
+            bundle.write_file(&out)?;
+            let s = &built.summary;
+            if j {
+                output::json(&json!({"ok": true, "bundle": out, "id": bundle.manifest.id,
+                    "sha256": bundle.content_address(), "summary": s,
+                    "bundle_bytes": bundle.to_bytes().len()}));
+            } else {
+                for f in &s.changed {
+                    println!("changed      {f}");
+                }
+                for f in &s.new_functions {
+                    println!("new function {f}");
+                }
+                for f in &s.new_data {
+                    println!("new data     {f}");
+                }
+                for f in &s.changed_rodata {
+                    println!("new copy of read-only data {f}");
+                }
+                println!(
+                    "wrote {} ({}, level {}, {} bytes) in {:.1} s",
+                    out.display(),
+                    bundle.manifest.id,
+                    bundle.manifest.level,
+                    bundle.to_bytes().len(),
+                    s.build_seconds
+                );
+            }
+            Ok(0)
+        }
         Command::Inspect { bundle } => inspect(j, &bundle),
         Command::Verify { bundle, trust } => {
             let b = Bundle::read_file(&bundle)?;

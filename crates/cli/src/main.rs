@@ -9,6 +9,10 @@ mod output;
 use clap::Parser;
 
 fn main() {
+    // Under the name of a compiler, suture is the builder's compiler wrapper.
+    if let Some(argv0) = std::env::args().next() {
+        suture_build::source::wrapper::maybe_run(&argv0);
+    }
     let args = cli::Args::parse();
     tracing_subscriber::fmt()
         .with_env_filter(

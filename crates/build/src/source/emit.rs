@@ -1,0 +1,284 @@
+//! Writes the patch object: the included sections of every changed object file in one ELF
+//! relocatable, with each reference outside them turned into an undefined symbol that the
+//! bundle binds to an exact address in the deployed module (or, for library functions, to a
+//! name looked up in the process).
+
+use std::collections::HashMap;
+
+use anyhow::{anyhow, bail, Result};
+use object::write::{Object as WObject, Relocation, SectionId, Symbol, SymbolId, SymbolSection};
+use object::{
+    elf, Architecture, BinaryFormat, Endianness, Object, ObjectSection, ObjectSymbol,
+    RelocationFlags, RelocationTarget, SectionKind, SymbolFlags, SymbolIndex, SymbolKind,
+    SymbolScope,
+};
+use suture_bundle::{BindTarget, Binding};
+
+use super::differ::{is_anchor, section_flags, Changes, Def, Inclusion, ModuleSymbols, Obj};
+
+/// One changed object file, ready to be emitted.
+pub struct Unit<'a, 'd> {
+    pub obj: &'a Obj<'d>,
+    pub changes: &'a Changes,
+    pub inclusion: &'a Inclusion,
+}
+
+pub struct Emitted {
+    pub object: Vec<u8>,
+    pub bindings: Vec<Binding>,
+    /// (source file, normalized function name) → the symbol that replaces it in the object.
+    pub replacements: HashMap<(String, String), String>,
+}
+
+struct Emitter<'m> {
+    out: WObject<'static>,
+    module: &'m ModuleSymbols,
+    bindings: Vec<Binding>,
+    /// Undefined symbols already created, by their name in the output.
+    undefined: HashMap<String, SymbolId>,
+}
+
+fn bind_target(def: Def) -> BindTarget {
+    if def.ifunc {
+        BindTarget::ModuleIfunc {
+            address: def.address,
+        }
+    } else if def.tls {
+        BindTarget::ModuleTls {
+            offset: def.address,
+        }
+    } else {
+        BindTarget::Module {
+            address: def.address,
+        }
+    }
+}
+
+impl Emitter<'_> {
+    fn undefined(&mut self, name: &str, target: Option<BindTarget>) -> SymbolId {
+        if let Some(id) = self.undefined.get(name) {
+            return *id;
+        }
+        let id = self.out.add_symbol(Symbol {
+            name: name.as_bytes().to_vec(),
+            value: 0,
+            size: 0,
+            kind: SymbolKind::Unknown,
+            scope: SymbolScope::Linkage,
+            weak: false,
+            section: SymbolSection::Undefined,
+            flags: SymbolFlags::None,
+        });
+        if let Some(t) = target {
+            self.bindings.push(Binding {
+                symbol: name.to_string(),
+                target: t,
+            });
+        }
+        self.undefined.insert(name.to_string(), id);
+        id
+    }
+
+    /// An output symbol for a definition of the deployed module (by exact address).
+    fn module_symbol(&mut self, source: &str, name: &str, local: bool) -> Result<SymbolId> {
+        let def = self
+            .module
+            .find(source, name, local)?
+            .ok_or_else(|| anyhow!("`{name}` (from {source}) is not in the deployed module"))?;
+        let out_name = format!("{name}@{source}@{:x}", def.address);
+        Ok(self.undefined(&out_name, Some(bind_target(def))))
+    }
+}
+
+pub fn emit(units: &[Unit], module: &ModuleSymbols) -> Result<Emitted> {
+    let mut e = Emitter {
+        out: WObject::new(BinaryFormat::Elf, Architecture::X86_64, Endianness::Little),
+        module,
+        bindings: Vec::new(),
+        undefined: HashMap::new(),
+    };
+    let mut replacements = HashMap::new();
+    // Pass 1: sections and the symbols defined in them, for every unit (a file's new global
+    // function may be called from another changed file).
+    let mut per_unit = Vec::new();
+    let mut globals: HashMap<String, SymbolId> = HashMap::new();
+    for unit in units {
+        let obj = unit.obj;
+        let src = obj.source_name.clone();
+        // Sections.
+        let mut sec_map: HashMap<object::SectionIndex, SectionId> = HashMap::new();
+        for &idx in &unit.inclusion.sections {
+            let sec = obj.file.section_by_index(idx)?;
+            let flags = section_flags(&sec);
+            let name = sec.name().unwrap_or(".text").to_string();
+            let kind = if flags & u64::from(elf::SHF_EXECINSTR) != 0 {
+                SectionKind::Text
+            } else if flags & u64::from(elf::SHF_WRITE) != 0 {
+                if sec.kind() == SectionKind::UninitializedData {
+                    SectionKind::UninitializedData
+                } else {
+                    SectionKind::Data
+                }
+            } else if flags & u64::from(elf::SHF_STRINGS) != 0 {
+                SectionKind::ReadOnlyString
+            } else {
+                SectionKind::ReadOnlyData
+            };
+            let id = e.out.add_section(Vec::new(), name.into_bytes(), kind);
+            if kind == SectionKind::UninitializedData {
+                e.out.append_section_bss(id, sec.size(), sec.align().max(1));
+            } else {
+                let data = sec.uncompressed_data()?.into_owned();
+                e.out.section_mut(id).set_data(data, sec.align().max(1));
+            }
+            sec_map.insert(idx, id);
+        }
+        // Symbols defined in those sections.
+        let mut sym_map: HashMap<SymbolIndex, SymbolId> = HashMap::new();
+        for s in obj.file.symbols() {
+            let Some(si) = s.section_index() else {
+                continue;
+            };
+            let Some(&out_sec) = sec_map.get(&si) else {
+                continue;
+            };
+            if !matches!(s.kind(), SymbolKind::Text | SymbolKind::Data) {
+                continue;
+            }
+            let name = s.name().unwrap_or("");
+            if name.is_empty() {
+                continue;
+            }
+            // Locals get the file in their name: two files may each have a static `f`.
+            let out_name = if s.is_local() {
+                format!("{name}@{src}")
+            } else {
+                name.to_string()
+            };
+            let id = e.out.add_symbol(Symbol {
+                name: out_name.clone().into_bytes(),
+                value: s.address(),
+                size: s.size(),
+                kind: s.kind(),
+                scope: if s.is_local() {
+                    SymbolScope::Compilation
+                } else {
+                    SymbolScope::Linkage
+                },
+                weak: false,
+                section: SymbolSection::Section(out_sec),
+                flags: SymbolFlags::None,
+            });
+            sym_map.insert(s.index(), id);
+            if !s.is_local() {
+                globals.insert(name.to_string(), id);
+            }
+            if s.kind() == SymbolKind::Text {
+                replacements.insert((src.clone(), super::differ::normalize(name)), out_name);
+            }
+        }
+        per_unit.push((sec_map, sym_map));
+    }
+    // Pass 2: relocations.
+    for (unit, (sec_map, sym_map)) in units.iter().zip(&per_unit) {
+        let obj = unit.obj;
+        let src = obj.source_name.clone();
+        for &idx in &unit.inclusion.sections {
+            let sec = obj.file.section_by_index(idx)?;
+            let out_sec = sec_map[&idx];
+            for (offset, r) in sec.relocations() {
+                let RelocationFlags::Elf { r_type } = r.flags() else {
+                    bail!(
+                        "unexpected relocation encoding in {}",
+                        sec.name().unwrap_or("?")
+                    )
+                };
+                let RelocationTarget::Symbol(ti) = r.target() else {
+                    bail!(
+                        "relocation without a symbol in {}",
+                        sec.name().unwrap_or("?")
+                    )
+                };
+                let sym = obj.file.symbol_by_index(ti)?;
+                let mut addend = r.addend();
+                let target: SymbolId = if let Some(id) = sym_map.get(&ti) {
+                    *id
+                } else if is_anchor(&sym) {
+                    let tsi = sym
+                        .section_index()
+                        .ok_or_else(|| anyhow!("section symbol without section"))?;
+                    // A label is its section plus its offset.
+                    addend += sym.address() as i64;
+                    if let Some(&out) = sec_map.get(&tsi) {
+                        e.out.section_symbol(out)
+                    } else {
+                        // Into an unchanged function or object: refer to it by its symbol.
+                        let at = addend
+                            + if matches!(r_type, elf::R_X86_64_PC32 | elf::R_X86_64_PLT32) {
+                                4
+                            } else {
+                                0
+                            };
+                        let covering = obj.file.symbols().find(|s| {
+                            s.section_index() == Some(tsi)
+                                && matches!(
+                                    s.kind(),
+                                    SymbolKind::Text | SymbolKind::Data | SymbolKind::Tls
+                                )
+                                && (at as u64) >= s.address()
+                                && (at as u64) < s.address() + s.size().max(1)
+                        });
+                        let Some(c) = covering else {
+                            bail!(
+                                "{} refers into section {} where no symbol lies",
+                                sec.name().unwrap_or("?"),
+                                obj.file.section_by_index(tsi)?.name().unwrap_or("?")
+                            )
+                        };
+                        addend -= c.address() as i64;
+                        e.module_symbol(&src, c.name().unwrap_or(""), c.is_local())?
+                    }
+                } else if sym.is_undefined() {
+                    let name = sym.name().unwrap_or("");
+                    if let Some(id) = globals.get(name) {
+                        *id // carried by the patch itself (another changed file)
+                    } else if name == "_GLOBAL_OFFSET_TABLE_" {
+                        e.undefined(name, None)
+                    } else {
+                        // Defined elsewhere in the module (another file), else in a library.
+                        match e.module.find("", name, false)? {
+                            Some(def) => {
+                                let out_name = format!("{name}@module@{:x}", def.address);
+                                e.undefined(&out_name, Some(bind_target(def)))
+                            }
+                            None => e.undefined(
+                                name,
+                                Some(BindTarget::External {
+                                    name: name.to_string(),
+                                }),
+                            ),
+                        }
+                    }
+                } else {
+                    // Defined in this object but not carried: the running module's copy.
+                    e.module_symbol(&src, sym.name().unwrap_or(""), sym.is_local())?
+                };
+                e.out.add_relocation(
+                    out_sec,
+                    Relocation {
+                        offset,
+                        symbol: target,
+                        addend,
+                        flags: RelocationFlags::Elf { r_type },
+                    },
+                )?;
+            }
+        }
+    }
+    let object = e.out.write()?;
+    Ok(Emitted {
+        object,
+        bindings: e.bindings,
+        replacements,
+    })
+}

@@ -1,0 +1,360 @@
+//! `suture build`: a signed live patch from a source fix, the way kpatch-build and
+//! upatch-build do it, or a precise reason why the fix cannot be applied live.
+//!
+//! 1. Three fresh copies of the source (old build outputs deleted); the fix applied to one.
+//! 2. Three builds with the project's own command, each at the original path in a private
+//!    mount namespace: the original as deployed (to prove the source is the deployed code and
+//!    to get its symbol table, even when the deployed binary is stripped), and the original
+//!    and the patched tree with `-ffunction-sections -fdata-sections`.
+//! 3. The differ ([`differ`]) compares every object file of the two section-split builds.
+//! 4. The emitter ([`emit`]) writes one relocatable with what changed; the manifest binds the
+//!    rest to the deployed module by address and lists the functions to detour with the
+//!    deployed bytes they must find.
+
+pub mod differ;
+pub mod emit;
+pub mod tree;
+pub mod wrapper;
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::{anyhow, bail, Context, Result};
+use sha2::{Digest, Sha256};
+use suture_bundle::{FunctionPatch, Manifest, ModuleRef, FORMAT_VERSION};
+use suture_detour::check_site;
+use suture_module::Module;
+
+use differ::{compare, include, ModuleSymbols, Obj};
+use emit::{emit, Unit};
+
+const SPLIT_FLAGS: &str = "-ffunction-sections -fdata-sections";
+
+/// What the operator asked for.
+pub struct SourceFix<'a> {
+    pub source: &'a Path,
+    pub diff: &'a Path,
+    /// The deployed executable or library (may be stripped).
+    pub target: &'a Path,
+    pub build_cmd: &'a str,
+    /// Where the target appears in the tree after the build, relative to the tree.
+    pub artifact: Option<&'a Path>,
+    /// Work folder (kept afterwards when the operator asked for it).
+    pub work: &'a Path,
+    pub id: Option<String>,
+    pub level: u32,
+    pub cves: Vec<String>,
+    pub description: String,
+}
+
+/// What the build found, for the operator.
+#[derive(Debug, Default, serde::Serialize)]
+pub struct Summary {
+    pub changed: Vec<String>,
+    pub new_functions: Vec<String>,
+    pub new_data: Vec<String>,
+    pub changed_rodata: Vec<String>,
+    pub objects_compared: usize,
+    pub build_seconds: f64,
+}
+
+pub struct Built {
+    pub manifest: Manifest,
+    pub object: Vec<u8>,
+    pub summary: Summary,
+}
+
+pub fn build_from_source(fix: &SourceFix, progress: &mut dyn FnMut(&str)) -> Result<Built> {
+    let started = Instant::now();
+    let source = fix
+        .source
+        .canonicalize()
+        .with_context(|| format!("source folder {}", fix.source.display()))?;
+    let deployed = std::fs::read(fix.target)
+        .with_context(|| format!("cannot read {}", fix.target.display()))?;
+    let deployed_module =
+        Module::parse(&deployed).context("the target is not a usable ELF module")?;
+    let build_id = deployed_module.build_id_hex().ok_or_else(|| {
+        anyhow!("the target has no GNU build-id; suture identifies modules by build-id")
+    })?;
+    let target_name = fix
+        .target
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+
+    std::fs::create_dir_all(fix.work)?;
+    let work = fix.work.canonicalize()?;
+    let tools = work.join("tools");
+    let trees = ["plain", "orig", "patched"].map(|n| work.join(n));
+    for t in &trees {
+        progress(&format!("copying the source to {}", t.display()));
+        tree::copy_clean(&source, t)?;
+    }
+    tree::apply_diff(&trees[2], fix.diff)?;
+
+    let mut objects = Vec::new();
+    for (t, flags, what) in [
+        (&trees[0], "", "the original as deployed"),
+        (
+            &trees[1],
+            SPLIT_FLAGS,
+            "the original, one section per function",
+        ),
+        (
+            &trees[2],
+            SPLIT_FLAGS,
+            "the patched tree, one section per function",
+        ),
+    ] {
+        progress(&format!("building {what}"));
+        let log = work.join(format!(
+            "build-{}.log",
+            t.file_name().and_then(|n| n.to_str()).unwrap_or("x")
+        ));
+        let b = tree::Build {
+            source: &source,
+            tree: t,
+            command: fix.build_cmd,
+            flags,
+            tools: &tools,
+        };
+        objects.push(b.run(&log)?);
+    }
+    if objects[1].is_empty() {
+        bail!("the build compiled nothing through the compiler wrapper (does it hard-code a compiler path?)");
+    }
+
+    // Prove the rebuilt original is the deployed code.
+    let plain_artifact = find_artifact(&trees[0], fix.artifact, &target_name, &deployed_module)?;
+    let plain = std::fs::read(&plain_artifact)?;
+    let plain_module = Module::parse(&plain)?;
+    same_code(&deployed_module, &plain_module)?;
+    let module_symbols = ModuleSymbols::read(&plain)?;
+    if !plain_module.has_symtab() {
+        bail!(
+            "the rebuilt {} has no symbol table (does the build strip it?)",
+            plain_artifact.display()
+        );
+    }
+
+    // Diff object by object.
+    progress("comparing objects");
+    let mut summary = Summary::default();
+    let mut pairs = Vec::new();
+    for (obj, _src) in &objects[2] {
+        let rel = obj.strip_prefix(&trees[2]).unwrap_or(obj);
+        let orig = trees[1].join(rel);
+        if !orig.exists() {
+            bail!(
+                "{} is new in the patched build; adding files is not supported",
+                rel.display()
+            );
+        }
+        pairs.push((
+            std::fs::read(&orig)?,
+            std::fs::read(obj)?,
+            rel.to_path_buf(),
+        ));
+    }
+    summary.objects_compared = pairs.len();
+    let parsed: Vec<(Obj, Obj, PathBuf)> = pairs
+        .iter()
+        .filter(|(o, p, _)| o != p)
+        .map(|(o, p, rel)| Ok((Obj::parse(o)?, Obj::parse(p)?, rel.clone())))
+        .collect::<Result<_>>()?;
+    let mut found = Vec::new();
+    for (o, p, rel) in &parsed {
+        let changes = compare(o, p).with_context(|| format!("in {}", rel.display()))?;
+        if changes.is_empty() {
+            continue;
+        }
+        let inclusion = include(p, &changes)?;
+        found.push((p, changes, inclusion));
+    }
+    if found.is_empty() {
+        bail!("the fix changes no code of {target_name}: nothing to patch (no bundle written)");
+    }
+    let units: Vec<Unit> = found
+        .iter()
+        .map(|(p, changes, inclusion)| Unit {
+            obj: p,
+            changes,
+            inclusion,
+        })
+        .collect();
+    let emitted = emit(&units, &module_symbols)?;
+
+    // The functions to detour: changed ones that exist in the deployed module.
+    let mut functions = Vec::new();
+    for (p, changes, _) in &found {
+        for key in &changes.changed {
+            let Some(entity) = p.entities.get(key) else {
+                continue;
+            };
+            let Some(def) = module_symbols.find(&p.source_name, &entity.name, entity.local)? else {
+                continue; // fully inlined in the deployed build: its callers are included instead
+            };
+            let code = deployed_module
+                .bytes_at(def.address, def.size)
+                .ok_or_else(|| anyhow!("`{}`: no code in the deployed file", entity.name))?;
+            check_site(def.address, code).map_err(|e| {
+                anyhow::Error::new(differ::NotPatchable {
+                    what: format!("`{}`: {e}", entity.name),
+                })
+            })?;
+            let replacement = emitted
+                .replacements
+                .get(&(p.source_name.clone(), key.clone()))
+                .cloned()
+                .ok_or_else(|| anyhow!("`{}` missing from the patch object", entity.name))?;
+            functions.push(FunctionPatch {
+                symbol: entity.name.clone(),
+                address: def.address,
+                size: def.size,
+                expected_sha256: hex::encode(Sha256::digest(code)),
+                replacement,
+            });
+            summary
+                .changed
+                .push(format!("{} ({})", entity.name, p.source_name));
+        }
+        summary.new_functions.extend(
+            changes
+                .new_functions
+                .iter()
+                .map(|k| format!("{k} ({})", p.source_name)),
+        );
+        summary.new_data.extend(
+            changes
+                .new_data
+                .iter()
+                .map(|k| format!("{k} ({})", p.source_name)),
+        );
+        summary.changed_rodata.extend(
+            changes
+                .changed_rodata
+                .iter()
+                .map(|k| format!("{k} ({})", p.source_name)),
+        );
+    }
+    if functions.is_empty() {
+        bail!("the fix changes no function of {target_name} that can be detoured: nothing to patch (no bundle written)");
+    }
+    functions.sort_by_key(|f| f.address);
+    summary.build_seconds = started.elapsed().as_secs_f64();
+    let object_hash = hex::encode(Sha256::digest(&emitted.object));
+    let manifest = Manifest {
+        format: FORMAT_VERSION,
+        id: fix.id.clone().unwrap_or_else(|| {
+            let clean: String = target_name
+                .chars()
+                .map(|c| {
+                    if c.is_ascii_alphanumeric() || "._-".contains(c) {
+                        c
+                    } else {
+                        '_'
+                    }
+                })
+                .take(40)
+                .collect();
+            format!("{clean}-L{}-{}", fix.level, &object_hash[..8])
+        }),
+        level: fix.level,
+        module: ModuleRef {
+            build_id,
+            name: target_name,
+        },
+        cves: fix.cves.clone(),
+        description: fix.description.clone(),
+        functions,
+        bindings: emitted.bindings,
+    };
+    Ok(Built {
+        manifest,
+        object: emitted.object,
+        summary,
+    })
+}
+
+/// The rebuilt target: named by the operator, else found by file name in the tree.
+fn find_artifact(
+    tree: &Path,
+    given: Option<&Path>,
+    name: &str,
+    deployed: &Module,
+) -> Result<PathBuf> {
+    if let Some(rel) = given {
+        let p = tree.join(rel);
+        if !p.is_file() {
+            bail!("--artifact {}: not produced by the build", rel.display());
+        }
+        return Ok(p);
+    }
+    let mut found = Vec::new();
+    find_named(tree, name, &mut found)?;
+    // Prefer an exact build-id match (a bit-for-bit reproducible build).
+    let want = deployed.build_id();
+    if let Some(p) = found.iter().find(|p| {
+        std::fs::read(p)
+            .ok()
+            .and_then(|d| suture_module::read_build_id(&d).ok().flatten())
+            .as_deref()
+            == want
+    }) {
+        return Ok(p.clone());
+    }
+    match found.as_slice() {
+        [one] => Ok(one.clone()),
+        [] => bail!("the build produced no file named {name}; give its place with --artifact"),
+        _ => bail!("the build produced several files named {name}; choose one with --artifact"),
+    }
+}
+
+fn find_named(dir: &Path, name: &str, out: &mut Vec<PathBuf>) -> Result<()> {
+    for e in std::fs::read_dir(dir)? {
+        let e = e?;
+        let p = e.path();
+        if e.file_type()?.is_dir() {
+            find_named(&p, name, out)?;
+        } else if e.file_name().to_str() == Some(name) {
+            out.push(p);
+        }
+    }
+    Ok(())
+}
+
+/// The deployed and the rebuilt module must carry the same code (debug info may differ).
+fn same_code(deployed: &Module, rebuilt: &Module) -> Result<()> {
+    if deployed.build_id().is_some() && deployed.build_id() == rebuilt.build_id() {
+        return Ok(());
+    }
+    let exec = |m: &Module| -> Vec<(u64, u64)> {
+        m.load_segments()
+            .iter()
+            .filter(|s| s.executable)
+            .map(|s| (s.vaddr, s.filesz))
+            .collect()
+    };
+    let (a, b) = (exec(deployed), exec(rebuilt));
+    if a != b {
+        bail!("the rebuilt original's code is laid out differently from the deployed binary: the source or toolchain differs from what built it");
+    }
+    for (vaddr, size) in a {
+        let (x, y) = (
+            deployed.bytes_at(vaddr, size),
+            rebuilt.bytes_at(vaddr, size),
+        );
+        if x != y {
+            let at = x
+                .zip(y)
+                .and_then(|(x, y)| x.iter().zip(y).position(|(p, q)| p != q))
+                .unwrap_or(0);
+            bail!(
+                "the rebuilt original's code differs from the deployed binary at {:#x}: the source or toolchain differs from what built it",
+                vaddr + at as u64
+            );
+        }
+    }
+    Ok(())
+}

@@ -64,6 +64,7 @@ pub struct Entity {
     pub section: SectionIndex,
     pub kind: SymbolKind,
     pub local: bool,
+    size: u64,
     data: Vec<u8>,
     rels: Vec<Rel>,
     pub writable: bool,
@@ -72,7 +73,7 @@ pub struct Entity {
 
 impl Entity {
     fn same_as(&self, other: &Entity) -> bool {
-        self.data == other.data && self.rels == other.rels
+        self.size == other.size && self.data == other.data && self.rels == other.rels
     }
 }
 
@@ -149,6 +150,7 @@ impl<'d> Obj<'d> {
                     section,
                     kind: s.kind(),
                     local: s.is_local(),
+                    size: s.size(),
                     data,
                     rels,
                     writable: flags & u64::from(elf::SHF_WRITE) != 0,
@@ -210,20 +212,11 @@ impl<'d> Obj<'d> {
             return Ok(Target::Str(data[from..end].to_vec()));
         }
         // A symbol that covers the spot: refer to it by name.
-        for s in self.file.symbols() {
-            if s.section_index() == Some(section)
-                && matches!(
-                    s.kind(),
-                    SymbolKind::Text | SymbolKind::Data | SymbolKind::Tls
-                )
-                && (at as u64) >= s.address()
-                && (at as u64) < s.address() + s.size().max(1)
-            {
-                return Ok(Target::Symbol(
-                    normalize(s.name().unwrap_or("")),
-                    at - s.address() as i64,
-                ));
-            }
+        if let Some(s) = covering_symbol(&self.file, section, at) {
+            return Ok(Target::Symbol(
+                normalize(s.name().unwrap_or("")),
+                at - s.address() as i64,
+            ));
         }
         let name = sec.name().unwrap_or("").to_string();
         let from = (at.max(0) as usize).min(data.len());
@@ -242,6 +235,28 @@ pub fn is_anchor(sym: &object::read::elf::ElfSymbol64<'_, '_>) -> bool {
                 sym.kind(),
                 SymbolKind::Text | SymbolKind::Data | SymbolKind::Tls | SymbolKind::File
             ))
+}
+
+/// The named symbol of `section` that a reference landing at `at` means. A `rip`-relative
+/// reference is biased by the bytes after the displacement: 4 normally, more when an immediate
+/// follows (`movl $2, x(%rip)`), so a spot just before a symbol counts as that symbol.
+pub fn covering_symbol<'d, 'f>(
+    file: &'f ElfFile64<'d>,
+    section: SectionIndex,
+    at: i64,
+) -> Option<object::read::elf::ElfSymbol64<'d, 'f>> {
+    [0i64, 1, 2, 4].iter().find_map(|extra| {
+        let spot = at + extra;
+        file.symbols().find(|s| {
+            s.section_index() == Some(section)
+                && matches!(
+                    s.kind(),
+                    SymbolKind::Text | SymbolKind::Data | SymbolKind::Tls
+                )
+                && spot >= s.address() as i64
+                && spot < (s.address() + s.size().max(1)) as i64
+        })
+    })
 }
 
 pub fn section_flags(sec: &ElfSection64<'_, '_>) -> u64 {
@@ -286,7 +301,7 @@ pub fn compare(orig: &Obj, patched: &Obj) -> Result<Changes> {
                     p.name
                 ))),
                 _ if p.writable || o.writable => {
-                    let how = if o.data.len() != p.data.len() {
+                    let how = if o.size != p.size {
                         "size"
                     } else {
                         "initial value"
@@ -332,14 +347,41 @@ pub fn compare(orig: &Obj, patched: &Obj) -> Result<Changes> {
     if ctors(orig) != ctors(patched) {
         bail!(refuse("constructors or destructors changed"));
     }
+    // A constructor whose body changed would never run again.
+    let ctors = ctor_functions(patched);
     for key in &c.changed {
-        if let (Some(o), Some(p)) = (orig.entities.get(key), patched.entities.get(key)) {
-            if o.name.contains(".cold") || p.name.contains(".cold") {
-                continue; // a cold part is reached only from its parent, which is included
-            }
+        if ctors.contains(key) {
+            let name = patched
+                .entities
+                .get(key)
+                .map(|e| e.name.as_str())
+                .unwrap_or(key);
+            bail!(refuse(format!(
+                "constructor or destructor `{name}` changed"
+            )));
         }
     }
     Ok(c)
+}
+
+/// Functions registered in `.init_array`/`.fini_array`/`.ctors`/`.dtors` (normalized names).
+fn ctor_functions(o: &Obj) -> Vec<String> {
+    let mut out = Vec::new();
+    for s in o.file.sections() {
+        let n = s.name().unwrap_or("");
+        let registry = [".init_array", ".fini_array", ".ctors", ".dtors"];
+        if !registry.iter().any(|r| n.starts_with(r)) {
+            continue;
+        }
+        for (_, r) in s.relocations() {
+            if let RelocationTarget::Symbol(i) = r.target() {
+                if let Ok(Target::Symbol(name, _)) = o.target_of(i, r.addend(), elf::R_X86_64_64) {
+                    out.push(name);
+                }
+            }
+        }
+    }
+    out
 }
 
 /// Which sections of the patched object go into the patch, and what every reference from

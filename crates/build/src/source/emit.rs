@@ -14,7 +14,9 @@ use object::{
 };
 use suture_bundle::{BindTarget, Binding};
 
-use super::differ::{is_anchor, section_flags, Changes, Def, Inclusion, ModuleSymbols, Obj};
+use super::differ::{
+    covering_symbol, is_anchor, section_flags, Changes, Def, Inclusion, ModuleSymbols, Obj,
+};
 
 /// One changed object file, ready to be emitted.
 pub struct Unit<'a, 'd> {
@@ -219,15 +221,7 @@ pub fn emit(units: &[Unit], module: &ModuleSymbols) -> Result<Emitted> {
                             } else {
                                 0
                             };
-                        let covering = obj.file.symbols().find(|s| {
-                            s.section_index() == Some(tsi)
-                                && matches!(
-                                    s.kind(),
-                                    SymbolKind::Text | SymbolKind::Data | SymbolKind::Tls
-                                )
-                                && (at as u64) >= s.address()
-                                && (at as u64) < s.address() + s.size().max(1)
-                        });
+                        let covering = covering_symbol(&obj.file, tsi, at);
                         let Some(c) = covering else {
                             bail!(
                                 "{} refers into section {} where no symbol lies",

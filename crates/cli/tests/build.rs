@@ -1,0 +1,324 @@
+//! `suture build` end to end: a small project built by its own `make`, the deployed binary
+//! running, a fix as a unified diff, the bundle built from it and applied live; and every kind
+//! of fix that cannot be live gets refused with the reason and no bundle.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use common::*;
+
+const MAIN_C: &str = r#"#include <stdio.h>
+#include <string.h>
+#include <unistd.h>
+const char *answer(const char *in);
+int main(void) {
+    char line[256];
+    setvbuf(stdout, NULL, _IOLBF, 0);
+    printf("ready %d\n", getpid());
+    while (fgets(line, sizeof line, stdin)) {
+        line[strcspn(line, "\n")] = 0;
+        printf("%s\n", answer(line));
+    }
+    return 0;
+}
+"#;
+
+const MAKEFILE_C: &str = "CFLAGS ?= -O2 -g\nOBJS = main.o $(patsubst %.c,%.o,$(filter-out main.c,$(wildcard *.c)))\napp: $(OBJS)\n\t$(CC) $(CFLAGS) -o app $(OBJS)\n%.o: %.c\n\t$(CC) $(CFLAGS) -c $< -o $@\n";
+
+struct Case<'a> {
+    /// Files of the project besides main.c and the Makefile.
+    files: &'a [(&'a str, &'a str)],
+    /// Files as the fix leaves them.
+    fixed: &'a [(&'a str, &'a str)],
+    /// (input, answer before, answer after)
+    checks: &'a [(&'a str, &'a str, &'a str)],
+}
+
+struct Project {
+    work: Work,
+    key: PathBuf,
+    public: PathBuf,
+}
+
+impl Project {
+    /// Writes src/ and fixed/, builds src/ (the deployment), writes fix.diff.
+    fn new(
+        files: &[(&str, &str)],
+        fixed: &[(&str, &str)],
+        main: Option<&str>,
+        makefile: Option<&str>,
+    ) -> Project {
+        let work = Work::new();
+        for dir in ["src", "fixed"] {
+            let d = work.path(dir);
+            std::fs::create_dir_all(&d).unwrap();
+            std::fs::write(d.join("Makefile"), makefile.unwrap_or(MAKEFILE_C)).unwrap();
+            if let Some(m) = main.or(Some(MAIN_C)).filter(|m| !m.is_empty()) {
+                std::fs::write(d.join("main.c"), m).unwrap();
+            }
+            for (name, body) in files {
+                std::fs::write(d.join(name), body).unwrap();
+            }
+        }
+        for (name, body) in fixed {
+            std::fs::write(work.path("fixed").join(name), body).unwrap();
+        }
+        let diff = Command::new("diff")
+            .args(["-ruN", "src", "fixed"])
+            .current_dir(work.dir.path())
+            .output()
+            .unwrap();
+        std::fs::write(work.path("fix.diff"), &diff.stdout).unwrap();
+        std::fs::remove_dir_all(work.path("fixed")).unwrap();
+        let st = Command::new("make")
+            .arg("-s")
+            .current_dir(work.path("src"))
+            .status()
+            .unwrap();
+        assert!(st.success(), "deployed build failed");
+        let (key, public) = work.keys("builder");
+        Project { work, key, public }
+    }
+
+    fn build(&self, target: &Path, artifact: &str, out: &str) -> std::process::Output {
+        suture(&[
+            "--json",
+            "build",
+            "--source",
+            self.work.path("src").to_str().unwrap(),
+            "--diff",
+            self.work.path("fix.diff").to_str().unwrap(),
+            "--target",
+            target.to_str().unwrap(),
+            "--artifact",
+            artifact,
+            "--build-cmd",
+            "make",
+            "--key",
+            self.key.to_str().unwrap(),
+            "--out",
+            self.work.path(out).to_str().unwrap(),
+        ])
+    }
+}
+
+/// Builds the patch from the diff and applies it to the running deployed program.
+fn patch_live(case: &Case) -> serde_json::Value {
+    let p = Project::new(case.files, case.fixed, None, None);
+    let deployed = p.work.path("src/app");
+    let mut t = Target::start(&deployed, None);
+    for (input, before, _) in case.checks {
+        assert_eq!(t.ask(input), *before, "before the fix, {input:?}");
+    }
+    let out = p.build(&deployed, "app", "fix.suture");
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+    assert!(out.status.success(), "build failed: {}{}", stderr(&out), v);
+    let bundle = p.work.path("fix.suture");
+    let (ok, a) = suture_json(&[
+        "apply",
+        bundle.to_str().unwrap(),
+        "--pid",
+        &t.pid_arg(),
+        "--trust",
+        p.public.to_str().unwrap(),
+    ]);
+    assert!(ok, "apply failed: {a}");
+    for (input, _, after) in case.checks {
+        assert_eq!(t.ask(input), *after, "after the fix, {input:?}");
+    }
+    assert!(t.alive());
+    v
+}
+
+/// The fix must be refused with `reason` in the message, and no bundle written.
+fn refused(files: &[(&str, &str)], fixed: &[(&str, &str)], reason: &str) {
+    let p = Project::new(files, fixed, None, None);
+    let out = p.build(&p.work.path("src/app"), "app", "fix.suture");
+    assert!(
+        !out.status.success(),
+        "a fix that cannot be live was accepted"
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let msg = v["error"].as_str().unwrap();
+    assert!(msg.contains(reason), "expected {reason:?} in {msg:?}");
+    assert!(
+        !p.work.path("fix.suture").exists(),
+        "no bundle may be written"
+    );
+}
+
+const NOT_LIVE: &str = "a normal update and a restart are needed";
+
+#[test]
+fn changed_exported_function_and_new_string_literal() {
+    let v = patch_live(&Case {
+        files: &[("lib.c", "#include <string.h>\nconst char *answer(const char *in) { return strcmp(in, \"ping\") == 0 ? \"pong\" : \"?\"; }\n")],
+        fixed: &[("lib.c", "#include <string.h>\nconst char *answer(const char *in) { return strcmp(in, \"ping\") == 0 ? \"PONG (fixed)\" : \"?\"; }\n")],
+        checks: &[("ping", "pong", "PONG (fixed)"), ("x", "?", "?")],
+    });
+    assert_eq!(v["summary"]["changed"][0], "answer (lib.c)");
+}
+
+#[test]
+fn changed_static_function() {
+    let lib = |k: &str| {
+        format!("#include <stdio.h>\n#include <string.h>\nstatic __attribute__((noinline)) int score(const char *s) {{ return (int)strlen(s) * {k}; }}\nconst char *answer(const char *in) {{ static char b[32]; snprintf(b, sizeof b, \"%d\", score(in)); return b; }}\n")
+    };
+    let (a, b) = (lib("1"), lib("2"));
+    let v = patch_live(&Case {
+        files: &[("lib.c", &a)],
+        fixed: &[("lib.c", &b)],
+        checks: &[("abc", "3", "6")],
+    });
+    assert_eq!(v["summary"]["changed"].as_array().unwrap().len(), 1, "{v}");
+}
+
+#[test]
+fn function_inlined_into_its_caller() {
+    let lib = |k: &str| {
+        format!("#include <stdio.h>\n#include <string.h>\nstatic inline int bonus(int x) {{ return x + {k}; }}\nconst char *answer(const char *in) {{ static char b[32]; snprintf(b, sizeof b, \"%d\", bonus((int)strlen(in))); return b; }}\n")
+    };
+    let (a, b) = (lib("1"), lib("100"));
+    patch_live(&Case {
+        files: &[("lib.c", &a)],
+        fixed: &[("lib.c", &b)],
+        checks: &[("ab", "3", "102")],
+    });
+}
+
+#[test]
+fn new_helper_and_new_globals() {
+    let before = "#include <string.h>\nconst char *answer(const char *in) { return strlen(in) > 4 ? \"long\" : \"short\"; }\n";
+    let after = "#include <stdio.h>\n#include <string.h>\nint rejected;\nstatic int seen = 40;\nstatic __attribute__((noinline)) int too_long(const char *s) { return strlen(s) > 4; }\nconst char *answer(const char *in) {\n  static char b[64];\n  seen++;\n  if (too_long(in)) rejected++;\n  snprintf(b, sizeof b, \"%s %d %d\", too_long(in) ? \"long\" : \"short\", rejected, seen);\n  return b;\n}\n";
+    let v = patch_live(&Case {
+        files: &[("lib.c", before)],
+        fixed: &[("lib.c", after)],
+        checks: &[
+            ("abcdef", "long", "long 1 41"),
+            ("ab", "short", "short 1 42"),
+        ],
+    });
+    let s = &v["summary"];
+    assert!(s["new_functions"].to_string().contains("too_long"), "{s}");
+    assert!(s["new_data"].to_string().contains("rejected"), "{s}");
+}
+
+#[test]
+fn changed_switch_with_a_jump_table() {
+    let lib = |x: &str| {
+        format!("const char *answer(const char *in) {{\n switch (in[0]) {{\n case 'a': return \"A\"; case 'b': return \"B\"; case 'c': return \"{x}\"; case 'd': return \"D\";\n case 'e': return \"E\"; case 'f': return \"F\"; case 'g': return \"G\"; case 'h': return \"H\";\n default: return \"-\";\n }}\n}}\n")
+    };
+    let (a, b) = (lib("C"), lib("C!"));
+    patch_live(&Case {
+        files: &[("lib.c", &a)],
+        fixed: &[("lib.c", &b)],
+        checks: &[("c", "C", "C!"), ("h", "H", "H"), ("z", "-", "-")],
+    });
+}
+
+#[test]
+fn change_across_two_files() {
+    let lib = "#include <stdio.h>\nint weight(const char *s);\nconst char *answer(const char *in) { static char b[32]; snprintf(b, sizeof b, \"w=%d\", weight(in)); return b; }\n";
+    let lib_fixed = "#include <stdio.h>\nint weight(const char *s);\nint extra(void);\nconst char *answer(const char *in) { static char b[32]; snprintf(b, sizeof b, \"w=%d+%d\", weight(in), extra()); return b; }\n";
+    let two = "#include <string.h>\nint weight(const char *s) { return (int)strlen(s); }\n";
+    let two_fixed = "#include <string.h>\nint weight(const char *s) { return (int)strlen(s) * 10; }\nint extra(void) { return 7; }\n";
+    patch_live(&Case {
+        files: &[("lib.c", lib), ("two.c", two)],
+        fixed: &[("lib.c", lib_fixed), ("two.c", two_fixed)],
+        checks: &[("abc", "w=3", "w=30+7")],
+    });
+}
+
+#[test]
+fn constprop_clone() {
+    let lib = |k: &str| {
+        format!("#include <stdio.h>\n#include <string.h>\nstatic __attribute__((noinline)) int scale(int x, int k) {{ int r = 0; for (int i = 0; i < k; i++) r += x ^ i; return r{k}; }}\nconst char *answer(const char *in) {{ static char b[32]; snprintf(b, sizeof b, \"%d\", scale((int)strlen(in), 3)); return b; }}\n")
+    };
+    let (a, b) = (lib(""), lib(" + 1"));
+    let v = patch_live(&Case {
+        files: &[("lib.c", &a)],
+        fixed: &[("lib.c", &b)],
+        checks: &[("ab", "5", "6")], // (2^0)+(2^1)+(2^2) = 5
+    });
+    assert!(
+        v["summary"]["changed"]
+            .to_string()
+            .contains("scale.constprop"),
+        "{v}"
+    );
+}
+
+#[test]
+fn line_moves_only_produce_no_bundle() {
+    let a = "#include <string.h>\nconst char *answer(const char *in) { return strlen(in) ? \"yes\" : \"no\"; }\n";
+    let b = "#include <string.h>\n\n\n/* moved down */\n\nconst char *answer(const char *in) { return strlen(in) ? \"yes\" : \"no\"; }\n";
+    refused(&[("lib.c", a)], &[("lib.c", b)], "nothing to patch");
+}
+
+#[test]
+fn changed_initial_value_of_existing_data_is_refused() {
+    let f = |v: &str| {
+        format!("#include <stdio.h>\nint limit = {v};\nconst char *answer(const char *in) {{ static char b[16]; snprintf(b, sizeof b, \"%d\", limit + in[0]); return b; }}\n")
+    };
+    let (a, b) = (f("8"), f("9"));
+    refused(&[("lib.c", &a)], &[("lib.c", &b)], NOT_LIVE);
+    refused(
+        &[("lib.c", &a)],
+        &[("lib.c", &b)],
+        "initial value of existing data `limit`",
+    );
+}
+
+#[test]
+fn changed_size_of_existing_data_is_refused() {
+    let f = |n: &str| {
+        format!("#include <stdio.h>\nint table[{n}];\nconst char *answer(const char *in) {{ static char b[16]; table[0]++; snprintf(b, sizeof b, \"%d%c\", table[0], in[0]); return b; }}\n")
+    };
+    let (a, b) = (f("4"), f("8"));
+    refused(
+        &[("lib.c", &a)],
+        &[("lib.c", &b)],
+        "size of existing data `table`",
+    );
+}
+
+#[test]
+fn changed_thread_local_is_refused() {
+    let f = |v: &str| {
+        format!("#include <stdio.h>\n__thread int tl = {v};\nconst char *answer(const char *in) {{ static char b[16]; snprintf(b, sizeof b, \"%d%c\", tl++, in[0]); return b; }}\n")
+    };
+    let (a, b) = (f("1"), f("2"));
+    refused(
+        &[("lib.c", &a)],
+        &[("lib.c", &b)],
+        "thread-local variable `tl`",
+    );
+}
+
+#[test]
+fn changed_constructor_is_refused() {
+    let f = |v: &str| {
+        format!("static int ready;\n__attribute__((constructor)) static void init(void) {{ ready = {v}; }}\nconst char *answer(const char *in) {{ return ready && in[0] ? \"up\" : \"down\"; }}\n")
+    };
+    let (a, b) = (f("1"), f("2"));
+    refused(
+        &[("lib.c", &a)],
+        &[("lib.c", &b)],
+        "constructor or destructor `init` changed",
+    );
+}
+
+#[test]
+fn function_too_short_for_a_detour_is_refused() {
+    let f = |v: &str| {
+        format!("__attribute__((noinline)) int flag(void) {{ return {v}; }}\nconst char *answer(const char *in) {{ return flag() && in ? \"on\" : \"off\"; }}\n")
+    };
+    let (a, b) = (f("0"), f("1"));
+    refused(
+        &[("lib.c", &a)],
+        &[("lib.c", &b)],
+        "shorter than the 5-byte detour",
+    );
+}

@@ -322,3 +322,108 @@ fn function_too_short_for_a_detour_is_refused() {
         "shorter than the 5-byte detour",
     );
 }
+
+#[test]
+fn fix_in_a_shared_library_used_by_a_running_program() {
+    let makefile = "CFLAGS ?= -O2 -g\nall: app\nlibcalc.so: calc.o\n\t$(CC) -shared -o libcalc.so calc.o\ncalc.o: calc.c\n\t$(CC) $(CFLAGS) -fPIC -c calc.c -o calc.o\napp: main.o libcalc.so\n\t$(CC) $(CFLAGS) -o app main.o -L. -lcalc\nmain.o: main.c\n\t$(CC) $(CFLAGS) -c main.c -o main.o\n";
+    let calc = |op: &str| {
+        format!("#include <stdio.h>\n#include <string.h>\nstatic int calls;\nconst char *answer(const char *in) {{ static char b[32]; calls++; snprintf(b, sizeof b, \"%d/%d\", (int)strlen(in) {op} 2, calls); return b; }}\n")
+    };
+    let (a, b) = (calc("+"), calc("*"));
+    let p = Project::new(&[("calc.c", &a)], &[("calc.c", &b)], None, Some(makefile));
+    let src = p.work.path("src");
+    let mut t = Target::start(&src.join("app"), Some(&src));
+    assert_eq!(t.ask("abc"), "5/1");
+    let out = p.build(&src.join("libcalc.so"), "libcalc.so", "fix.suture");
+    assert!(out.status.success(), "{}", stderr(&out));
+    let bundle = p.work.path("fix.suture");
+    let (ok, v) = suture_json(&[
+        "apply",
+        bundle.to_str().unwrap(),
+        "--pid",
+        &t.pid_arg(),
+        "--trust",
+        p.public.to_str().unwrap(),
+    ]);
+    assert!(ok, "{v}");
+    assert_eq!(
+        t.ask("abc"),
+        "6/2",
+        "the library's static counter carried on"
+    );
+}
+
+const CXX_MAKEFILE: &str = "CFLAGS ?= -O2 -g\nCXXFLAGS ?= -O2 -g\napp: main.o lib.o\n\t$(CXX) $(CXXFLAGS) -o app main.o lib.o\nmain.o: main.c\n\t$(CC) $(CFLAGS) -c main.c -o main.o\nlib.o: lib.cpp\n\t$(CXX) $(CXXFLAGS) -c lib.cpp -o lib.o\n";
+
+#[test]
+fn cxx_member_function() {
+    let lib = |k: &str| {
+        format!("#include <cstdio>\n#include <cstring>\nclass Meter {{\n  int total = 0;\npublic:\n  int add(const char *s);\n}};\n__attribute__((noinline)) int Meter::add(const char *s) {{ total += (int)strlen(s){k}; return total; }}\nstatic Meter meter;\nextern \"C\" const char *answer(const char *in) {{ static char b[32]; snprintf(b, sizeof b, \"%d\", meter.add(in)); return b; }}\n")
+    };
+    let (a, b) = (lib(""), lib(" * 10"));
+    let p = Project::new(
+        &[("lib.cpp", &a)],
+        &[("lib.cpp", &b)],
+        None,
+        Some(CXX_MAKEFILE),
+    );
+    let app = p.work.path("src/app");
+    let mut t = Target::start(&app, None);
+    assert_eq!(t.ask("ab"), "2");
+    let out = p.build(&app, "app", "fix.suture");
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+    assert!(out.status.success(), "{}{v}", stderr(&out));
+    assert!(
+        v["summary"]["changed"]
+            .to_string()
+            .contains("_ZN5Meter3addEPKc"),
+        "{v}"
+    );
+    let bundle = p.work.path("fix.suture");
+    let (ok, a) = suture_json(&[
+        "apply",
+        bundle.to_str().unwrap(),
+        "--pid",
+        &t.pid_arg(),
+        "--trust",
+        p.public.to_str().unwrap(),
+    ]);
+    assert!(ok, "{a}");
+    assert_eq!(t.ask("ab"), "22", "the object's member state carried on");
+}
+
+#[test]
+fn cxx_function_using_std_string() {
+    let lib = |bang: &str| {
+        format!("#include <string>\nstatic std::string last;\n__attribute__((noinline)) std::string shout(const std::string &s) {{ return s + \"{bang}\"; }}\nextern \"C\" const char *answer(const char *in) {{ last = shout(in); return last.c_str(); }}\n")
+    };
+    let (a, b) = (lib("!"), lib("?!"));
+    let p = Project::new(
+        &[("lib.cpp", &a)],
+        &[("lib.cpp", &b)],
+        None,
+        Some(CXX_MAKEFILE),
+    );
+    let app = p.work.path("src/app");
+    let mut t = Target::start(&app, None);
+    assert_eq!(t.ask("hey"), "hey!");
+    let out = p.build(&app, "app", "fix.suture");
+    assert!(
+        out.status.success(),
+        "{}{}",
+        stderr(&out),
+        String::from_utf8_lossy(&out.stdout)
+    );
+    let bundle = p.work.path("fix.suture");
+    let (ok, a) = suture_json(&[
+        "apply",
+        bundle.to_str().unwrap(),
+        "--pid",
+        &t.pid_arg(),
+        "--trust",
+        p.public.to_str().unwrap(),
+    ]);
+    assert!(ok, "{a}");
+    assert_eq!(t.ask("hey"), "hey?!");
+    assert_eq!(t.ask("you"), "you?!");
+}

@@ -16,6 +16,7 @@ pub mod emit;
 pub mod tree;
 pub mod wrapper;
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
@@ -93,7 +94,7 @@ pub fn build_from_source(fix: &SourceFix, progress: &mut dyn FnMut(&str)) -> Res
     }
     tree::apply_diff(&trees[2], fix.diff)?;
 
-    let mut objects = Vec::new();
+    let mut records = Vec::new();
     for (t, flags, what) in [
         (&trees[0], "", "the original as deployed"),
         (
@@ -119,9 +120,9 @@ pub fn build_from_source(fix: &SourceFix, progress: &mut dyn FnMut(&str)) -> Res
             flags,
             tools: &tools,
         };
-        objects.push(b.run(&log)?);
+        records.push(b.run(&log)?);
     }
-    if objects[1].is_empty() {
+    if records[1].compiled.is_empty() {
         bail!("the build compiled nothing through the compiler wrapper (does it hard-code a compiler path?)");
     }
 
@@ -141,21 +142,38 @@ pub fn build_from_source(fix: &SourceFix, progress: &mut dyn FnMut(&str)) -> Res
     // Diff object by object.
     progress("comparing objects");
     let mut summary = Summary::default();
-    let mut pairs = Vec::new();
-    for (obj, _src) in &objects[2] {
-        let rel = obj.strip_prefix(&trees[2]).unwrap_or(obj);
-        let orig = trees[1].join(rel);
-        if !orig.exists() {
-            bail!(
-                "{} is new in the patched build; adding files is not supported",
-                rel.display()
-            );
+    // The objects that make up the target in each section-split build, paired by source.
+    let artifact_rel = plain_artifact
+        .strip_prefix(&trees[0])
+        .unwrap_or(&plain_artifact)
+        .to_path_buf();
+    let objects_of = |i: usize| -> Result<BTreeMap<PathBuf, PathBuf>> {
+        let rec = &records[i];
+        let list = rec
+            .objects_of(&trees[i].join(&artifact_rel))
+            .unwrap_or_else(|| rec.all_objects());
+        let mut by_source = BTreeMap::new();
+        for (src, obj) in list {
+            let rel = src.strip_prefix(&trees[i]).unwrap_or(&src).to_path_buf();
+            if by_source.insert(rel.clone(), obj).is_some() {
+                bail!(
+                    "{} is compiled more than once into the target; cannot tell the objects apart",
+                    rel.display()
+                );
+            }
         }
-        pairs.push((
-            std::fs::read(&orig)?,
-            std::fs::read(obj)?,
-            rel.to_path_buf(),
-        ));
+        Ok(by_source)
+    };
+    let (orig_objects, patched_objects) = (objects_of(1)?, objects_of(2)?);
+    let mut pairs = Vec::new();
+    for (rel, obj) in &patched_objects {
+        let orig = orig_objects.get(rel).ok_or_else(|| {
+            anyhow!(
+                "{} is new in the patched build; adding source files is not supported",
+                rel.display()
+            )
+        })?;
+        pairs.push((std::fs::read(orig)?, std::fs::read(obj)?, rel.clone()));
     }
     summary.objects_compared = pairs.len();
     let parsed: Vec<(Obj, Obj, PathBuf)> = pairs

@@ -5,6 +5,7 @@
 //! original source folder, so paths compiled into the code (`__FILE__`, debug info) are the
 //! ones the deployed binary was built with, and the original folder is never written.
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -97,9 +98,49 @@ pub struct Build<'a> {
     pub tools: &'a Path,
 }
 
+/// What a build compiled and linked, as the wrapper recorded it.
+#[derive(Debug, Default)]
+pub struct BuildRecord {
+    /// Object hash → (source file in the tree, stored copy of the object).
+    pub compiled: HashMap<String, (PathBuf, PathBuf)>,
+    /// Link output in the tree → hashes of the objects that went in.
+    pub links: Vec<(PathBuf, Vec<String>)>,
+}
+
+impl BuildRecord {
+    /// The objects `artifact` was linked from, as (source, object copy), if its link was seen.
+    pub fn objects_of(&self, artifact: &Path) -> Option<Vec<(PathBuf, PathBuf)>> {
+        let name = artifact.file_name();
+        let (_, hashes) = self
+            .links
+            .iter()
+            .rev()
+            .find(|(out, _)| out == artifact)
+            .or_else(|| {
+                self.links
+                    .iter()
+                    .rev()
+                    .find(|(out, _)| out.file_name() == name)
+            })?;
+        Some(
+            hashes
+                .iter()
+                .filter_map(|h| self.compiled.get(h).cloned())
+                .collect(),
+        )
+    }
+
+    /// Every object compiled (for builds whose link did not go through the wrapper).
+    pub fn all_objects(&self) -> Vec<(PathBuf, PathBuf)> {
+        let mut v: Vec<_> = self.compiled.values().cloned().collect();
+        v.sort();
+        v
+    }
+}
+
 impl Build<'_> {
-    /// Runs the build; returns the objects compiled, as (object, source) paths inside `tree`.
-    pub fn run(&self, log_to: &Path) -> Result<Vec<(PathBuf, PathBuf)>> {
+    /// Runs the build; returns what it compiled and linked.
+    pub fn run(&self, log_to: &Path) -> Result<BuildRecord> {
         let bin = self.tools.join("bin");
         std::fs::create_dir_all(&bin)?;
         let me = std::env::current_exe().context("cannot find the suture binary")?;
@@ -108,10 +149,15 @@ impl Build<'_> {
             let _ = std::fs::remove_file(&link);
             std::os::unix::fs::symlink(&me, &link)?;
         }
-        let log = self
-            .tools
-            .join(format!("objects-{}.log", std::process::id()));
+        let tag = self
+            .tree
+            .file_name()
+            .and_then(|n| n.to_str())
+            .unwrap_or("tree");
+        let log = self.tools.join(format!("record-{tag}.log"));
+        let store = self.tools.join(format!("objects-{tag}"));
         let _ = std::fs::remove_file(&log);
+        let _ = std::fs::remove_dir_all(&store);
         let real_path = std::env::var("PATH").unwrap_or_else(|_| "/usr/bin:/bin".into());
         let script = "mount --bind \"$SUTURE_TREE\" \"$SUTURE_SOURCE\" && cd \"$SUTURE_SOURCE\" && exec sh -c \"$SUTURE_BUILD_CMD\"";
         let output = std::fs::File::create(log_to)?;
@@ -126,6 +172,7 @@ impl Build<'_> {
             .env(wrapper::ENV_REAL_PATH, &real_path)
             .env(wrapper::ENV_FLAGS, self.flags)
             .env(wrapper::ENV_LOG, &log)
+            .env(wrapper::ENV_STORE, &store)
             .stdout(output.try_clone()?)
             .stderr(output)
             .status()
@@ -137,22 +184,31 @@ impl Build<'_> {
             );
         }
         let text = std::fs::read_to_string(&log).unwrap_or_default();
-        let mut objects = Vec::new();
+        // Recorded under the original path; the files live in the work tree.
+        let in_tree = |p: &str| {
+            let p = Path::new(p);
+            match p.strip_prefix(self.source) {
+                Ok(rel) => self.tree.join(rel),
+                Err(_) => p.to_path_buf(),
+            }
+        };
+        let mut record = BuildRecord::default();
         for line in text.lines() {
-            if let Some((obj, src)) = line.split_once('\t') {
-                // Recorded under the original path; the files live in the work tree.
-                let map = |p: &str| {
-                    let p = Path::new(p);
-                    match p.strip_prefix(self.source) {
-                        Ok(rel) => self.tree.join(rel),
-                        Err(_) => p.to_path_buf(),
-                    }
-                };
-                objects.push((map(obj), map(src)));
+            let f: Vec<&str> = line.split('\t').collect();
+            match f.as_slice() {
+                ["compile", hash, src] => {
+                    let copy = store.join(format!("{hash}.o"));
+                    record
+                        .compiled
+                        .insert(hash.to_string(), (in_tree(src), copy));
+                }
+                ["link", out, hashes] => record.links.push((
+                    in_tree(out),
+                    hashes.split(',').map(str::to_string).collect(),
+                )),
+                _ => {}
             }
         }
-        objects.sort();
-        objects.dedup();
-        Ok(objects)
+        Ok(record)
     }
 }

@@ -524,6 +524,22 @@ impl ModuleSymbols {
                 _ => {}
             }
         }
-        Ok(self.globals.get(&key).copied())
+        if let Some(def) = self.globals.get(&key) {
+            return Ok(Some(*def));
+        }
+        // Hidden-visibility globals (e.g. zlib's ZLIB_INTERNAL) are locals once linked: a
+        // reference from another file means the one local of that name, if there is only one.
+        let mut found = self
+            .locals
+            .iter()
+            .filter(|((_, n), _)| *n == key)
+            .flat_map(|(_, defs)| defs.iter());
+        match (found.next(), found.next()) {
+            (Some(one), None) => Ok(Some(*one)),
+            (Some(_), Some(_)) => {
+                bail!("`{name}` is defined more than once in the module as a local symbol")
+            }
+            _ => Ok(None),
+        }
     }
 }

@@ -115,6 +115,9 @@ pub fn run(args: Args) -> Result<i32> {
                 for f in &s.changed {
                     println!("changed      {f}");
                 }
+                for f in &s.pulled_in {
+                    println!("pulled in    {f} (inlines or specialises a changed function)");
+                }
                 for f in &s.new_functions {
                     println!("new function {f}");
                 }

@@ -181,11 +181,17 @@ fn function_inlined_into_its_caller() {
         format!("#include <stdio.h>\n#include <string.h>\nstatic inline int bonus(int x) {{ return x + {k}; }}\nconst char *answer(const char *in) {{ static char b[32]; snprintf(b, sizeof b, \"%d\", bonus((int)strlen(in))); return b; }}\n")
     };
     let (a, b) = (lib("1"), lib("100"));
-    patch_live(&Case {
+    let v = patch_live(&Case {
         files: &[("lib.c", &a)],
         fixed: &[("lib.c", &b)],
         checks: &[("ab", "3", "102")],
     });
+    // `bonus` changed in the diff; `answer` changed only because it inlines it.
+    assert_eq!(
+        v["summary"]["pulled_in"],
+        serde_json::json!(["answer (lib.c)"]),
+        "{v}"
+    );
 }
 
 #[test]
@@ -426,4 +432,134 @@ fn cxx_function_using_std_string() {
     assert!(ok, "{a}");
     assert_eq!(t.ask("hey"), "hey?!");
     assert_eq!(t.ask("you"), "you?!");
+}
+
+const SIMPLE: &str = "#include <string.h>\nconst char *answer(const char *in) { return strlen(in) > 3 ? \"big\" : \"small\"; }\n";
+const SIMPLE_FIXED: &str = "#include <string.h>\nconst char *answer(const char *in) { return strlen(in) > 3 ? \"BIG\" : \"small\"; }\n";
+
+fn apply_and_check(p: &Project, deployed: &Path, artifact: &str) {
+    let mut t = Target::start(deployed, None);
+    assert_eq!(t.ask("abcdef"), "big");
+    let out = p.build(deployed, artifact, "fix.suture");
+    assert!(
+        out.status.success(),
+        "{}{}",
+        stderr(&out),
+        String::from_utf8_lossy(&out.stdout)
+    );
+    let bundle = p.work.path("fix.suture");
+    let (ok, v) = suture_json(&[
+        "apply",
+        bundle.to_str().unwrap(),
+        "--pid",
+        &t.pid_arg(),
+        "--trust",
+        p.public.to_str().unwrap(),
+    ]);
+    assert!(ok, "{v}");
+    assert_eq!(t.ask("abcdef"), "BIG");
+}
+
+#[test]
+fn stripped_deployed_binary_uses_the_rebuilt_symbol_table() {
+    let p = Project::new(&[("lib.c", SIMPLE)], &[("lib.c", SIMPLE_FIXED)], None, None);
+    let deployed = p.work.path("app-stripped");
+    std::fs::copy(p.work.path("src/app"), &deployed).unwrap();
+    assert!(Command::new("strip")
+        .arg(&deployed)
+        .status()
+        .unwrap()
+        .success());
+    apply_and_check(&p, &deployed, "app");
+}
+
+#[test]
+fn stale_build_outputs_in_the_source_are_never_reused() {
+    let p = Project::new(&[("lib.c", SIMPLE)], &[("lib.c", SIMPLE_FIXED)], None, None);
+    // An object from some other build, newer than its source: make would keep it.
+    let src = p.work.path("src");
+    let other = p.work.path("other.c");
+    std::fs::write(
+        &other,
+        "const char *answer(const char *in) { return in; }\n",
+    )
+    .unwrap();
+    p.work.gcc(&[
+        "-O2",
+        "-c",
+        other.to_str().unwrap(),
+        "-o",
+        src.join("lib.o").to_str().unwrap(),
+    ]);
+    let deployed = p.work.path("app-deployed");
+    std::fs::copy(p.work.path("src/app"), &deployed).unwrap();
+    apply_and_check(&p, &deployed, "app");
+}
+
+#[test]
+fn difference_only_in_debug_info_does_not_stop_a_patch() {
+    // Deployed from another folder: -g records another build directory (and the build-id
+    // changes), the code does not.
+    let p = Project::new(&[("lib.c", SIMPLE)], &[("lib.c", SIMPLE_FIXED)], None, None);
+    let elsewhere = p.work.path("built-elsewhere");
+    assert!(Command::new("cp")
+        .arg("-a")
+        .arg(p.work.path("src"))
+        .arg(&elsewhere)
+        .status()
+        .unwrap()
+        .success());
+    assert!(Command::new("make")
+        .args(["-s", "-B"])
+        .current_dir(&elsewhere)
+        .status()
+        .unwrap()
+        .success());
+    let deployed = elsewhere.join("app");
+    let id = |f: &Path| suture_module_build_id(f);
+    assert_ne!(
+        id(&deployed),
+        id(&p.work.path("src/app")),
+        "debug info differs"
+    );
+    apply_and_check(&p, &deployed, "app");
+}
+
+fn suture_module_build_id(f: &Path) -> String {
+    let out = Command::new("readelf").arg("-n").arg(f).output().unwrap();
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("Build ID: ").map(str::to_string))
+        .unwrap()
+}
+
+#[test]
+fn a_real_code_difference_from_the_deployed_binary_is_refused() {
+    let p = Project::new(&[("lib.c", SIMPLE)], &[("lib.c", SIMPLE_FIXED)], None, None);
+    // The deployed binary was built with other flags than the source's build command uses.
+    let other = p.work.path("other-flags");
+    assert!(Command::new("cp")
+        .arg("-a")
+        .arg(p.work.path("src"))
+        .arg(&other)
+        .status()
+        .unwrap()
+        .success());
+    assert!(Command::new("make")
+        .args(["-s", "-B", "CFLAGS=-O0"])
+        .current_dir(&other)
+        .status()
+        .unwrap()
+        .success());
+    let out = p.build(&other.join("app"), "app", "fix.suture");
+    assert!(!out.status.success());
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(
+        v["error"]
+            .as_str()
+            .unwrap()
+            .contains("the source or toolchain differs"),
+        "{v}"
+    );
+    assert!(!p.work.path("fix.suture").exists());
 }

@@ -51,7 +51,11 @@ pub struct SourceFix<'a> {
 /// What the build found, for the operator.
 #[derive(Debug, Default, serde::Serialize)]
 pub struct Summary {
+    /// Functions whose code changed and that the diff names.
     pub changed: Vec<String>,
+    /// Functions whose code changed although the diff does not name them: they inline (or
+    /// were specialised from) a changed function.
+    pub pulled_in: Vec<String>,
     pub new_functions: Vec<String>,
     pub new_data: Vec<String>,
     pub changed_rodata: Vec<String>,
@@ -188,14 +192,14 @@ pub fn build_from_source(fix: &SourceFix, progress: &mut dyn FnMut(&str)) -> Res
             continue;
         }
         let inclusion = include(p, &changes)?;
-        found.push((p, changes, inclusion));
+        found.push((p, changes, inclusion, rel.clone()));
     }
     if found.is_empty() {
         bail!("the fix changes no code of {target_name}: nothing to patch (no bundle written)");
     }
     let units: Vec<Unit> = found
         .iter()
-        .map(|(p, changes, inclusion)| Unit {
+        .map(|(p, changes, inclusion, _)| Unit {
             obj: p,
             changes,
             inclusion,
@@ -205,7 +209,11 @@ pub fn build_from_source(fix: &SourceFix, progress: &mut dyn FnMut(&str)) -> Res
 
     // The functions to detour: changed ones that exist in the deployed module.
     let mut functions = Vec::new();
-    for (p, changes, _) in &found {
+    for (p, changes, _, rel) in &found {
+        let sources = (
+            std::fs::read_to_string(trees[1].join(rel)).ok(),
+            std::fs::read_to_string(trees[2].join(rel)).ok(),
+        );
         for key in &changes.changed {
             let Some(entity) = p.entities.get(key) else {
                 continue;
@@ -233,9 +241,12 @@ pub fn build_from_source(fix: &SourceFix, progress: &mut dyn FnMut(&str)) -> Res
                 expected_sha256: hex::encode(Sha256::digest(code)),
                 replacement,
             });
-            summary
-                .changed
-                .push(format!("{} ({})", entity.name, p.source_name));
+            let line = format!("{} ({})", entity.name, p.source_name);
+            if !own_text_unchanged(&sources, &entity.name) {
+                summary.changed.push(line);
+            } else {
+                summary.pulled_in.push(line);
+            }
         }
         summary.new_functions.extend(
             changes
@@ -293,6 +304,150 @@ pub fn build_from_source(fix: &SourceFix, progress: &mut dyn FnMut(&str)) -> Res
         object: emitted.object,
         summary,
     })
+}
+
+/// Is the function's own source text the same in the original and the patched tree? Then
+/// its code changed only because of what it inlines. Unknown (not found) counts as changed.
+fn own_text_unchanged(sources: &(Option<String>, Option<String>), symbol: &str) -> bool {
+    let base = symbol.split('.').next().unwrap_or(symbol);
+    let name = match base.strip_prefix("_Z") {
+        Some(mangled) => last_mangled_identifier(mangled).unwrap_or(base),
+        None => base,
+    };
+    match sources {
+        (Some(o), Some(p)) => match (definition(o, name), definition(p, name)) {
+            (Some(a), Some(b)) => a == b,
+            _ => false,
+        },
+        _ => false,
+    }
+}
+
+/// The text of the definition of function `name` in C/C++ source: from the name to the
+/// brace that closes its body. Comments and literals are ignored; after the parameter list
+/// comes `{` (ANSI), or K&R parameter declarations and then `{`.
+fn definition(src: &str, name: &str) -> Option<String> {
+    let code = blank_comments_and_literals(src);
+    let b = code.as_bytes();
+    let ident = |c: u8| c.is_ascii_alphanumeric() || c == b'_';
+    for (i, _) in code.match_indices(name) {
+        if i > 0 && ident(b[i - 1]) {
+            continue;
+        }
+        let mut k = i + name.len();
+        while k < b.len() && b[k].is_ascii_whitespace() {
+            k += 1;
+        }
+        if b.get(k) != Some(&b'(') {
+            continue;
+        }
+        let close = matching(b, k, b'(', b')')?;
+        let mut open = close + 1;
+        while open < b.len() && b[open] != b'{' {
+            // K&R declarations hold no parentheses or assignments; a call or prototype does.
+            if matches!(b[open], b'(' | b')' | b'=' | b'}')
+                || (b[open] == b';' && !knr_decls(&code[close + 1..open]))
+            {
+                break;
+            }
+            open += 1;
+        }
+        if b.get(open) != Some(&b'{') {
+            continue;
+        }
+        let end = matching(b, open, b'{', b'}')?;
+        return Some(src[i..=end].to_string());
+    }
+    None
+}
+
+/// Text between `)` and `{` of a K&R definition: declarations like `int a; char *b;`.
+fn knr_decls(text: &str) -> bool {
+    let t = text.trim();
+    !t.is_empty()
+        && t.bytes()
+            .next()
+            .is_some_and(|c| c.is_ascii_alphabetic() || c == b'_')
+}
+
+fn matching(b: &[u8], open_at: usize, open: u8, close: u8) -> Option<usize> {
+    let mut depth = 0usize;
+    for (k, &c) in b.iter().enumerate().skip(open_at) {
+        if c == open {
+            depth += 1;
+        } else if c == close {
+            depth = depth.checked_sub(1)?;
+            if depth == 0 {
+                return Some(k);
+            }
+        }
+    }
+    None
+}
+
+/// The source with comments, string and character literals replaced by spaces (same offsets).
+fn blank_comments_and_literals(src: &str) -> String {
+    let mut out: Vec<u8> = src.as_bytes().to_vec();
+    let b = src.as_bytes();
+    let mut i = 0;
+    while i < b.len() {
+        let blank_to = |out: &mut Vec<u8>, from: usize, to: usize| {
+            for c in out.iter_mut().take(to.min(b.len())).skip(from) {
+                if *c != b'\n' {
+                    *c = b' ';
+                }
+            }
+        };
+        if b[i..].starts_with(b"/*") {
+            let end = src[i + 2..]
+                .find("*/")
+                .map(|e| i + 2 + e + 2)
+                .unwrap_or(b.len());
+            blank_to(&mut out, i, end);
+            i = end;
+        } else if b[i..].starts_with(b"//") {
+            let end = src[i..].find('\n').map(|e| i + e).unwrap_or(b.len());
+            blank_to(&mut out, i, end);
+            i = end;
+        } else if b[i] == b'"' || b[i] == b'\'' {
+            let q = b[i];
+            let mut k = i + 1;
+            while k < b.len() && b[k] != q {
+                k += if b[k] == b'\\' { 2 } else { 1 };
+            }
+            blank_to(&mut out, i + 1, k);
+            i = k + 1;
+        } else {
+            i += 1;
+        }
+    }
+    String::from_utf8(out).unwrap_or_default()
+}
+
+/// The function's own name in an Itanium-mangled name (after `_Z`): the last identifier of a
+/// nested name (`N5Meter3addE…` → `add`), else the first one (`5shoutRK…` → `shout`).
+fn last_mangled_identifier(m: &str) -> Option<&str> {
+    let b = m.as_bytes();
+    let nested = b.first() == Some(&b'N');
+    let mut i = usize::from(nested);
+    while i < b.len() && matches!(b[i], b'r' | b'V' | b'K') {
+        i += 1;
+    }
+    let mut last = None;
+    while i < b.len() && b[i].is_ascii_digit() {
+        let start = i;
+        while i < b.len() && b[i].is_ascii_digit() {
+            i += 1;
+        }
+        let n: usize = m[start..i].parse().ok()?;
+        let id = m.get(i..i + n)?;
+        last = Some(id);
+        i += n;
+        if !nested {
+            break;
+        }
+    }
+    last
 }
 
 /// The rebuilt target: named by the operator, else found by file name in the tree.
@@ -375,4 +530,34 @@ fn same_code(deployed: &Module, rebuilt: &Module) -> Result<()> {
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn finds_ansi_and_knr_definitions_not_mentions() {
+        let src = "/* inflate() uses a state machine { */\nint inflate(z_streamp strm, int flush);\nint other(void) { return inflate(0, 1); }\nint ZEXPORT inflate(strm, flush)\nz_streamp strm;\nint flush;\n{\n    if (x) { y(\"}\"); }\n    return 0;\n}\n";
+        let d = definition(src, "inflate").expect("found");
+        assert!(d.starts_with("inflate(strm, flush)"), "{d}");
+        assert!(d.ends_with("return 0;\n}"), "{d}");
+        let ansi = "static int clamp(int n) { return n > 8 ? 8 : n; }\n";
+        assert_eq!(
+            definition(ansi, "clamp").as_deref(),
+            Some("clamp(int n) { return n > 8 ? 8 : n; }")
+        );
+        assert_eq!(definition("int f(int);\n", "f"), None);
+        let cpp = "int Meter::add(const char *s) { total += 1; return total; }";
+        assert!(definition(cpp, "add").is_some());
+    }
+
+    #[test]
+    fn mangled_names_give_their_function() {
+        assert_eq!(last_mangled_identifier("N5Meter3addEPKc"), Some("add"));
+        assert_eq!(
+            last_mangled_identifier("5shoutRKNSt7__cxx1112basic_stringIcSt11char_traitsIcESaIcEEE"),
+            Some("shout")
+        );
+    }
 }

@@ -563,3 +563,37 @@ fn a_real_code_difference_from_the_deployed_binary_is_refused() {
     );
     assert!(!p.work.path("fix.suture").exists());
 }
+
+#[test]
+fn changed_main_loop_is_built_but_refused_as_busy_while_it_runs() {
+    let main = |greeting: &str| {
+        MAIN_C.replace(
+            "printf(\"%s\\n\", answer(line));",
+            &format!("printf(\"{greeting}%s\\n\", answer(line));"),
+        )
+    };
+    let (a, b) = (main(""), main("> "));
+    assert_ne!(a, b);
+    let p = Project::new(&[("lib.c", SIMPLE)], &[("main.c", &b)], Some(&a), None);
+    let app = p.work.path("src/app");
+    let mut t = Target::start(&app, None);
+    let out = p.build(&app, "app", "fix.suture");
+    assert!(out.status.success(), "{}", stderr(&out));
+    let bundle = p.work.path("fix.suture");
+    let before = snapshot(t.pid);
+    let (ok, v) = suture_json(&[
+        "apply",
+        bundle.to_str().unwrap(),
+        "--pid",
+        &t.pid_arg(),
+        "--trust",
+        p.public.to_str().unwrap(),
+        "--timeout-ms",
+        "300",
+    ]);
+    assert!(!ok);
+    assert_eq!(v["kind"], "busy", "{v}");
+    assert!(v["error"].as_str().unwrap().contains("`main`"), "{v}");
+    assert_same_memory(&before, &snapshot(t.pid));
+    assert_eq!(t.ask("abcdef"), "big");
+}

@@ -296,8 +296,13 @@ pub fn apply(pid: i32, bundle: &Bundle, opts: &ApplyOptions) -> Result<ApplyRepo
     let (stopped_us, attempts) = match outcome {
         Ok(v) => v,
         Err(e) => {
-            if procfs::exists(pid) && session.stop_all().is_ok() {
-                unmap_now(&mut session, &mem, &maps, tid0, mapped.base, total);
+            if procfs::exists(pid) {
+                match session.stop_all() {
+                    Ok(()) => unmap_now(&mut session, &mem, &maps, tid0, mapped.base, total),
+                    Err(stop) => {
+                        tracing::warn!(pid, "cannot stop the process to clean up: {stop:#}")
+                    }
+                }
             }
             return Err(e);
         }
@@ -891,9 +896,14 @@ fn map_patch(
 
 /// Undoes a mapping from a fresh remote on `tid` (stopped), leaving its stack as it was.
 fn unmap_now(session: &mut Session, mem: &Memory, maps: &[Mapping], tid: i32, base: u64, len: u64) {
-    if let Ok(mut r) = Remote::new(session, tid, mem, maps) {
-        unmap(session, &mut r, base, len);
-        let _ = r.finish(mem);
+    match Remote::new(session, tid, mem, maps) {
+        Ok(mut r) => {
+            unmap(session, &mut r, base, len);
+            if let Err(e) = r.finish(mem) {
+                tracing::warn!("restoring thread {tid} after clean-up: {e:#}");
+            }
+        }
+        Err(e) => tracing::warn!("cannot clean up patch memory at {base:#x}: {e:#}"),
     }
 }
 
@@ -908,7 +918,10 @@ fn r_check(pid: i32, what: &str, ret: i64) -> anyhow::Result<u64> {
 }
 
 fn unmap(session: &mut Session, remote: &mut Remote, base: u64, len: u64) {
-    if let Ok(ret) = remote.syscall(session, libc::SYS_munmap, &[base, len]) {
-        let _ = remote.check("munmap", ret);
+    let result = remote
+        .syscall(session, libc::SYS_munmap, &[base, len])
+        .and_then(|ret| remote.check("munmap", ret));
+    if let Err(e) = result {
+        tracing::warn!("cannot unmap patch memory at {base:#x}: {e:#}");
     }
 }

@@ -125,18 +125,31 @@ impl Remote {
         let pid = Pid::from_raw(self.tid);
         ptrace::setregs(pid, regs).map_err(|_| gone(self.pid))?;
         let deadline = Instant::now() + Duration::from_secs(2);
-        loop {
+        let mut tries = 0;
+        let out = loop {
             ptrace::step(pid, None).map_err(|_| gone(self.pid))?;
             match self.wait(session, deadline)? {
-                Signal::SIGTRAP => break,
-                other => {
-                    // An asynchronous signal got in first: keep it for later, step again.
-                    session.defer_signal(self.tid, other);
-                    ptrace::setregs(pid, regs).map_err(|_| gone(self.pid))?;
+                Signal::SIGTRAP => {
+                    // Done only if the thread is past our `syscall`: a single-step trap left
+                    // over from an earlier step (of a thread that was in a blocking system
+                    // call) arrives before anything executed.
+                    let out = ptrace::getregs(pid).map_err(|_| gone(self.pid))?;
+                    if out.rip == self.syscall_insn + 2 {
+                        break out;
+                    }
                 }
+                other => session.defer_signal(self.tid, other), // keep it for later
             }
-        }
-        let out = ptrace::getregs(pid).map_err(|_| gone(self.pid))?;
+            tries += 1;
+            if tries > 16 {
+                self.restore()?;
+                bail!(
+                    "process {}: injected system call {nr} did not run",
+                    self.pid
+                );
+            }
+            ptrace::setregs(pid, regs).map_err(|_| gone(self.pid))?;
+        };
         self.restore()?;
         Ok(out.rax as i64)
     }

@@ -130,13 +130,19 @@ impl<'a> Checker<'a> {
             return Ok(Some(busy(tid, g, EXECUTING)));
         }
         let sp = regs.rsp & !7;
-        let end = match self.maps.iter().find(|m| m.contains(sp)) {
+        let mut end = match self.maps.iter().find(|m| m.contains(sp)) {
             Some(m) => m.end,
             None => {
                 self.saw_unknown_stack = true;
                 sp + 64 * 1024
             }
         };
+        // The kernel merges neighbouring thread stacks into one mapping; a thread's own stack
+        // ends at its thread control block, where the thread pointer points (glibc, musl).
+        // Past it lie other threads' stacks, whose stale words are not this thread's frames.
+        if regs.fs_base > sp && regs.fs_base < end {
+            end = regs.fs_base;
+        }
         let len = (end.saturating_sub(sp)).min(MAX_STACK) as usize;
         let bytes = self.mem.read(sp, len).unwrap_or_default();
         let stack = Stack {
@@ -190,6 +196,12 @@ impl<'a> Checker<'a> {
     fn step_out(&mut self, session: &mut Session, tid: i32) -> Result<Option<Busy>> {
         let deadline = Instant::now() + STEP_BUDGET;
         let mut busy = self.thread(session, tid)?;
+        // A thread stopped inside a system call would only block again when stepped, and an
+        // interrupted step leaves a trap queued: leave such threads to the back-off.
+        let regs = ptrace::getregs(Pid::from_raw(tid)).map_err(|_| gone(session.pid()))?;
+        if (regs.orig_rax as i64) >= 0 {
+            return Ok(busy);
+        }
         while busy.is_some() && Instant::now() < deadline {
             if !session.step(tid, deadline)? {
                 break;

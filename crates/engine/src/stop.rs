@@ -43,6 +43,18 @@ pub fn gone(pid: i32) -> anyhow::Error {
     anyhow::anyhow!("process {pid} exited during the operation; nothing was left changed in it")
 }
 
+/// Is thread `tid` gone or on its way out (zombie/dead)?
+fn thread_exiting(pid: i32, tid: i32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/stat")) {
+        // The state follows the command name in parentheses, which may itself hold spaces.
+        Ok(stat) => stat
+            .rsplit_once(')')
+            .and_then(|(_, rest)| rest.split_whitespace().next())
+            .is_some_and(|state| matches!(state, "Z" | "X" | "x")),
+        Err(_) => true,
+    }
+}
+
 impl Session {
     /// Seizes every thread of `pid` without stopping any.
     pub fn seize(pid: i32) -> Result<Session> {
@@ -90,6 +102,8 @@ impl Session {
                     new += 1;
                 }
                 Err(Errno::ESRCH) => {} // the thread exited meanwhile
+                // The kernel also says EPERM for a thread that is exiting.
+                Err(Errno::EPERM) if thread_exiting(self.pid, tid) => {}
                 Err(Errno::EPERM) => bail!(
                     "process {}: ptrace not permitted (already traced by another debugger, or not root)",
                     self.pid

@@ -46,7 +46,7 @@ pub enum EngineError {
     /// The process exited while we worked on it.
     #[error("{0}")]
     Exited(String),
-    #[error("{0:#}")]
+    #[error(transparent)]
     Failed(#[from] anyhow::Error),
 }
 

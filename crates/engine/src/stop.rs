@@ -55,6 +55,18 @@ fn thread_exiting(pid: i32, tid: i32) -> bool {
     }
 }
 
+/// Whether the calling thread (ptrace tracers are threads) already traces `tid`.
+fn traced_by_us(pid: i32, tid: i32) -> bool {
+    let Ok(status) = std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/status")) else {
+        return false;
+    };
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("TracerPid:"))
+        .and_then(|v| v.trim().parse::<u32>().ok())
+        .is_some_and(|tracer| tracer == nix::unistd::gettid().as_raw() as u32)
+}
+
 impl Session {
     /// Seizes every thread of `pid` without stopping any.
     pub fn seize(pid: i32) -> Result<Session> {
@@ -104,6 +116,12 @@ impl Session {
                 Err(Errno::ESRCH) => {} // the thread exited meanwhile
                 // The kernel also says EPERM for a thread that is exiting.
                 Err(Errno::EPERM) if thread_exiting(self.pid, tid) => {}
+                // ... and for one a seized thread just created: TRACECLONE already attached it
+                // to us, and its clone event is still to be read.
+                Err(Errno::EPERM) if traced_by_us(self.pid, tid) => {
+                    self.tracees.insert(tid, Tracee::default());
+                    new += 1;
+                }
                 Err(Errno::EPERM) => bail!(
                     "process {}: ptrace not permitted (already traced by another debugger, or not root)",
                     self.pid

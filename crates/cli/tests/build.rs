@@ -291,6 +291,32 @@ fn changed_size_of_existing_data_is_refused() {
 }
 
 #[test]
+fn changed_struct_layout_used_by_existing_data_is_refused() {
+    // Same size, members swapped: sessions already on the heap keep the old order.
+    let f = |fields: &str| {
+        format!("#include <stdio.h>\n#include <stdlib.h>\nstruct session {{ {fields} }};\nstatic struct session *current;\nconst char *answer(const char *in) {{ static char b[32]; if (!current) {{ current = calloc(1, sizeof *current); current->limit = 3; }} current->hits++; snprintf(b, sizeof b, \"%d/%d%c\", current->hits, current->limit, in[0]); return b; }}\n")
+    };
+    let (a, b) = (f("int hits; int limit;"), f("int limit; int hits;"));
+    refused(&[("lib.c", &a)], &[("lib.c", &b)], NOT_LIVE);
+    refused(
+        &[("lib.c", &a)],
+        &[("lib.c", &b)],
+        "layout of `struct session` changed (member `hits` moved from offset 0 to 4",
+    );
+}
+
+#[test]
+fn struct_used_only_by_value_on_the_stack_may_change() {
+    let a = "#include <stdio.h>\nstruct pair { int a; int b; };\nconst char *answer(const char *in) { static char buf[32]; struct pair p = { in[0], 2 }; snprintf(buf, sizeof buf, \"%d\", p.a - p.b); return buf; }\n";
+    let b = "#include <stdio.h>\nstruct pair { long c; int b; int a; };\nconst char *answer(const char *in) { static char buf[32]; struct pair p = { .a = in[0], .b = 2, .c = 100 }; snprintf(buf, sizeof buf, \"%ld\", p.a + p.b + p.c); return buf; }\n";
+    patch_live(&Case {
+        files: &[("lib.c", a)],
+        fixed: &[("lib.c", b)],
+        checks: &[("A", "63", "167")],
+    });
+}
+
+#[test]
 fn changed_thread_local_is_refused() {
     let f = |v: &str| {
         format!("#include <stdio.h>\n__thread int tl = {v};\nconst char *answer(const char *in) {{ static char b[16]; snprintf(b, sizeof b, \"%d%c\", tl++, in[0]); return b; }}\n")

@@ -27,7 +27,7 @@ pub struct NotPatchable {
     pub what: String,
 }
 
-fn refuse(what: impl Into<String>) -> anyhow::Error {
+pub(crate) fn refuse(what: impl Into<String>) -> anyhow::Error {
     anyhow::Error::new(NotPatchable { what: what.into() })
 }
 

@@ -13,6 +13,7 @@
 
 pub mod differ;
 pub mod emit;
+pub mod layout;
 pub mod tree;
 pub mod wrapper;
 
@@ -29,7 +30,8 @@ use suture_module::Module;
 use differ::{compare, include, ModuleSymbols, Obj};
 use emit::{emit, Unit};
 
-const SPLIT_FLAGS: &str = "-ffunction-sections -fdata-sections";
+/// `-g` gives the differ the struct layouts to check; it does not change the code gcc emits.
+const SPLIT_FLAGS: &str = "-ffunction-sections -fdata-sections -g";
 
 /// What the operator asked for.
 pub struct SourceFix<'a> {
@@ -188,6 +190,7 @@ pub fn build_from_source(fix: &SourceFix, progress: &mut dyn FnMut(&str)) -> Res
     let mut found = Vec::new();
     for (o, p, rel) in &parsed {
         let changes = compare(o, p).with_context(|| format!("in {}", rel.display()))?;
+        layout::check(&o.file, &p.file).with_context(|| format!("in {}", rel.display()))?;
         if changes.is_empty() {
             continue;
         }

@@ -116,7 +116,7 @@ pub fn run(args: Args) -> Result<i32> {
                     println!("changed      {f}");
                 }
                 for f in &s.pulled_in {
-                    println!("pulled in    {f} (inlines or specialises a changed function)");
+                    println!("pulled in    {f} (source unchanged, code changed: inlines a changed function or uses a line number the fix moved)");
                 }
                 for f in &s.new_functions {
                     println!("new function {f}");

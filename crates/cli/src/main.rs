@@ -13,6 +13,9 @@ fn main() {
     if let Some(argv0) = std::env::args().next() {
         suture_build::source::wrapper::maybe_run(&argv0);
     }
+    // Output piped into `head` and closed early ends us quietly, as it does any other tool.
+    // SAFETY: restoring a signal's default disposition at start, before any thread exists.
+    unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
     let args = cli::Args::parse();
     tracing_subscriber::fmt()
         .with_env_filter(

@@ -1,6 +1,10 @@
-//! A real project and a real upstream security fix: Debian's zlib source package (1.2.13),
-//! deployed with the fix for CVE-2022-37434 reverted, patched live from the upstream diff with
-//! `suture build` and its own `./configure && make`.
+//! Real projects and real upstream security fixes, from Debian source packages built with their
+//! own build systems:
+//! - zlib 1.2.13 (`./configure && make`), deployed with the fix for CVE-2022-37434 reverted;
+//! - expat 2.5.0 (CMake), deployed as released, before the fix for CVE-2024-45490;
+//!
+//! each patched live from the upstream diff with `suture build` while a program using the
+//! library runs.
 
 mod common;
 
@@ -26,8 +30,9 @@ fn run(cmd: &mut Command) {
     );
 }
 
-/// `apt-get source` with its own source list and state, leaving the system's apt untouched.
-fn fetch_zlib(dir: &Path) -> PathBuf {
+/// `apt-get source --download-only` of the first of `versions` the mirror serves, with its own
+/// source list and state, leaving the system's apt untouched.
+fn fetch_source(dir: &Path, versions: &[&str]) {
     let apt = dir.join("apt");
     for d in ["parts", "lists/partial", "cache/archives/partial"] {
         std::fs::create_dir_all(apt.join(d)).unwrap();
@@ -56,11 +61,25 @@ fn fetch_zlib(dir: &Path) -> PathBuf {
     let mut update = Command::new("apt-get");
     opts(&mut update);
     run(update.arg("update"));
-    let mut source = Command::new("apt-get");
-    opts(&mut source);
-    run(source
-        .args(["source", "--download-only", ZLIB])
-        .current_dir(dir));
+    let mut failures = String::new();
+    for version in versions {
+        let mut source = Command::new("apt-get");
+        opts(&mut source);
+        let out = source
+            .args(["source", "--download-only", version])
+            .current_dir(dir)
+            .output()
+            .expect("apt-get runs");
+        if out.status.success() {
+            return;
+        }
+        failures += &String::from_utf8_lossy(&out.stderr);
+    }
+    panic!("no source package among {versions:?}: {failures}");
+}
+
+fn fetch_zlib(dir: &Path) -> PathBuf {
+    fetch_source(dir, &[ZLIB]);
     run(Command::new("tar")
         .args(["xjf", "zlib_1.2.13.dfsg.orig.tar.bz2"])
         .current_dir(dir));
@@ -161,4 +180,95 @@ fn zlib_cve_2022_37434_fixed_live_from_the_upstream_diff() {
         st["processes"][0]["patches"][0]["cves"][0],
         "CVE-2022-37434"
     );
+}
+
+/// The Debian package's own configuration, less what the test does not need.
+const EXPAT_CMAKE: &str = "cmake -S expat -B build -DCMAKE_BUILD_TYPE=RelWithDebInfo \
+    -DEXPAT_BUILD_TESTS=OFF -DEXPAT_BUILD_EXAMPLES=OFF -DEXPAT_BUILD_DOCS=OFF \
+    -DEXPAT_BUILD_TOOLS=OFF >/dev/null && cmake --build build";
+
+const EXPAT_DIFF: &str = concat!(
+    env!("CARGO_MANIFEST_DIR"),
+    "/tests/real/expat-CVE-2024-45490.diff"
+);
+
+#[test]
+fn expat_cve_2024_45490_fixed_live_in_a_cmake_build() {
+    let work = Work::new();
+    // Only the upstream tarball is used; any Debian 12 revision carries the same one.
+    fetch_source(
+        work.dir.path(),
+        &["expat=2.5.0-1+deb12u2", "expat=2.5.0-1+deb12u1", "expat"],
+    );
+    run(Command::new("tar")
+        .args(["xzf", "expat_2.5.0.orig.tar.gz"])
+        .current_dir(work.dir.path()));
+    let src = work.path("libexpat-R_2_5_0");
+    run(Command::new("sh")
+        .args(["-c", EXPAT_CMAKE])
+        .current_dir(&src));
+    let lib_dir = src.join("build");
+    work.gcc(&[
+        "-O2",
+        &format!("-I{}", src.join("expat/lib").display()),
+        &format!("-I{}", lib_dir.display()),
+        &Work::src("xmlservice.c"),
+        &format!("-L{}", lib_dir.display()),
+        "-lexpat",
+        "-o",
+        "xmlservice",
+    ]);
+    let mut t = Target::start(&work.path("xmlservice"), Some(&lib_dir));
+    // The bug: a negative length is accepted.
+    assert_eq!(t.ask("negative"), "status 1 error 0");
+    assert_eq!(t.ask("parse"), "status 1 elements 4");
+
+    let (key, public) = work.keys("expat");
+    let bundle = work.path("cve.suture");
+    let target = lib_dir.join("libexpat.so.1.8.10");
+    let out = suture(&[
+        "--json",
+        "build",
+        "--source",
+        src.to_str().unwrap(),
+        "--diff",
+        EXPAT_DIFF,
+        "--target",
+        target.to_str().unwrap(),
+        "--build-cmd",
+        EXPAT_CMAKE,
+        "--key",
+        key.to_str().unwrap(),
+        "--out",
+        bundle.to_str().unwrap(),
+        "--cve",
+        "CVE-2024-45490",
+    ]);
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+    assert!(out.status.success(), "{}{v}", stderr(&out));
+    assert_eq!(
+        v["summary"]["changed"],
+        serde_json::json!(["XML_ParseBuffer (xmlparse.c)"])
+    );
+    let before = t.pid;
+    let (ok, a) = suture_json(&[
+        "apply",
+        bundle.to_str().unwrap(),
+        "--pid",
+        &t.pid_arg(),
+        "--trust",
+        public.to_str().unwrap(),
+    ]);
+    assert!(ok, "{a}");
+    // Fixed: XML_STATUS_ERROR with XML_ERROR_INVALID_ARGUMENT (41); parsing still works, and
+    // the process kept its pid and its state.
+    assert_eq!(t.ask("negative"), "status 0 error 41");
+    assert_eq!(t.ask("parse"), "status 1 elements 4");
+    assert_eq!(t.ask("served"), "5");
+    assert_eq!(t.pid, before);
+    assert!(t.alive());
+
+    let (ok, r) = suture_json(&["revert", "--pid", &t.pid_arg()]);
+    assert!(ok, "{r}");
+    assert_eq!(t.ask("negative"), "status 1 error 0");
 }

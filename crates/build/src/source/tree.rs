@@ -13,8 +13,9 @@ use anyhow::{bail, Context, Result};
 
 use super::wrapper;
 
-/// Copies `source` to `dest` and deletes every ELF file in the copy: old build outputs must
-/// never stand in for a fresh build.
+/// Copies `source` to `dest` and deletes every ELF file and every configured CMake or Meson
+/// build folder in the copy: old build outputs must never stand in for a fresh build, and a
+/// configured build folder pins the compiler path, which would bypass the wrapper.
 pub fn copy_clean(source: &Path, dest: &Path) -> Result<()> {
     if dest.exists() {
         std::fs::remove_dir_all(dest)
@@ -39,7 +40,16 @@ fn purge_elf(dir: &Path) -> Result<()> {
         let ty = entry.file_type()?;
         let path = entry.path();
         if ty.is_dir() {
-            purge_elf(&path)?;
+            let configured = ["CMakeCache.txt", "meson-private"]
+                .iter()
+                .any(|marker| path.join(marker).exists());
+            if configured {
+                tracing::info!(dir = %path.display(), "removing a configured build folder");
+                std::fs::remove_dir_all(&path)
+                    .with_context(|| format!("cannot remove {}", path.display()))?;
+            } else {
+                purge_elf(&path)?;
+            }
         } else if ty.is_file() {
             let mut head = [0u8; 4];
             let is_elf = std::fs::File::open(&path)
@@ -57,6 +67,10 @@ fn purge_elf(dir: &Path) -> Result<()> {
 
 /// Applies a unified diff (`-p1` as git and distro patches are, else `-p0`).
 pub fn apply_diff(tree: &Path, diff: &Path) -> Result<()> {
+    // patch runs inside the tree: a relative path would be looked up there.
+    let diff = &std::fs::canonicalize(diff)
+        .with_context(|| format!("cannot read the fix {}", diff.display()))?;
+    let mut why = String::new();
     for level in ["-p1", "-p0"] {
         let dry = Command::new("patch")
             .args([level, "--dry-run", "--batch", "--forward", "-s", "-i"])
@@ -81,8 +95,22 @@ pub fn apply_diff(tree: &Path, diff: &Path) -> Result<()> {
                 return Ok(());
             }
         }
+        if why.is_empty() {
+            // What patch said at -p1, the usual level, in one line.
+            why = String::from_utf8_lossy(&dry.stdout)
+                .lines()
+                .chain(String::from_utf8_lossy(&dry.stderr).lines())
+                .map(str::trim)
+                .filter(|l| !l.is_empty())
+                .take(2)
+                .collect::<Vec<_>>()
+                .join("; ");
+        }
     }
-    bail!("{} does not apply to the source tree", diff.display())
+    bail!(
+        "{} does not apply to the source tree (at -p1 and -p0): {why}",
+        diff.display()
+    )
 }
 
 /// One build of the project.

@@ -115,6 +115,9 @@ pub fn run(args: Args) -> Result<i32> {
                 for f in &s.changed {
                     println!("changed      {f}");
                 }
+                for f in &s.line_numbers_only {
+                    println!("kept         {f} (only line numbers moved by the fix differ)");
+                }
                 for f in &s.pulled_in {
                     println!("pulled in    {f} (source unchanged, code changed: inlines a changed function or uses a line number the fix moved)");
                 }

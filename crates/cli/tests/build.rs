@@ -257,6 +257,40 @@ fn constprop_clone() {
 }
 
 #[test]
+fn functions_that_only_record_moved_line_numbers_are_kept_as_they_run() {
+    // `answer` records __LINE__ below the fix: its code changes, its behaviour does not.
+    // `limited` changes through a macro constant: it must be replaced.
+    let f = |limit: &str, validate: &str| {
+        format!(
+            "#include <stdio.h>\n#include <string.h>\n#define LIMIT {limit}\nstatic char buf[64];\nint last_line;\n#define TRACE() (last_line = __LINE__)\n__attribute__((noinline)) int limited(int n) {{ return n > LIMIT ? LIMIT : n; }}\n__attribute__((noinline)) int validate(const char *in) {{\n{validate}\n}}\nconst char *answer(const char *in) {{\n  TRACE();\n  snprintf(buf, sizeof buf, \"%d %d %d\", validate(in), limited((int)strlen(in)), last_line > 0);\n  return buf;\n}}\n"
+        )
+    };
+    let a = f("10", "  return strlen(in) < 4;");
+    let b = f(
+        "50",
+        "  /* names starting with 'a' are reserved */\n  if (in[0] == 'a')\n    return 0;\n  return strlen(in) < 4;",
+    );
+    let long = "z".repeat(24);
+    let v = patch_live(&Case {
+        files: &[("lib.c", &a)],
+        fixed: &[("lib.c", &b)],
+        checks: &[("ab", "1 2 1", "0 2 1"), (&long, "0 10 1", "0 24 1")],
+    });
+    let s = &v["summary"];
+    assert_eq!(s["changed"], serde_json::json!(["validate (lib.c)"]), "{v}");
+    assert_eq!(
+        s["pulled_in"],
+        serde_json::json!(["limited (lib.c)"]),
+        "{v}"
+    );
+    assert_eq!(
+        s["line_numbers_only"],
+        serde_json::json!(["answer (lib.c)"]),
+        "{v}"
+    );
+}
+
+#[test]
 fn line_moves_only_produce_no_bundle() {
     let a = "#include <string.h>\nconst char *answer(const char *in) { return strlen(in) ? \"yes\" : \"no\"; }\n";
     let b = "#include <string.h>\n\n\n/* moved down */\n\nconst char *answer(const char *in) { return strlen(in) ? \"yes\" : \"no\"; }\n";

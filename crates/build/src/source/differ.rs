@@ -75,6 +75,67 @@ impl Entity {
     fn same_as(&self, other: &Entity) -> bool {
         self.size == other.size && self.data == other.data && self.rels == other.rels
     }
+
+    /// Whether `other` is this function with only some instructions' immediate operands
+    /// changed, each from `a` to `b` with `accept(a, b)`: same instructions, same lengths,
+    /// same relocations.
+    pub fn differs_only_in_immediates(
+        &self,
+        other: &Entity,
+        accept: impl Fn(u64, u64) -> bool,
+    ) -> bool {
+        use iced_x86::{Decoder, DecoderOptions};
+        if self.kind != SymbolKind::Text
+            || self.size != other.size
+            || self.data.len() != other.data.len()
+            || self.rels != other.rels
+        {
+            return false;
+        }
+        let mut a = Decoder::new(64, &self.data, DecoderOptions::NONE);
+        let mut b = Decoder::new(64, &other.data, DecoderOptions::NONE);
+        let mut any = false;
+        while a.can_decode() {
+            let at = a.position();
+            let (ia, ib) = (a.decode(), b.decode());
+            if ia.is_invalid()
+                || ib.is_invalid()
+                || ia.len() != ib.len()
+                || b.position() != at + ia.len()
+            {
+                return false;
+            }
+            let (ba, bb) = (
+                &self.data[at..at + ia.len()],
+                &other.data[at..at + ib.len()],
+            );
+            if ba == bb {
+                continue;
+            }
+            let (ca, cb) = (a.get_constant_offsets(&ia), b.get_constant_offsets(&ib));
+            if !ca.has_immediate()
+                || ca.has_immediate2()
+                || ca.immediate_offset() != cb.immediate_offset()
+            {
+                return false;
+            }
+            let (off, size) = (ca.immediate_offset(), ca.immediate_size());
+            let outside = |i: usize| i < off || i >= off + size;
+            if (0..ba.len()).any(|i| outside(i) && ba[i] != bb[i]) {
+                return false;
+            }
+            let value = |bytes: &[u8]| {
+                let mut v = [0u8; 8];
+                v[..size].copy_from_slice(&bytes[off..off + size]);
+                u64::from_le_bytes(v)
+            };
+            if !accept(value(ba), value(bb)) {
+                return false;
+            }
+            any = true;
+        }
+        any
+    }
 }
 
 /// A parsed object file.

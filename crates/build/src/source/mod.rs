@@ -14,6 +14,7 @@
 pub mod differ;
 pub mod emit;
 pub mod layout;
+pub mod lines;
 pub mod tree;
 pub mod wrapper;
 
@@ -58,6 +59,9 @@ pub struct Summary {
     /// Functions whose code changed although the diff does not name them: they inline (or
     /// were specialised from) a changed function.
     pub pulled_in: Vec<String>,
+    /// Functions the fix did not touch whose code differs only in line numbers it moved
+    /// (`__LINE__`): kept as they run.
+    pub line_numbers_only: Vec<String>,
     pub new_functions: Vec<String>,
     pub new_data: Vec<String>,
     pub changed_rodata: Vec<String>,
@@ -187,10 +191,26 @@ pub fn build_from_source(fix: &SourceFix, progress: &mut dyn FnMut(&str)) -> Res
         .filter(|(o, p, _)| o != p)
         .map(|(o, p, rel)| Ok((Obj::parse(o)?, Obj::parse(p)?, rel.clone())))
         .collect::<Result<_>>()?;
+    let line_map = lines::LineMap::parse(&String::from_utf8_lossy(
+        &std::fs::read(fix.diff).with_context(|| format!("cannot read {}", fix.diff.display()))?,
+    ));
+    // A source file as it is in the original and in the patched tree.
+    let sources_of = |rel: &Path| {
+        (
+            std::fs::read_to_string(trees[1].join(rel)).ok(),
+            std::fs::read_to_string(trees[2].join(rel)).ok(),
+        )
+    };
     let mut found = Vec::new();
     for (o, p, rel) in &parsed {
-        let changes = compare(o, p).with_context(|| format!("in {}", rel.display()))?;
+        let mut changes = compare(o, p).with_context(|| format!("in {}", rel.display()))?;
         layout::check(&o.file, &p.file).with_context(|| format!("in {}", rel.display()))?;
+        let sources = sources_of(rel);
+        for key in keep_line_number_only(o, p, &mut changes, &sources, &line_map) {
+            summary
+                .line_numbers_only
+                .push(format!("{key} ({})", p.source_name));
+        }
         if changes.is_empty() {
             continue;
         }
@@ -213,10 +233,7 @@ pub fn build_from_source(fix: &SourceFix, progress: &mut dyn FnMut(&str)) -> Res
     // The functions to detour: changed ones that exist in the deployed module.
     let mut functions = Vec::new();
     for (p, changes, _, rel) in &found {
-        let sources = (
-            std::fs::read_to_string(trees[1].join(rel)).ok(),
-            std::fs::read_to_string(trees[2].join(rel)).ok(),
-        );
+        let sources = sources_of(rel);
         for key in &changes.changed {
             let Some(entity) = p.entities.get(key) else {
                 continue;
@@ -307,6 +324,39 @@ pub fn build_from_source(fix: &SourceFix, progress: &mut dyn FnMut(&str)) -> Res
         object: emitted.object,
         summary,
     })
+}
+
+/// Takes out of `changes` the functions the fix did not touch whose code differs only in line
+/// numbers the diff moved (all parts of a function, `.cold` and clones included, or none), and
+/// returns them.
+fn keep_line_number_only(
+    orig: &Obj,
+    patched: &Obj,
+    changes: &mut differ::Changes,
+    sources: &(Option<String>, Option<String>),
+    line_map: &lines::LineMap,
+) -> Vec<String> {
+    let base = |k: &str| k.split('.').next().unwrap_or(k).to_string();
+    let line_only = |key: &String| {
+        let (Some(o), Some(p)) = (orig.entities.get(key), patched.entities.get(key)) else {
+            return false;
+        };
+        own_text_unchanged(sources, &p.name)
+            && o.differs_only_in_immediates(p, |a, b| line_map.moved(a, b))
+    };
+    let mut groups: BTreeMap<String, bool> = BTreeMap::new();
+    for key in &changes.changed {
+        let ok = line_only(key);
+        groups
+            .entry(base(key))
+            .and_modify(|all| *all &= ok)
+            .or_insert(ok);
+    }
+    let (kept, changed): (Vec<String>, Vec<String>) = std::mem::take(&mut changes.changed)
+        .into_iter()
+        .partition(|k| groups.get(&base(k)).copied().unwrap_or(false));
+    changes.changed = changed;
+    kept
 }
 
 /// Is the function's own source text the same in the original and the patched tree? Then

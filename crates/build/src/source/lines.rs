@@ -1,0 +1,97 @@
+//! Where the fix moved lines: the old → new line mapping of each file the diff touches.
+//!
+//! A function whose source text the fix did not touch can still compile differently when it
+//! records line numbers (`__LINE__` in assertion, logging or accounting macros) below a hunk.
+//! Such a function behaves the same apart from the line it reports, so the builder keeps the
+//! running copy rather than replacing (and having to stop outside of) it.
+
+/// One hunk's old and new ranges (1-based start, length).
+#[derive(Debug, Clone, Copy)]
+struct Hunk {
+    old_start: u64,
+    old_len: u64,
+    new_len: u64,
+}
+
+/// The hunks of every file of a unified diff.
+#[derive(Debug, Default)]
+pub struct LineMap {
+    files: Vec<Vec<Hunk>>,
+}
+
+impl LineMap {
+    pub fn parse(diff: &str) -> LineMap {
+        let mut map = LineMap::default();
+        for line in diff.lines() {
+            if line.starts_with("+++ ") {
+                map.files.push(Vec::new());
+            } else if let Some(rest) = line.strip_prefix("@@ -") {
+                let (Some(hunk), Some(file)) = (parse_hunk(rest), map.files.last_mut()) else {
+                    continue;
+                };
+                file.push(hunk);
+            }
+        }
+        map
+    }
+
+    /// Whether some file of the diff moves an unchanged line `old` to `new` (`old != new`).
+    pub fn moved(&self, old: u64, new: u64) -> bool {
+        old != new && self.files.iter().any(|h| map_line(h, old) == Some(new))
+    }
+}
+
+/// `a,b +c,d @@ …` → the hunk (a missing length means 1).
+fn parse_hunk(rest: &str) -> Option<Hunk> {
+    let (old, rest) = rest.split_once(' ')?;
+    let new = rest.strip_prefix('+')?.split(' ').next()?;
+    let range = |r: &str| -> Option<(u64, u64)> {
+        match r.split_once(',') {
+            Some((s, l)) => Some((s.parse().ok()?, l.parse().ok()?)),
+            None => Some((r.parse().ok()?, 1)),
+        }
+    };
+    let (old_start, old_len) = range(old)?;
+    let (_, new_len) = range(new)?;
+    Some(Hunk {
+        old_start,
+        old_len,
+        new_len,
+    })
+}
+
+/// Where unchanged line `old` is after the hunks; `None` if a hunk covers it.
+fn map_line(hunks: &[Hunk], old: u64) -> Option<u64> {
+    let mut shift: i64 = 0;
+    for h in hunks {
+        // A hunk of zero old lines inserts after line `old_start`.
+        let (first, end) = if h.old_len == 0 {
+            (h.old_start + 1, h.old_start + 1)
+        } else {
+            (h.old_start, h.old_start + h.old_len)
+        };
+        if old >= end {
+            shift += h.new_len as i64 - h.old_len as i64;
+        } else if old >= first {
+            return None; // inside the hunk: context or changed, not a plain move
+        }
+    }
+    u64::try_from(old as i64 + shift).ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const DIFF: &str = "--- a/x.c\n+++ b/x.c\n@@ -10,3 +10,9 @@ f(void) {\n ctx\n+a\n+b\n+c\n+d\n+e\n+f\n ctx\n ctx\n@@ -40,2 +46,1 @@\n-gone\n ctx\n";
+
+    #[test]
+    fn lines_below_hunks_move_by_what_the_hunks_add() {
+        let m = LineMap::parse(DIFF);
+        assert!(m.moved(100, 105)); // +6 then -1
+        assert!(m.moved(20, 26));
+        assert!(!m.moved(5, 5)); // unmoved lines are not "moved"
+        assert!(!m.moved(11, 17)); // inside a hunk
+        assert!(!m.moved(100, 106));
+    }
+}

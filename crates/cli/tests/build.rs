@@ -238,6 +238,33 @@ fn change_across_two_files() {
 }
 
 #[test]
+fn fix_that_adds_a_source_file() {
+    // The fix moves validation into a new file; the changed function calls into it.
+    let a = "#include <string.h>\nconst char *answer(const char *in) { return strlen(in) > 3 ? \"accepted\" : \"short\"; }\n";
+    let b = "#include <string.h>\nint is_safe(const char *in);\nconst char *answer(const char *in) { if (!is_safe(in)) return \"rejected\"; return strlen(in) > 3 ? \"accepted\" : \"short\"; }\n";
+    let checker = "#include <string.h>\nstatic int bad_char(char c) { return c == '<' || c == '>'; }\nint checked;\nint is_safe(const char *in) { checked++; for (; *in; in++) if (bad_char(*in)) return 0; return 1; }\n";
+    let v = patch_live(&Case {
+        files: &[("lib.c", a)],
+        fixed: &[("lib.c", b), ("check.c", checker)],
+        checks: &[
+            ("<script>", "accepted", "rejected"),
+            ("hello", "accepted", "accepted"),
+            ("hi", "short", "short"),
+        ],
+    });
+    let s = &v["summary"];
+    assert_eq!(s["changed"], serde_json::json!(["answer (lib.c)"]), "{v}");
+    assert!(
+        s["new_functions"].to_string().contains("is_safe (check.c)"),
+        "{v}"
+    );
+    assert!(
+        s["new_data"].to_string().contains("checked (check.c)"),
+        "{v}"
+    );
+}
+
+#[test]
 fn constprop_clone() {
     let lib = |k: &str| {
         format!("#include <stdio.h>\n#include <string.h>\nstatic __attribute__((noinline)) int scale(int x, int k) {{ int r = 0; for (int i = 0; i < k; i++) r += x ^ i; return r{k}; }}\nconst char *answer(const char *in) {{ static char b[32]; snprintf(b, sizeof b, \"%d\", scale((int)strlen(in), 3)); return b; }}\n")
@@ -530,6 +557,19 @@ fn stripped_deployed_binary_uses_the_rebuilt_symbol_table() {
         .status()
         .unwrap()
         .success());
+    apply_and_check(&p, &deployed, "app");
+}
+
+#[test]
+fn build_that_compiles_and_links_in_one_call() {
+    let makefile = "app: main.c lib.c\n\t$(CC) -O2 -g -o app main.c lib.c\n";
+    let p = Project::new(
+        &[("lib.c", SIMPLE)],
+        &[("lib.c", SIMPLE_FIXED)],
+        None,
+        Some(makefile),
+    );
+    let deployed = p.work.path("src/app");
     apply_and_check(&p, &deployed, "app");
 }
 

@@ -31,6 +31,17 @@ pub(crate) fn refuse(what: impl Into<String>) -> anyhow::Error {
     anyhow::Error::new(NotPatchable { what: what.into() })
 }
 
+/// An x86-64 ELF relocatable with nothing in it: the "original" of a source file the fix adds.
+pub fn empty_object() -> Result<Vec<u8>> {
+    object::write::Object::new(
+        object::BinaryFormat::Elf,
+        object::Architecture::X86_64,
+        object::Endianness::Little,
+    )
+    .write()
+    .context("writing an empty object")
+}
+
 /// Strips gcc's numeric suffixes: `foo.isra.0` → `foo.isra`, `count.3` → `count`.
 pub fn normalize(name: &str) -> String {
     name.split('.')

@@ -176,14 +176,18 @@ pub fn build_from_source(fix: &SourceFix, progress: &mut dyn FnMut(&str)) -> Res
     };
     let (orig_objects, patched_objects) = (objects_of(1)?, objects_of(2)?);
     let mut pairs = Vec::new();
+    // A source file the fix adds is compared with an empty object: everything in it is new.
+    let mut new_files = Vec::new();
     for (rel, obj) in &patched_objects {
-        let orig = orig_objects.get(rel).ok_or_else(|| {
-            anyhow!(
-                "{} is new in the patched build; adding source files is not supported",
-                rel.display()
-            )
-        })?;
-        pairs.push((std::fs::read(orig)?, std::fs::read(obj)?, rel.clone()));
+        let orig = match orig_objects.get(rel) {
+            Some(orig) => std::fs::read(orig)?,
+            None => {
+                progress(&format!("{} is a new source file", rel.display()));
+                new_files.push(rel.clone());
+                differ::empty_object()?
+            }
+        };
+        pairs.push((orig, std::fs::read(obj)?, rel.clone()));
     }
     summary.objects_compared = pairs.len();
     let parsed: Vec<(Obj, Obj, PathBuf)> = pairs
@@ -204,7 +208,9 @@ pub fn build_from_source(fix: &SourceFix, progress: &mut dyn FnMut(&str)) -> Res
     let mut found = Vec::new();
     for (o, p, rel) in &parsed {
         let mut changes = compare(o, p).with_context(|| format!("in {}", rel.display()))?;
-        layout::check(&o.file, &p.file).with_context(|| format!("in {}", rel.display()))?;
+        if !new_files.contains(rel) {
+            layout::check(&o.file, &p.file).with_context(|| format!("in {}", rel.display()))?;
+        }
         let sources = sources_of(rel);
         for key in keep_line_number_only(o, p, &mut changes, &sources, &line_map) {
             summary

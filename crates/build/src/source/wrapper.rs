@@ -68,26 +68,55 @@ fn run(name: &str) -> std::io::Result<i32> {
     let (Some(log), Some(store)) = (log, store) else {
         return Err(cmd.exec());
     };
-    if compiling {
-        if let Ok(flags) = std::env::var(ENV_FLAGS) {
-            cmd.args(flags.split_whitespace());
-        }
-    }
-    let status = cmd.status()?;
-    if !status.success() {
-        return Ok(status.code().unwrap_or(1));
-    }
+    let flags = std::env::var(ENV_FLAGS).unwrap_or_default();
     let cwd = std::env::current_dir()?;
     let mut records = Vec::new();
-    if compiling {
-        if let Some((obj, src)) = object_and_source(&args) {
+    // Runs one compile and records the objects it wrote, with their sources.
+    let mut compile = |args: &[OsString], outputs: &[(PathBuf, PathBuf)]| -> std::io::Result<i32> {
+        let status = Command::new(&real)
+            .args(args)
+            .args(flags.split_whitespace())
+            .env("PATH", &real_path)
+            .status()?;
+        if !status.success() {
+            return Ok(status.code().unwrap_or(1));
+        }
+        for (obj, src) in outputs {
             let obj = cwd.join(obj);
             let hash = sha256_file(&obj)?;
             std::fs::create_dir_all(&store)?;
             std::fs::copy(&obj, store.join(format!("{hash}.o")))?;
             records.push(format!("compile\t{hash}\t{}", cwd.join(src).display()));
         }
-    } else if let Some(out) = link_output(&args) {
+        Ok(0)
+    };
+    let mut args = args;
+    if compiling {
+        let code = compile(&args, &objects_and_sources(&args))?;
+        if code != 0 {
+            return Ok(code);
+        }
+    } else {
+        // `cc -o app a.c b.c` compiles and links in one call: do it as gcc does internally,
+        // one compile per source, so each object is seen, then link those objects.
+        if let Some(split) = split_compile_and_link(&args, &store.join("split")) {
+            for (compile_args, obj, src) in split.compiles {
+                let code = compile(&compile_args, &[(obj, src)])?;
+                if code != 0 {
+                    return Ok(code);
+                }
+            }
+            args = split.link;
+        }
+        let status = Command::new(&real)
+            .args(&args)
+            .env("PATH", &real_path)
+            .status()?;
+        if !status.success() {
+            return Ok(status.code().unwrap_or(1));
+        }
+    }
+    if let (false, Some(out)) = (compiling, link_output(&args)) {
         let mut hashes = Vec::new();
         for input in args.iter().map(PathBuf::from) {
             let path = cwd.join(&input);
@@ -131,19 +160,107 @@ fn archive_members(path: &Path) -> std::io::Result<Vec<String>> {
     Ok(out)
 }
 
-/// The object a `-c` compile writes, and its source (first C/C++ source argument).
-fn object_and_source(args: &[OsString]) -> Option<(PathBuf, PathBuf)> {
-    const SOURCES: &[&str] = &["c", "cc", "cpp", "cxx", "C", "c++"];
-    let src = args.iter().map(PathBuf::from).find(|p| {
-        p.extension()
+/// The objects a `-c` compile writes, with their sources: `-o X` for a single source, else
+/// each source's stem with `.o` in the working folder.
+fn objects_and_sources(args: &[OsString]) -> Vec<(PathBuf, PathBuf)> {
+    let sources: Vec<PathBuf> = args
+        .iter()
+        .filter(|a| is_source(a))
+        .map(PathBuf::from)
+        .collect();
+    let named = args
+        .iter()
+        .position(|a| a == "-o")
+        .and_then(|i| args.get(i + 1))
+        .map(PathBuf::from);
+    match (named, sources.as_slice()) {
+        (Some(obj), [src]) => vec![(obj, src.clone())],
+        _ => sources
+            .iter()
+            .filter_map(|src| {
+                Some((
+                    PathBuf::from(src.file_name()?).with_extension("o"),
+                    src.clone(),
+                ))
+            })
+            .collect(),
+    }
+}
+
+const SOURCES: &[&str] = &["c", "cc", "cpp", "cxx", "C", "c++"];
+
+fn is_source(arg: &OsString) -> bool {
+    let p = Path::new(arg);
+    !arg.to_string_lossy().starts_with('-')
+        && p.extension()
             .and_then(|e| e.to_str())
             .is_some_and(|e| SOURCES.contains(&e))
-    })?;
-    let obj = match args.iter().position(|a| a == "-o") {
-        Some(i) => PathBuf::from(args.get(i + 1)?),
-        None => PathBuf::from(src.file_name()?).with_extension("o"),
-    };
-    Some((obj, src))
+}
+
+/// A compile-and-link call split in two steps.
+struct Split {
+    /// (arguments, object, source) of each compile.
+    compiles: Vec<(Vec<OsString>, PathBuf, PathBuf)>,
+    /// The link, with each source replaced by its object.
+    link: Vec<OsString>,
+}
+
+/// Splits `cc [opts] a.c b.c -o out` into one `-c` compile per source (objects in `dir`) and
+/// a link of the objects; `None` if there is no source to compile or the call is not a plain
+/// one (a language given with `-x`, a source on stdin, preprocessing or assembly only).
+fn split_compile_and_link(args: &[OsString], dir: &Path) -> Option<Split> {
+    link_output(args)?;
+    if args.iter().any(|a| a == "-x" || a == "-") {
+        return None;
+    }
+    // Options whose value is the next argument, which is then not a source.
+    const TAKES_VALUE: &[&str] = &["-o", "-MF", "-MT", "-MQ", "-Xlinker", "-T", "-include"];
+    let mut sources = Vec::new();
+    let mut skip = false;
+    for (i, a) in args.iter().enumerate() {
+        if std::mem::take(&mut skip) {
+            continue;
+        }
+        if TAKES_VALUE.iter().any(|t| a == t) {
+            skip = true;
+        } else if is_source(a) {
+            sources.push(i);
+        }
+    }
+    if sources.is_empty() {
+        return None;
+    }
+    // Everything but the sources and the output: the options every compile shares.
+    let mut common = Vec::new();
+    let mut i = 0;
+    while i < args.len() {
+        if args[i] == "-o" {
+            i += 2;
+            continue;
+        }
+        if !sources.contains(&i) {
+            common.push(args[i].clone());
+        }
+        i += 1;
+    }
+    std::fs::create_dir_all(dir).ok()?;
+    let mut compiles = Vec::new();
+    let mut link = args.to_vec();
+    for (n, &i) in sources.iter().enumerate() {
+        let src = PathBuf::from(&args[i]);
+        let stem = src.file_stem()?.to_string_lossy().into_owned();
+        let obj = dir.join(format!("{}-{n}-{stem}.o", std::process::id()));
+        let mut c = common.clone();
+        c.extend([
+            OsString::from("-c"),
+            args[i].clone(),
+            OsString::from("-o"),
+            obj.clone().into_os_string(),
+        ]);
+        compiles.push((c, obj.clone(), src));
+        link[i] = obj.into_os_string();
+    }
+    Some(Split { compiles, link })
 }
 
 /// The output of a link (`-o X`, else `a.out`), if this looks like one.
@@ -165,17 +282,37 @@ mod tests {
     use super::*;
 
     #[test]
-    fn finds_object_and_source() {
+    fn finds_objects_sources_and_splits_one_call_builds() {
         let a = |v: &[&str]| v.iter().map(OsString::from).collect::<Vec<_>>();
         assert_eq!(
-            object_and_source(&a(&["-O2", "-c", "src/x.c", "-o", "build/x.o"])),
-            Some((PathBuf::from("build/x.o"), PathBuf::from("src/x.c")))
+            objects_and_sources(&a(&["-O2", "-c", "src/x.c", "-o", "build/x.o"])),
+            vec![(PathBuf::from("build/x.o"), PathBuf::from("src/x.c"))]
         );
         assert_eq!(
-            object_and_source(&a(&["-c", "lib/y.cpp"])),
-            Some((PathBuf::from("y.o"), PathBuf::from("lib/y.cpp")))
+            objects_and_sources(&a(&["-c", "lib/y.cpp", "z.c"])),
+            vec![
+                (PathBuf::from("y.o"), PathBuf::from("lib/y.cpp")),
+                (PathBuf::from("z.o"), PathBuf::from("z.c"))
+            ]
         );
-        assert_eq!(object_and_source(&a(&["-c", "-o", "z.o"])), None);
+        assert!(objects_and_sources(&a(&["-c", "-o", "z.o"])).is_empty());
+        let split = split_compile_and_link(
+            &a(&["-O2", "-o", "app", "main.c", "-Iinc", "lib.c", "-lm"]),
+            Path::new("/tmp/s"),
+        )
+        .unwrap();
+        assert_eq!(split.compiles.len(), 2);
+        let first: Vec<String> = split.compiles[0]
+            .0
+            .iter()
+            .map(|s| s.to_string_lossy().into_owned())
+            .collect();
+        assert_eq!(&first[..5], ["-O2", "-Iinc", "-lm", "-c", "main.c"]);
+        assert_eq!(split.link[3], split.compiles[0].1.clone().into_os_string());
+        assert_eq!(split.link[5], split.compiles[1].1.clone().into_os_string());
+        assert!(
+            split_compile_and_link(&a(&["-o", "app", "a.o", "b.o"]), Path::new("/tmp/s")).is_none()
+        );
         assert_eq!(
             link_output(&a(&["-shared", "-o", "libz.so.1", "a.lo"])),
             Some(PathBuf::from("libz.so.1"))

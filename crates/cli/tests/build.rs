@@ -107,9 +107,15 @@ impl Project {
 /// Builds the patch from the diff and applies it to the running deployed program.
 fn patch_live(case: &Case) -> serde_json::Value {
     let p = Project::new(case.files, case.fixed, None, None);
+    live(&p, case.checks).0
+}
+
+/// Starts the project's deployed `app`, checks the answers before, builds and applies the
+/// patch, checks the answers after; returns the build's report and the patched program.
+fn live(p: &Project, checks: &[(&str, &str, &str)]) -> (serde_json::Value, Target) {
     let deployed = p.work.path("src/app");
     let mut t = Target::start(&deployed, None);
-    for (input, before, _) in case.checks {
+    for (input, before, _) in checks {
         assert_eq!(t.ask(input), *before, "before the fix, {input:?}");
     }
     let out = p.build(&deployed, "app", "fix.suture");
@@ -125,11 +131,11 @@ fn patch_live(case: &Case) -> serde_json::Value {
         p.public.to_str().unwrap(),
     ]);
     assert!(ok, "apply failed: {a}");
-    for (input, _, after) in case.checks {
+    for (input, _, after) in checks {
         assert_eq!(t.ask(input), *after, "after the fix, {input:?}");
     }
     assert!(t.alive());
-    v
+    (v, t)
 }
 
 /// The fix must be refused with `reason` in the message, and no bundle written.
@@ -483,6 +489,39 @@ fn cxx_member_function() {
     ]);
     assert!(ok, "{a}");
     assert_eq!(t.ask("ab"), "22", "the object's member state carried on");
+}
+
+#[test]
+fn cxx_exceptions_thrown_in_patch_code_are_caught_by_running_callers() {
+    // The fix throws from the replaced function; `handle` (not replaced) catches. Without the
+    // patch's unwind tables registered, the unwinder cannot leave patch code: terminate.
+    let lib = |check: &str| {
+        format!("#include <cstdio>\n#include <cstdlib>\n#include <stdexcept>\n__attribute__((noinline)) int parse_port(const char *s) {{\n  int v = atoi(s);\n  if (v <= 0) throw std::invalid_argument(\"bad port\");\n{check}  return v;\n}}\n__attribute__((noinline)) int handle(const char *s) {{\n  try {{ return parse_port(s); }} catch (const std::exception &e) {{ return -1; }}\n}}\nextern \"C\" const char *answer(const char *in) {{ static char b[32]; snprintf(b, sizeof b, \"%d\", handle(in)); return b; }}\n")
+    };
+    let a = lib("");
+    let b = lib("  if (v > 65535) throw std::out_of_range(\"port out of range\");\n");
+    let p = Project::new(
+        &[("lib.cpp", &a)],
+        &[("lib.cpp", &b)],
+        None,
+        Some(CXX_MAKEFILE),
+    );
+    let (_, mut t) = live(
+        &p,
+        &[
+            ("443", "443", "443"),
+            ("70000", "70000", "-1"),
+            ("0", "-1", "-1"),
+            ("x", "-1", "-1"),
+        ],
+    );
+    // Revert takes the tables out of the unwinder before unmapping them: exceptions in the
+    // original code still unwind.
+    let (ok, r) = suture_json(&["revert", "--pid", &t.pid_arg()]);
+    assert!(ok, "{r}");
+    assert_eq!(t.ask("70000"), "70000");
+    assert_eq!(t.ask("0"), "-1");
+    assert!(t.alive());
 }
 
 #[test]

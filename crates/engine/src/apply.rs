@@ -151,7 +151,7 @@ pub fn apply(pid: i32, bundle: &Bundle, opts: &ApplyOptions) -> Result<ApplyRepo
     })?;
     for (name, resolver) in std::mem::take(&mut symbols.ifuncs) {
         let addr = remote
-            .call(&mut session, &mem, resolver)
+            .call(&mut session, &mem, resolver, &[])
             .map_err(|e| exited_or(pid, e))?;
         symbols.known.insert(name, Resolved::Address(addr));
     }
@@ -181,9 +181,22 @@ pub fn apply(pid: i32, bundle: &Bundle, opts: &ApplyOptions) -> Result<ApplyRepo
                 saved: hex::encode(t.saved),
             })
             .collect(),
+        eh_frame: 0,
+        eh_object: 0,
     };
+    let unwind = if plan.has_eh_frame() {
+        unwind_registry(&search_order(pid, &maps))
+    } else {
+        None
+    };
+    if unwind.is_some() {
+        // Filled in once placed; the maximum stands in so the header is sized for it.
+        record.eh_frame = u64::MAX;
+        record.eh_object = u64::MAX;
+    }
     let header_len = (record.encode()?.len() as u64).div_ceil(PAGE) * PAGE;
-    let total = header_len + plan.size();
+    // One more page, read-write, for the unwinder's bookkeeping of our tables.
+    let total = header_len + plan.size() + if unwind.is_some() { PAGE } else { 0 };
     let mapped = map_patch(
         &mut session,
         &mut remote,
@@ -198,10 +211,28 @@ pub fn apply(pid: i32, bundle: &Bundle, opts: &ApplyOptions) -> Result<ApplyRepo
             .collect::<Vec<_>>(),
         header_len,
         total,
+        unwind,
     )
     .map_err(|e| exited_or(pid, e));
+    // Exceptions and thread cancellation must be able to unwind through the new code.
+    let registered = match (&mapped, unwind) {
+        (Ok(m), Some(u)) => remote
+            .call(
+                &mut session,
+                &mem,
+                u.register,
+                &[record.eh_frame, record.eh_object],
+            )
+            .map(|_| ())
+            .map_err(|e| {
+                unmap(&mut session, &mut remote, m.base, total);
+                exited_or(pid, e.context("registering the patch's unwind tables"))
+            }),
+        _ => Ok(()),
+    };
     let finished = remote.finish(&mem).map_err(|e| exited_or(pid, e));
     let mapped = mapped?;
+    registered?;
     finished?;
     let prep_us = t_prep.elapsed().as_micros() as u64;
     debug!(pid, base = mapped.base, prep_us, "patch memory mapped");
@@ -311,12 +342,7 @@ pub fn apply(pid: i32, bundle: &Bundle, opts: &ApplyOptions) -> Result<ApplyRepo
     // unreachable now (no detour leads there and no thread was in it), so its memory goes;
     // failing that only leaks it.
     if let Some(p) = &prev {
-        let freed = Remote::new(&session, tid0, &mem, &maps).and_then(|mut r| {
-            let ret = r.syscall(&mut session, libc::SYS_munmap, &[p.base, p.len]);
-            r.finish(&mem)?;
-            r_check(pid, "munmap of the superseded patch", ret?)
-        });
-        if let Err(e) = freed {
+        if let Err(e) = release_patch(&mut session, &mem, &maps, tid0, p) {
             tracing::warn!(pid, "superseded patch {} stays mapped: {e:#}", p.id);
         }
         session.detach();
@@ -395,10 +421,7 @@ pub fn revert(pid: i32, id: Option<&str>, opts: &ApplyOptions) -> Result<RevertR
         write_all(mem, &writes)
     })?;
     // The original code is back and the other threads run; the patch's code is unreachable.
-    let mut r = Remote::new(&session, tid0, &mem, &maps).map_err(|e| exited_or(pid, e))?;
-    let ret = r.syscall(&mut session, libc::SYS_munmap, &[rec.base, rec.len]);
-    r.finish(&mem).map_err(|e| exited_or(pid, e))?;
-    if let Err(e) = ret.and_then(|ret| r_check(pid, "munmap of the patch", ret)) {
+    if let Err(e) = release_patch(&mut session, &mem, &maps, tid0, &rec) {
         // The detours are gone, so the patch is reverted; only its memory (and record) stay.
         tracing::warn!(pid, "reverted patch {} stays mapped: {e:#}", rec.id);
     }
@@ -733,27 +756,8 @@ fn resolve_bindings(
                 symbols.known.insert(name.clone(), Resolved::TpOffset(off));
             }
             BindTarget::External { name: ext } => {
-                let loaded = loaded.get_or_insert_with(|| {
-                    let mut all = modules::loaded_modules(pid, maps);
-                    // Search order: the executable, then libraries, the dynamic loader last.
-                    all.sort_by_key(|m| {
-                        (!is_main_executable(pid, m), m.path.contains("/ld-linux"))
-                    });
-                    all
-                });
-                let mut found = None;
-                for lm in loaded.iter() {
-                    if let Some(e) = lm.facts.export(&ext) {
-                        let better =
-                            found.map(|(_, f): (&LoadedModule, modules::Export)| f.weak && !e.weak);
-                        if found.is_none() || better == Some(true) {
-                            found = Some((lm, e));
-                        }
-                        if !e.weak {
-                            break;
-                        }
-                    }
-                }
+                let loaded = loaded.get_or_insert_with(|| search_order(pid, maps));
+                let found = find_export(loaded, &ext);
                 match found {
                     Some((lm, e)) if e.ifunc => symbols
                         .ifuncs
@@ -770,6 +774,81 @@ fn resolve_bindings(
         }
     }
     Ok(symbols)
+}
+
+/// The loaded modules in the order a name is looked up: the executable, then libraries, the
+/// dynamic loader last.
+fn search_order(pid: i32, maps: &[Mapping]) -> Vec<LoadedModule> {
+    let mut all = modules::loaded_modules(pid, maps);
+    all.sort_by_key(|m| (!is_main_executable(pid, m), m.path.contains("/ld-linux")));
+    all
+}
+
+/// The process's definition of exported symbol `name`: the first strong one in search order,
+/// else the first weak one.
+fn find_export<'m>(
+    loaded: &'m [LoadedModule],
+    name: &str,
+) -> Option<(&'m LoadedModule, modules::Export)> {
+    let mut found: Option<(&LoadedModule, modules::Export)> = None;
+    for lm in loaded {
+        if let Some(e) = lm.facts.export(name) {
+            if found.is_none_or(|(_, f)| f.weak && !e.weak) {
+                found = Some((lm, e));
+            }
+            if !e.weak {
+                break;
+            }
+        }
+    }
+    found
+}
+
+/// libgcc's registry of unwind tables in the process (`__register_frame_info` and
+/// `__deregister_frame_info`, exported by libgcc_s), if it has one. C++ programs and any program
+/// that cancels threads load it; without it, nothing in the process unwinds.
+#[derive(Clone, Copy)]
+struct UnwindRegistry {
+    register: u64,
+    deregister: u64,
+}
+
+fn unwind_registry(loaded: &[LoadedModule]) -> Option<UnwindRegistry> {
+    let at = |name| {
+        find_export(loaded, name)
+            .filter(|(_, e)| !e.ifunc)
+            .map(|(lm, e)| lm.bias.wrapping_add(e.address))
+    };
+    Some(UnwindRegistry {
+        register: at("__register_frame_info")?,
+        deregister: at("__deregister_frame_info")?,
+    })
+}
+
+/// Removes a patch's memory after its detours are gone and no thread is in its code: first its
+/// unwind tables from the process's unwinder, then the mapping. If the tables cannot be
+/// deregistered the memory stays (the unwinder would read freed memory at the next exception).
+fn release_patch(
+    session: &mut Session,
+    mem: &Memory,
+    maps: &[Mapping],
+    tid: i32,
+    rec: &PatchRecord,
+) -> Result<()> {
+    let pid = session.pid();
+    let mut r = Remote::new(session, tid, mem, maps).map_err(|e| exited_or(pid, e))?;
+    let result = (|| -> anyhow::Result<()> {
+        if rec.eh_frame != 0 {
+            let registry = unwind_registry(&search_order(pid, maps))
+                .ok_or_else(|| anyhow!("the process's unwinder (libgcc_s) is gone"))?;
+            r.call(session, mem, registry.deregister, &[rec.eh_frame])
+                .context("deregistering the patch's unwind tables")?;
+        }
+        let ret = r.syscall(session, libc::SYS_munmap, &[rec.base, rec.len])?;
+        r_check(pid, "munmap of the patch", ret).map(|_| ())
+    })();
+    r.finish(mem).map_err(|e| exited_or(pid, e))?;
+    result.map_err(EngineError::Failed)
 }
 
 fn is_main_executable(pid: i32, module: &LoadedModule) -> bool {
@@ -796,6 +875,7 @@ fn map_patch(
     replacements: &[String],
     header_len: u64,
     total: u64,
+    unwind: Option<UnwindRegistry>,
 ) -> anyhow::Result<Mapped> {
     let pid = session.pid();
     let mut name: Vec<u8> = format!("{MEMFD_PREFIX}{}", record.id).into_bytes();
@@ -836,6 +916,10 @@ fn map_patch(
                 .find(|s| matches!(s.prot, Prot::ReadExecute));
             record.text_start = base + header_len + text.map(|s| s.offset).unwrap_or(0);
             record.text_end = record.text_start + text.map(|s| s.len).unwrap_or(0);
+            if unwind.is_some() {
+                record.eh_frame = image.eh_frame.unwrap_or(0);
+                record.eh_object = base + total - PAGE;
+            }
             for (d, name) in record.functions.iter_mut().zip(replacements) {
                 d.replacement = *image
                     .symbols
@@ -866,8 +950,14 @@ fn map_patch(
                 anyhow::bail!("kernel placed patch memory at {got:#x}, not at {base:#x}");
             }
             let mapped = Mapped { base };
-            for s in &image.segments {
-                let prot = match s.prot {
+            let unwinder_page = unwind.map(|_| (total - PAGE - header_len, PAGE, Prot::ReadWrite));
+            let ranges = image
+                .segments
+                .iter()
+                .map(|s| (s.offset, s.len, s.prot))
+                .chain(unwinder_page);
+            for (offset, len, prot) in ranges {
+                let prot = match prot {
                     Prot::ReadExecute => libc::PROT_READ | libc::PROT_EXEC,
                     Prot::ReadWrite => libc::PROT_READ | libc::PROT_WRITE,
                     Prot::Read => continue,
@@ -875,7 +965,7 @@ fn map_patch(
                 let ret = remote.syscall(
                     session,
                     libc::SYS_mprotect,
-                    &[base + header_len + s.offset, s.len, prot as u64],
+                    &[base + header_len + offset, len, prot as u64],
                 )?;
                 if let Err(e) = remote.check("mprotect of patch memory", ret) {
                     unmap(session, remote, base, total);

@@ -36,6 +36,12 @@ pub struct PatchRecord {
     pub text_start: u64,
     pub text_end: u64,
     pub functions: Vec<Detour>,
+    /// The patch's unwind tables as registered with the process's unwinder
+    /// (`__register_frame_info`), and the unwinder's bookkeeping object; 0 when not registered.
+    #[serde(default)]
+    pub eh_frame: u64,
+    #[serde(default)]
+    pub eh_object: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

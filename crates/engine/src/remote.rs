@@ -154,11 +154,31 @@ impl Remote {
         Ok(out.rax as i64)
     }
 
-    /// Calls `func()` (no arguments) in the target and returns `rax`. Used for GNU indirect
-    /// function resolvers. The call returns to address 0; the resulting fault is ours and is
-    /// never delivered to the target.
-    pub fn call(&mut self, session: &mut Session, mem: &Memory, func: u64) -> Result<u64> {
+    /// Calls `func(args…)` (up to six integer arguments) in the target and returns `rax`. Used
+    /// for GNU indirect function resolvers and to register unwind tables. The call returns to
+    /// address 0; the resulting fault is ours and is never delivered to the target.
+    pub fn call(
+        &mut self,
+        session: &mut Session,
+        mem: &Memory,
+        func: u64,
+        args: &[u64],
+    ) -> Result<u64> {
+        if args.len() > 6 {
+            bail!("at most six arguments in a register call");
+        }
         let mut regs = self.saved;
+        let slots = [
+            &mut regs.rdi,
+            &mut regs.rsi,
+            &mut regs.rdx,
+            &mut regs.rcx,
+            &mut regs.r8,
+            &mut regs.r9,
+        ];
+        for (slot, v) in slots.into_iter().zip(args) {
+            *slot = *v;
+        }
         let sp = (self.saved.rsp - STACK_SKIP - 1024) & !0xf;
         let sp = sp - 8;
         mem.write(sp, &0u64.to_le_bytes())?;
@@ -182,7 +202,7 @@ impl Remote {
         self.restore()?;
         if out.rip != 0 {
             bail!(
-                "process {}: resolver at {func:#x} faulted at {:#x}",
+                "process {}: call of {func:#x} faulted at {:#x}",
                 self.pid,
                 out.rip
             );

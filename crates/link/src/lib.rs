@@ -91,6 +91,8 @@ pub struct Image {
     pub segments: Vec<Segment>,
     /// Absolute address of every defined function/object symbol.
     pub symbols: HashMap<String, u64>,
+    /// Absolute address of the unwind tables (`.eh_frame`, zero-terminated), if any.
+    pub eh_frame: Option<u64>,
 }
 
 #[derive(Clone, Debug)]
@@ -146,6 +148,19 @@ pub struct Plan {
     size: u64,
     undefined: Vec<String>,
     needs_low: bool,
+    /// Image offset of the unwind tables (`.eh_frame`, zero-terminated), if the object has them.
+    eh_frame: Option<u64>,
+    /// GOT slots for `lea` of external data that may be out of reach, by (symbol, addend).
+    lea_got: HashMap<(usize, i64), u64>,
+}
+
+/// Whether the 4 bytes at `offset` are the displacement of `lea disp32(%rip), %r64`
+/// (REX.W, opcode 0x8d, ModRM with mod 00 and r/m 101).
+fn is_rip_lea64(data: &[u8], offset: u64) -> bool {
+    let Some(at) = usize::try_from(offset).ok().filter(|&o| o >= 3) else {
+        return false;
+    };
+    matches!(data.get(at - 3..at), Some(&[rex, 0x8d, modrm]) if rex & 0xf8 == 0x48 && modrm & 0xc7 == 0x05)
 }
 
 fn align_up(v: u64, a: u64) -> u64 {
@@ -213,6 +228,7 @@ impl Plan {
 
         // Which sections to load, and where (offsets relative to the image start).
         let mut loaded_index: HashMap<usize, usize> = HashMap::new();
+        let mut eh_frame_index = None;
         let mut by_class: [Vec<(usize, String, u64, u64)>; 3] =
             [Vec::new(), Vec::new(), Vec::new()];
         for (i, sh) in table.iter().enumerate() {
@@ -234,15 +250,20 @@ impl Plan {
             if flags & u64::from(elf::SHF_TLS) != 0 {
                 return Err(LinkError::DefinesTls(name));
             }
-            if ty == elf::SHT_X86_64_UNWIND
-                || name == ".eh_frame"
-                || ty == elf::SHT_NOTE
-                || ty == elf::SHT_GROUP
-            {
+            if ty == elf::SHT_NOTE || ty == elf::SHT_GROUP {
                 continue;
             }
             let size = sh.sh_size(endian);
             if size == 0 {
+                continue;
+            }
+            if ty == elf::SHT_X86_64_UNWIND || name == ".eh_frame" {
+                // Unwind tables go with the read-only data; the engine registers them so
+                // exceptions and thread cancellation can unwind through patch code.
+                if eh_frame_index.replace(i).is_some() {
+                    return Err(LinkError::Malformed("more than one .eh_frame".into()));
+                }
+                by_class[1].push((i, name, size, sh.sh_addralign(endian).max(1)));
                 continue;
             }
             let class = if flags & u64::from(elf::SHF_EXECINSTR) != 0 {
@@ -328,6 +349,9 @@ impl Plan {
         let mut got_syms: Vec<usize> = Vec::new();
         let mut plt_syms: Vec<usize> = Vec::new();
         let mut needs_low = false;
+        // `lea sym(%rip)` of external data: if the data lies out of reach, the lea becomes a
+        // load of the address from a GOT slot (the reverse of the linker's GOTPCRELX relaxation).
+        let mut far_leas: Vec<(usize, i64)> = Vec::new();
         let mut referenced = vec![false; symbols.len()];
         for (class_list, _) in by_class.iter().zip(0..) {
             for (i, ..) in class_list {
@@ -355,6 +379,17 @@ impl Plan {
                     if matches!(r.kind, elf::R_X86_64_32 | elf::R_X86_64_32S) {
                         needs_low = true;
                     }
+                    if r.kind == elf::R_X86_64_PC32
+                        && matches!(sym.place, Place::Undefined { .. })
+                        && !far_leas.contains(&(r.sym, r.addend))
+                    {
+                        let sh = table.section(object::SectionIndex(*i)).map_err(malformed)?;
+                        if sh.sh_type(endian) != elf::SHT_NOBITS
+                            && is_rip_lea64(sh.data(endian, object).map_err(malformed)?, r.offset)
+                        {
+                            far_leas.push((r.sym, r.addend));
+                        }
+                    }
                 }
             }
         }
@@ -366,6 +401,8 @@ impl Plan {
         let mut got = HashMap::new();
         let mut got_offset = None;
         let mut plt = HashMap::new();
+        let mut lea_got = HashMap::new();
+        let mut eh_frame = None;
         for (class, list) in by_class.iter().enumerate() {
             let start = cursor;
             for (i, name, size, align) in list {
@@ -380,16 +417,25 @@ impl Plan {
                     }
                     Some(d.to_vec())
                 };
+                // The unwinder reads `.eh_frame` until a zero-length record.
+                let (bytes, size) = match (eh_frame_index == Some(*i), bytes) {
+                    (true, Some(mut b)) => {
+                        eh_frame = Some(cursor);
+                        b.extend_from_slice(&[0; 4]);
+                        (Some(b), size + 4)
+                    }
+                    (_, bytes) => (bytes, *size),
+                };
                 loaded_index.insert(*i, sections.len());
                 sections.push(Section {
                     name: name.clone(),
                     offset: cursor,
-                    size: *size,
+                    size,
                     bytes,
                     relocs: relocs.remove(i).unwrap_or_default(),
                 });
                 cursor = cursor
-                    .checked_add(*size)
+                    .checked_add(size)
                     .ok_or_else(|| LinkError::Malformed("section sizes overflow".into()))?;
             }
             match class {
@@ -405,6 +451,10 @@ impl Plan {
                     got_offset = Some(cursor);
                     for s in &got_syms {
                         got.insert(*s, cursor);
+                        cursor += 8;
+                    }
+                    for key in &far_leas {
+                        lea_got.insert(*key, cursor);
                         cursor += 8;
                     }
                 }
@@ -468,11 +518,18 @@ impl Plan {
             size: cursor,
             undefined,
             needs_low,
+            eh_frame,
+            lea_got,
         })
     }
 
     pub fn size(&self) -> u64 {
         self.size
+    }
+
+    /// Whether the object carries unwind tables (`.eh_frame`).
+    pub fn has_eh_frame(&self) -> bool {
+        self.eh_frame.is_some()
     }
 
     pub fn undefined_symbols(&self) -> &[String] {
@@ -582,14 +639,29 @@ impl Plan {
                     elf::R_X86_64_64 => (8, addr(value)? + a),
                     elf::R_X86_64_PC64 => (8, addr(value)? + a - pi),
                     elf::R_X86_64_PC32 => {
-                        let v = addr(value)? + a - pi;
-                        if i32::try_from(v).is_err() {
+                        let target = addr(value)?;
+                        let v = target + a - pi;
+                        if i32::try_from(v).is_ok() {
+                            (4, v)
+                        } else if let (Some(&slot), true) = (
+                            self.lea_got.get(&(r.sym, r.addend)),
+                            sec.bytes
+                                .as_deref()
+                                .is_some_and(|b| is_rip_lea64(b, r.offset)),
+                        ) {
+                            // lea → mov from a slot that holds what the lea computed.
+                            let o = (sec.offset + r.offset) as usize;
+                            bytes[o - 2] = 0x8b;
+                            let computed = (target + a + 4) as u64;
+                            let so = slot as usize;
+                            bytes[so..so + 8].copy_from_slice(&computed.to_le_bytes());
+                            (4, (base + slot) as i128 - 4 - pi)
+                        } else {
                             return Err(fail_overflow(
                                 v,
                                 " (target beyond ±2 GiB: compile the patch with -fPIC)",
                             ));
                         }
-                        (4, v)
                     }
                     elf::R_X86_64_PLT32 => {
                         let direct = addr(value)? + a - pi;
@@ -698,6 +770,7 @@ impl Plan {
             bytes,
             segments: self.segments.clone(),
             symbols,
+            eh_frame: self.eh_frame.map(|o| base + o),
         })
     }
 }

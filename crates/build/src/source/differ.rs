@@ -482,9 +482,20 @@ pub fn include(patched: &Obj, changes: &Changes) -> Result<Inclusion> {
         }
     }
     // Follow references to anonymous read-only sections, transitively (a jump table refers
-    // back into text).
+    // back into text), and from each function to its exception table (LSDA).
+    let unwind = super::eh_frame::read(&patched.file)?
+        .map(|(_, records)| records)
+        .unwrap_or_default();
     let mut i = 0;
     while i < sections.len() {
+        let this = sections[i];
+        for r in unwind.iter().filter(|r| r.code == Some(this)) {
+            for &lsda in &r.refers_to {
+                if !sections.contains(&lsda) {
+                    sections.push(lsda);
+                }
+            }
+        }
         let sec = patched.file.section_by_index(sections[i])?;
         for (_, r) in sec.relocations() {
             let RelocationTarget::Symbol(idx) = r.target() else {

@@ -92,6 +92,85 @@ impl Emitter<'_> {
     }
 }
 
+/// What a relocation of one unit can point at.
+struct Refs<'a, 'd> {
+    obj: &'a Obj<'d>,
+    src: &'a str,
+    /// Carried sections and symbols of this unit, by their index in its object.
+    sec_map: &'a HashMap<object::SectionIndex, SectionId>,
+    sym_map: &'a HashMap<SymbolIndex, SymbolId>,
+    /// Global symbols carried by any unit.
+    globals: &'a HashMap<String, SymbolId>,
+}
+
+impl Emitter<'_> {
+    /// The output symbol and addend a relocation against input symbol `ti` becomes.
+    fn target(
+        &mut self,
+        refs: &Refs,
+        r_type: u32,
+        ti: SymbolIndex,
+        addend: i64,
+    ) -> Result<(SymbolId, i64)> {
+        let obj = refs.obj;
+        let sym = obj.file.symbol_by_index(ti)?;
+        let mut addend = addend;
+        let target = if let Some(id) = refs.sym_map.get(&ti) {
+            *id
+        } else if is_anchor(&sym) {
+            let tsi = sym
+                .section_index()
+                .ok_or_else(|| anyhow!("section symbol without section"))?;
+            // A label is its section plus its offset.
+            addend += sym.address() as i64;
+            if let Some(&out) = refs.sec_map.get(&tsi) {
+                self.out.section_symbol(out)
+            } else {
+                // Into an unchanged function or object: refer to it by its symbol.
+                let at = addend
+                    + if matches!(r_type, elf::R_X86_64_PC32 | elf::R_X86_64_PLT32) {
+                        4
+                    } else {
+                        0
+                    };
+                let Some(c) = covering_symbol(&obj.file, tsi, at) else {
+                    bail!(
+                        "a reference into section {} where no symbol lies",
+                        obj.file.section_by_index(tsi)?.name().unwrap_or("?")
+                    )
+                };
+                addend -= c.address() as i64;
+                self.module_symbol(refs.src, c.name().unwrap_or(""), c.is_local())?
+            }
+        } else if sym.is_undefined() {
+            let name = sym.name().unwrap_or("");
+            if let Some(id) = refs.globals.get(name) {
+                *id // carried by the patch itself (another changed file)
+            } else if name == "_GLOBAL_OFFSET_TABLE_" {
+                self.undefined(name, None)
+            } else {
+                // Defined elsewhere in the module (another file), else in a library.
+                match self.module.find("", name, false)? {
+                    Some(def) => {
+                        let out_name = format!("{name}@module@{:x}", def.address);
+                        self.undefined(&out_name, Some(bind_target(def)))
+                    }
+                    None => self.undefined(
+                        name,
+                        Some(BindTarget::External {
+                            name: name.to_string(),
+                        }),
+                    ),
+                }
+            }
+        } else {
+            // Defined in this object but not carried: the running module's copy.
+            self.module_symbol(refs.src, sym.name().unwrap_or(""), sym.is_local())?
+        };
+        Ok((target, addend))
+    }
+}
+
 pub fn emit(units: &[Unit], module: &ModuleSymbols) -> Result<Emitted> {
     let mut e = Emitter {
         out: WObject::new(BinaryFormat::Elf, Architecture::X86_64, Endianness::Little),
@@ -181,10 +260,17 @@ pub fn emit(units: &[Unit], module: &ModuleSymbols) -> Result<Emitted> {
         }
         per_unit.push((sec_map, sym_map));
     }
-    // Pass 2: relocations.
+    // Pass 2: relocations, and the unwind records of the carried code.
+    let mut eh_frame: Option<SectionId> = None;
     for (unit, (sec_map, sym_map)) in units.iter().zip(&per_unit) {
         let obj = unit.obj;
-        let src = obj.source_name.clone();
+        let refs = Refs {
+            obj,
+            src: &obj.source_name,
+            sec_map,
+            sym_map,
+            globals: &globals,
+        };
         for &idx in &unit.inclusion.sections {
             let sec = obj.file.section_by_index(idx)?;
             let out_sec = sec_map[&idx];
@@ -201,72 +287,41 @@ pub fn emit(units: &[Unit], module: &ModuleSymbols) -> Result<Emitted> {
                         sec.name().unwrap_or("?")
                     )
                 };
-                let sym = obj.file.symbol_by_index(ti)?;
-                let mut addend = r.addend();
-                let target: SymbolId = if let Some(id) = sym_map.get(&ti) {
-                    *id
-                } else if is_anchor(&sym) {
-                    let tsi = sym
-                        .section_index()
-                        .ok_or_else(|| anyhow!("section symbol without section"))?;
-                    // A label is its section plus its offset.
-                    addend += sym.address() as i64;
-                    if let Some(&out) = sec_map.get(&tsi) {
-                        e.out.section_symbol(out)
-                    } else {
-                        // Into an unchanged function or object: refer to it by its symbol.
-                        let at = addend
-                            + if matches!(r_type, elf::R_X86_64_PC32 | elf::R_X86_64_PLT32) {
-                                4
-                            } else {
-                                0
-                            };
-                        let covering = covering_symbol(&obj.file, tsi, at);
-                        let Some(c) = covering else {
-                            bail!(
-                                "{} refers into section {} where no symbol lies",
-                                sec.name().unwrap_or("?"),
-                                obj.file.section_by_index(tsi)?.name().unwrap_or("?")
-                            )
-                        };
-                        addend -= c.address() as i64;
-                        e.module_symbol(&src, c.name().unwrap_or(""), c.is_local())?
-                    }
-                } else if sym.is_undefined() {
-                    let name = sym.name().unwrap_or("");
-                    if let Some(id) = globals.get(name) {
-                        *id // carried by the patch itself (another changed file)
-                    } else if name == "_GLOBAL_OFFSET_TABLE_" {
-                        e.undefined(name, None)
-                    } else {
-                        // Defined elsewhere in the module (another file), else in a library.
-                        match e.module.find("", name, false)? {
-                            Some(def) => {
-                                let out_name = format!("{name}@module@{:x}", def.address);
-                                e.undefined(&out_name, Some(bind_target(def)))
-                            }
-                            None => e.undefined(
-                                name,
-                                Some(BindTarget::External {
-                                    name: name.to_string(),
-                                }),
-                            ),
-                        }
-                    }
-                } else {
-                    // Defined in this object but not carried: the running module's copy.
-                    e.module_symbol(&src, sym.name().unwrap_or(""), sym.is_local())?
-                };
+                let (symbol, addend) = e.target(&refs, r_type, ti, r.addend())?;
                 e.out.add_relocation(
                     out_sec,
                     Relocation {
                         offset,
-                        symbol: target,
+                        symbol,
                         addend,
                         flags: RelocationFlags::Elf { r_type },
                     },
                 )?;
             }
+        }
+        let Some((_, records)) = super::eh_frame::read(&obj.file)? else {
+            continue;
+        };
+        let (bytes, relocs) = super::eh_frame::filter(&records, |s| sec_map.contains_key(&s));
+        if bytes.is_empty() {
+            continue;
+        }
+        let out_sec = *eh_frame.get_or_insert_with(|| {
+            e.out
+                .add_section(Vec::new(), b".eh_frame".to_vec(), SectionKind::ReadOnlyData)
+        });
+        let base = e.out.append_section_data(out_sec, &bytes, 8);
+        for r in relocs {
+            let (symbol, addend) = e.target(&refs, r.r_type, r.symbol, r.addend)?;
+            e.out.add_relocation(
+                out_sec,
+                Relocation {
+                    offset: base + r.offset,
+                    symbol,
+                    addend,
+                    flags: RelocationFlags::Elf { r_type: r.r_type },
+                },
+            )?;
         }
     }
     let object = e.out.write()?;

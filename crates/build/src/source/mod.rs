@@ -12,6 +12,7 @@
 //!    deployed bytes they must find.
 
 pub mod differ;
+pub mod eh_frame;
 pub mod emit;
 pub mod layout;
 pub mod lines;

@@ -122,14 +122,7 @@ fn live(p: &Project, checks: &[(&str, &str, &str)]) -> (serde_json::Value, Targe
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
     assert!(out.status.success(), "build failed: {}{}", stderr(&out), v);
     let bundle = p.work.path("fix.suture");
-    let (ok, a) = suture_json(&[
-        "apply",
-        bundle.to_str().unwrap(),
-        "--pid",
-        &t.pid_arg(),
-        "--trust",
-        p.public.to_str().unwrap(),
-    ]);
+    let (ok, a) = apply_to(&bundle, t.pid, &p.public);
     assert!(ok, "apply failed: {a}");
     for (input, _, after) in checks {
         assert_eq!(t.ask(input), *after, "after the fix, {input:?}");
@@ -436,14 +429,7 @@ fn fix_in_a_shared_library_used_by_a_running_program() {
     let out = p.build(&src.join("libcalc.so"), "libcalc.so", "fix.suture");
     assert!(out.status.success(), "{}", stderr(&out));
     let bundle = p.work.path("fix.suture");
-    let (ok, v) = suture_json(&[
-        "apply",
-        bundle.to_str().unwrap(),
-        "--pid",
-        &t.pid_arg(),
-        "--trust",
-        p.public.to_str().unwrap(),
-    ]);
+    let (ok, v) = apply_to(&bundle, t.pid, &p.public);
     assert!(ok, "{v}");
     assert_eq!(
         t.ask("abc"),
@@ -479,14 +465,7 @@ fn cxx_member_function() {
         "{v}"
     );
     let bundle = p.work.path("fix.suture");
-    let (ok, a) = suture_json(&[
-        "apply",
-        bundle.to_str().unwrap(),
-        "--pid",
-        &t.pid_arg(),
-        "--trust",
-        p.public.to_str().unwrap(),
-    ]);
+    let (ok, a) = apply_to(&bundle, t.pid, &p.public);
     assert!(ok, "{a}");
     assert_eq!(t.ask("ab"), "22", "the object's member state carried on");
 }
@@ -547,14 +526,7 @@ fn cxx_function_using_std_string() {
         String::from_utf8_lossy(&out.stdout)
     );
     let bundle = p.work.path("fix.suture");
-    let (ok, a) = suture_json(&[
-        "apply",
-        bundle.to_str().unwrap(),
-        "--pid",
-        &t.pid_arg(),
-        "--trust",
-        p.public.to_str().unwrap(),
-    ]);
+    let (ok, a) = apply_to(&bundle, t.pid, &p.public);
     assert!(ok, "{a}");
     assert_eq!(t.ask("hey"), "hey?!");
     assert_eq!(t.ask("you"), "you?!");
@@ -574,14 +546,7 @@ fn apply_and_check(p: &Project, deployed: &Path, artifact: &str) {
         String::from_utf8_lossy(&out.stdout)
     );
     let bundle = p.work.path("fix.suture");
-    let (ok, v) = suture_json(&[
-        "apply",
-        bundle.to_str().unwrap(),
-        "--pid",
-        &t.pid_arg(),
-        "--trust",
-        p.public.to_str().unwrap(),
-    ]);
+    let (ok, v) = apply_to(&bundle, t.pid, &p.public);
     assert!(ok, "{v}");
     assert_eq!(t.ask("abcdef"), "BIG");
 }

@@ -107,14 +107,7 @@ fn build(kind: Kind) -> Built {
 }
 
 fn apply(b: &Built, bundle: &std::path::Path, pid: i32) -> (bool, serde_json::Value) {
-    suture_json(&[
-        "apply",
-        bundle.to_str().unwrap(),
-        "--pid",
-        &pid.to_string(),
-        "--trust",
-        &b.trust(),
-    ])
+    apply_to(bundle, pid, std::path::Path::new(&b.trust()))
 }
 
 /// Apply, observe the fix with the same pid and shared state, revert, and compare bytes.

@@ -112,14 +112,7 @@ fn build_and_apply(work: &Work, fix: &Fix, t: &Target) -> serde_json::Value {
     ]);
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
     assert!(out.status.success(), "{}{v}", stderr(&out));
-    let (ok, a) = suture_json(&[
-        "apply",
-        bundle.to_str().unwrap(),
-        "--pid",
-        &t.pid_arg(),
-        "--trust",
-        public.to_str().unwrap(),
-    ]);
+    let (ok, a) = apply_to(&bundle, t.pid, &public);
     assert!(ok, "{a}");
     v
 }

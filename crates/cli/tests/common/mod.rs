@@ -116,6 +116,18 @@ pub fn suture_json(args: &[&str]) -> (bool, serde_json::Value) {
     (out.status.success(), v)
 }
 
+/// `suture apply BUNDLE --pid PID --trust KEY`, in JSON.
+pub fn apply_to(bundle: &Path, pid: i32, trust: &Path) -> (bool, serde_json::Value) {
+    suture_json(&[
+        "apply",
+        bundle.to_str().unwrap(),
+        "--pid",
+        &pid.to_string(),
+        "--trust",
+        trust.to_str().unwrap(),
+    ])
+}
+
 pub fn stderr(o: &Output) -> String {
     String::from_utf8_lossy(&o.stderr).into_owned()
 }

@@ -504,6 +504,34 @@ fn cxx_exceptions_thrown_in_patch_code_are_caught_by_running_callers() {
 }
 
 #[test]
+fn cxx_fix_that_catches_a_new_exception_type() {
+    // The deployed program never caught std::out_of_range: the patch brings the exception
+    // table entry and its typeinfo reference (a DW.ref the module does not have).
+    let lib = |check: &str, catch: &str| {
+        format!("#include <cstdio>\n#include <cstdlib>\n#include <stdexcept>\n__attribute__((noinline)) int parse_port(const char *s) {{\n  int v = atoi(s);\n  if (v <= 0) throw std::invalid_argument(\"bad port\");\n{check}  return v;\n}}\n__attribute__((noinline)) int handle(const char *s) {{\n  try {{ return parse_port(s); }}{catch} catch (const std::exception &e) {{ return -1; }}\n}}\nextern \"C\" const char *answer(const char *in) {{ static char b[32]; snprintf(b, sizeof b, \"%d\", handle(in)); return b; }}\n")
+    };
+    let a = lib("", "");
+    let b = lib(
+        "  if (v > 65535) throw std::out_of_range(\"port out of range\");\n",
+        " catch (const std::out_of_range &e) { return -2; }",
+    );
+    let p = Project::new(
+        &[("lib.cpp", &a)],
+        &[("lib.cpp", &b)],
+        None,
+        Some(CXX_MAKEFILE),
+    );
+    live(
+        &p,
+        &[
+            ("443", "443", "443"),
+            ("70000", "70000", "-2"),
+            ("0", "-1", "-1"),
+        ],
+    );
+}
+
+#[test]
 fn cxx_function_using_std_string() {
     let lib = |bang: &str| {
         format!("#include <string>\nstatic std::string last;\n__attribute__((noinline)) std::string shout(const std::string &s) {{ return s + \"{bang}\"; }}\nextern \"C\" const char *answer(const char *in) {{ last = shout(in); return last.c_str(); }}\n")
@@ -575,6 +603,34 @@ fn build_that_compiles_and_links_in_one_call() {
     );
     let deployed = p.work.path("src/app");
     apply_and_check(&p, &deployed, "app");
+}
+
+#[test]
+fn data_the_deployed_link_discarded_is_carried_by_the_patch() {
+    // `spare_limit` is in the object but unused, so --gc-sections left it out of the deployed
+    // binary; the fix uses it: the patch brings a copy with its initial value.
+    let makefile = "CFLAGS = -O2 -g -ffunction-sections -fdata-sections\napp: main.o lib.o\n\t$(CC) -o app main.o lib.o -Wl,--gc-sections\n%.o: %.c\n\t$(CC) $(CFLAGS) -c $< -o $@\n";
+    let f = |limit: &str| {
+        format!("#include <string.h>\nint spare_limit = 7;\nconst char *answer(const char *in) {{ return strlen(in) > {limit} ? \"long\" : \"short\"; }}\n")
+    };
+    let p = Project::new(
+        &[("lib.c", &f("3"))],
+        &[("lib.c", &f("(size_t)spare_limit"))],
+        None,
+        Some(makefile),
+    );
+    let nm = Command::new("nm")
+        .arg(p.work.path("src/app"))
+        .output()
+        .unwrap();
+    assert!(
+        !String::from_utf8_lossy(&nm.stdout).contains("spare_limit"),
+        "the deployed link should have discarded spare_limit"
+    );
+    live(
+        &p,
+        &[("abcde", "long", "short"), ("abcdefgh", "long", "long")],
+    );
 }
 
 #[test]

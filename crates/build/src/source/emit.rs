@@ -38,6 +38,8 @@ struct Emitter<'m> {
     bindings: Vec<Binding>,
     /// Undefined symbols already created, by their name in the output.
     undefined: HashMap<String, SymbolId>,
+    /// Data the module lacks, copied into the patch: (source file, symbol) → output symbol.
+    carried: HashMap<(String, SymbolIndex), SymbolId>,
 }
 
 fn bind_target(def: Def) -> BindTarget {
@@ -164,10 +166,83 @@ impl Emitter<'_> {
                 }
             }
         } else {
-            // Defined in this object but not carried: the running module's copy.
-            self.module_symbol(refs.src, sym.name().unwrap_or(""), sym.is_local())?
+            // Defined in this object but not carried: the running module's copy, or, when the
+            // module has none (a comdat the deployed link never needed, such as the `DW.ref`
+            // of a newly caught exception type), a fresh copy in the patch: nothing in the
+            // process can hold state in an object it does not have.
+            let name = sym.name().unwrap_or("");
+            if self.module.find(refs.src, name, sym.is_local())?.is_some() {
+                self.module_symbol(refs.src, name, sym.is_local())?
+            } else {
+                self.carry(refs, ti)?
+            }
         };
         Ok((target, addend))
+    }
+
+    /// Copies the section defining data symbol `ti` into the patch (once) and returns the
+    /// symbol; the section's own references are resolved like any other.
+    fn carry(&mut self, refs: &Refs, ti: SymbolIndex) -> Result<SymbolId> {
+        let key = (refs.src.to_string(), ti);
+        if let Some(id) = self.carried.get(&key) {
+            return Ok(*id);
+        }
+        let obj = refs.obj;
+        let sym = obj.file.symbol_by_index(ti)?;
+        let name = sym.name().unwrap_or("");
+        let sec = match sym.section_index() {
+            Some(i) if sym.kind() == SymbolKind::Data => obj.file.section_by_index(i)?,
+            _ => bail!("`{name}` (from {}) is not in the deployed module", refs.src),
+        };
+        let writable = section_flags(&sec) & u64::from(elf::SHF_WRITE) != 0;
+        let kind = match (writable, sec.kind()) {
+            (true, SectionKind::UninitializedData) => SectionKind::UninitializedData,
+            (true, _) => SectionKind::Data,
+            _ => SectionKind::ReadOnlyData,
+        };
+        let out_sec = self.out.add_section(
+            Vec::new(),
+            sec.name().unwrap_or(".data").as_bytes().to_vec(),
+            kind,
+        );
+        if kind == SectionKind::UninitializedData {
+            self.out
+                .append_section_bss(out_sec, sec.size(), sec.align().max(1));
+        } else {
+            let data = sec.uncompressed_data()?.into_owned();
+            self.out
+                .section_mut(out_sec)
+                .set_data(data, sec.align().max(1));
+        }
+        let id = self.out.add_symbol(Symbol {
+            name: format!("{name}@{}@carried", refs.src).into_bytes(),
+            value: sym.address(),
+            size: sym.size(),
+            kind: SymbolKind::Data,
+            scope: SymbolScope::Compilation,
+            weak: false,
+            section: SymbolSection::Section(out_sec),
+            flags: SymbolFlags::None,
+        });
+        self.carried.insert(key, id);
+        for (offset, r) in sec.relocations() {
+            let (RelocationFlags::Elf { r_type }, RelocationTarget::Symbol(t)) =
+                (r.flags(), r.target())
+            else {
+                bail!("unexpected relocation in {}", sec.name().unwrap_or("?"));
+            };
+            let (symbol, addend) = self.target(refs, r_type, t, r.addend())?;
+            self.out.add_relocation(
+                out_sec,
+                Relocation {
+                    offset,
+                    symbol,
+                    addend,
+                    flags: RelocationFlags::Elf { r_type },
+                },
+            )?;
+        }
+        Ok(id)
     }
 }
 
@@ -177,6 +252,7 @@ pub fn emit(units: &[Unit], module: &ModuleSymbols) -> Result<Emitted> {
         module,
         bindings: Vec::new(),
         undefined: HashMap::new(),
+        carried: HashMap::new(),
     };
     let mut replacements = HashMap::new();
     // Pass 1: sections and the symbols defined in them, for every unit (a file's new global

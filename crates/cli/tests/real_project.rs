@@ -4,7 +4,10 @@
 //! - expat 2.5.0 (CMake), deployed as released, before the fix for CVE-2024-45490;
 //!
 //! each patched live from the upstream diff with `suture build` while a program using the
-//! library runs.
+//! library runs; and
+//! - the machine's own, stripped `/usr/lib/x86_64-linux-gnu/libz.so.1.2.13` from Debian's
+//!   zlib1g package, rebuilt from the source package with Debian's flags, proven to be the same
+//!   code, and patched live in a program that uses it.
 
 mod common;
 
@@ -84,7 +87,7 @@ struct Fix<'a> {
     diff: &'a str,
     target: &'a Path,
     build_cmd: &'a str,
-    cve: &'a str,
+    cve: Option<&'a str>,
 }
 
 /// `suture build` of the fix, then `suture apply` of its bundle to the running target; returns
@@ -92,7 +95,7 @@ struct Fix<'a> {
 fn build_and_apply(work: &Work, fix: &Fix, t: &Target) -> serde_json::Value {
     let (key, public) = work.keys("real");
     let bundle = work.path("cve.suture");
-    let out = suture(&[
+    let mut args = vec![
         "--json",
         "build",
         "--source",
@@ -107,9 +110,11 @@ fn build_and_apply(work: &Work, fix: &Fix, t: &Target) -> serde_json::Value {
         key.to_str().unwrap(),
         "--out",
         bundle.to_str().unwrap(),
-        "--cve",
-        fix.cve,
-    ]);
+    ];
+    if let Some(cve) = fix.cve {
+        args.extend(["--cve", cve]);
+    }
+    let out = suture(&args);
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
     assert!(out.status.success(), "{}{v}", stderr(&out));
     let (ok, a) = apply_to(&bundle, t.pid, &public);
@@ -178,7 +183,7 @@ fn zlib_cve_2022_37434_fixed_live_from_the_upstream_diff() {
             diff: DIFF,
             target: &src.join("libz.so.1.2.13"),
             build_cmd: "./configure && make libz.so.1.2.13",
-            cve: "CVE-2022-37434",
+            cve: Some("CVE-2022-37434"),
         },
         &t,
     );
@@ -249,7 +254,7 @@ fn expat_cve_2024_45490_fixed_live_in_a_cmake_build() {
             diff: EXPAT_DIFF,
             target: &target,
             build_cmd: EXPAT_CMAKE,
-            cve: "CVE-2024-45490",
+            cve: Some("CVE-2024-45490"),
         },
         &t,
     );
@@ -280,4 +285,73 @@ fn expat_cve_2024_45490_fixed_live_in_a_cmake_build() {
     let (ok, r) = suture_json(&["revert", "--pid", &t.pid_arg()]);
     assert!(ok, "{r}");
     assert_eq!(t.ask("negative"), "status 1 error 0");
+}
+
+/// The Debian 12 library every process on this machine maps, as its package installed it.
+const SYSTEM_LIBZ: &str = "/usr/lib/x86_64-linux-gnu/libz.so.1.2.13";
+
+/// debian/rules of zlib 1:1.2.13.dfsg-1 with Debian 12's `dpkg-buildflags` spelled out (so the
+/// test needs no dpkg-dev): the same compiler driver name, flags and configure options the
+/// package was built with.
+fn debian_zlib_build(src: &Path) -> String {
+    format!(
+        "AR=ar CC=x86_64-linux-gnu-gcc CFLAGS='-g -O2 -ffile-prefix-map={}=. \
+         -fstack-protector-strong -Wformat -Werror=format-security -Wdate-time \
+         -D_FORTIFY_SOURCE=2 -Wall -D_REENTRANT -O3 -DUNALIGNED_OK' LDFLAGS='-Wl,-z,relro' \
+         uname=GNU ./configure --shared --prefix=/usr --libdir=/usr/lib/x86_64-linux-gnu \
+         >/dev/null && make libz.so.1.2.13",
+        src.display()
+    )
+}
+
+#[test]
+fn the_distributions_own_stripped_libz_is_rebuilt_exactly_and_patched_live() {
+    let installed = Command::new("dpkg-query")
+        .args(["-W", "-f", "${Version}", "zlib1g"])
+        .output()
+        .expect("dpkg-query runs");
+    assert_eq!(
+        String::from_utf8_lossy(&installed.stdout),
+        "1:1.2.13.dfsg-1",
+        "this test rebuilds Debian 12's zlib1g; the machine has another version"
+    );
+    let work = Work::new();
+    let src = fetch_zlib(work.dir.path());
+    run(Command::new("tar")
+        .args(["xJf", "../zlib_1.2.13.dfsg-1.debian.tar.xz"])
+        .current_dir(&src));
+    let series = std::fs::read_to_string(src.join("debian/patches/series")).unwrap();
+    for patch in series.lines().filter(|l| !l.trim().is_empty()) {
+        run(Command::new("patch")
+            .args(["-p1", "-s", "-i"])
+            .arg(src.join("debian/patches").join(patch))
+            .current_dir(&src));
+    }
+    work.gcc(&["-O2", &Work::src("gzservice.c"), "-lz", "-o", "gzservice"]);
+    let mut t = Target::start(&work.path("gzservice"), None);
+    assert_eq!(t.ask("version"), "1.2.13");
+    let marker = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/real/zlib-version-marker.diff"
+    );
+    let v = build_and_apply(
+        &work,
+        &Fix {
+            src: &src,
+            diff: marker,
+            target: Path::new(SYSTEM_LIBZ),
+            build_cmd: &debian_zlib_build(&src),
+            cve: None,
+        },
+        &t,
+    );
+    assert_eq!(
+        v["summary"]["changed"],
+        serde_json::json!(["zlibVersion (zutil.c)"])
+    );
+    assert_eq!(t.ask("version"), "1.2.13-live");
+    assert_eq!(t.ask("gzhead"), "ok", "the rest of the library still works");
+    let (ok, r) = suture_json(&["revert", "--pid", &t.pid_arg()]);
+    assert!(ok, "{r}");
+    assert_eq!(t.ask("version"), "1.2.13");
 }

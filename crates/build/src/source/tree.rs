@@ -172,7 +172,8 @@ impl Build<'_> {
         let bin = self.tools.join("bin");
         std::fs::create_dir_all(&bin)?;
         let me = std::env::current_exe().context("cannot find the suture binary")?;
-        for name in wrapper::COMPILERS {
+        let real_path = std::env::var("PATH").unwrap_or_else(|_| "/usr/bin:/bin".into());
+        for name in wrapper::compiler_names(real_path.as_ref()) {
             let link = bin.join(name);
             let _ = std::fs::remove_file(&link);
             std::os::unix::fs::symlink(&me, &link)?;
@@ -186,7 +187,6 @@ impl Build<'_> {
         let store = self.tools.join(format!("objects-{tag}"));
         let _ = std::fs::remove_file(&log);
         let _ = std::fs::remove_dir_all(&store);
-        let real_path = std::env::var("PATH").unwrap_or_else(|_| "/usr/bin:/bin".into());
         let script = "mount --bind \"$SUTURE_TREE\" \"$SUTURE_SOURCE\" && cd \"$SUTURE_SOURCE\" && exec sh -c \"$SUTURE_BUILD_CMD\"";
         let output = std::fs::File::create(log_to)?;
         let st = Command::new("unshare")

@@ -20,6 +20,36 @@ use sha2::{Digest, Sha256};
 
 /// Names under which `suture` acts as the compiler wrapper.
 pub const COMPILERS: &[&str] = &["cc", "gcc", "c++", "g++"];
+
+/// Whether `name` is a C/C++ compiler driver as build systems spell it: `gcc`, `g++`, `cc`,
+/// `c++`, `clang`, `clang++`, optionally with a target triplet (`x86_64-linux-gnu-gcc`, as
+/// Debian's packaging calls it) and a version (`gcc-12`).
+pub fn is_compiler(name: &str) -> bool {
+    let base = name.rsplit_once("-linux-gnu-").map_or(name, |(_, b)| b);
+    let base = match base.rsplit_once('-') {
+        Some((b, v)) if !v.is_empty() && v.bytes().all(|c| c.is_ascii_digit() || c == b'.') => b,
+        _ => base,
+    };
+    matches!(base, "cc" | "gcc" | "c++" | "g++" | "clang" | "clang++")
+}
+
+/// The compiler names to wrap: the usual four, and every other compiler driver in `path`.
+pub fn compiler_names(path: &std::ffi::OsStr) -> Vec<String> {
+    let mut names: Vec<String> = COMPILERS.iter().map(|s| s.to_string()).collect();
+    for dir in std::env::split_paths(path) {
+        let Ok(entries) = std::fs::read_dir(dir) else {
+            continue;
+        };
+        for e in entries.flatten() {
+            if let Some(n) = e.file_name().to_str() {
+                if is_compiler(n) && !names.iter().any(|m| m == n) {
+                    names.push(n.to_string());
+                }
+            }
+        }
+    }
+    names
+}
 /// Environment: the `PATH` to find the real compiler in.
 pub const ENV_REAL_PATH: &str = "SUTURE_WRAP_REAL_PATH";
 /// Environment: extra flags, space-separated.
@@ -36,7 +66,7 @@ pub fn maybe_run(argv0: &str) {
         .file_name()
         .and_then(|n| n.to_str())
         .unwrap_or("");
-    if !COMPILERS.contains(&name) || std::env::var_os(ENV_REAL_PATH).is_none() {
+    if !is_compiler(name) || std::env::var_os(ENV_REAL_PATH).is_none() {
         return;
     }
     let code = match run(name) {
@@ -280,6 +310,31 @@ fn link_output(args: &[OsString]) -> Option<PathBuf> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn knows_compiler_driver_names() {
+        for n in [
+            "gcc",
+            "g++",
+            "cc",
+            "c++",
+            "x86_64-linux-gnu-gcc",
+            "gcc-12",
+            "x86_64-linux-gnu-g++-12",
+            "clang++",
+        ] {
+            assert!(is_compiler(n), "{n}");
+        }
+        for n in [
+            "suture",
+            "gcc-ar",
+            "x86_64-linux-gnu-gcc-nm-12",
+            "ld",
+            "cc1",
+        ] {
+            assert!(!is_compiler(n), "{n}");
+        }
+    }
 
     #[test]
     fn finds_objects_sources_and_splits_one_call_builds() {

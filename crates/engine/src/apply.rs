@@ -134,6 +134,13 @@ pub fn apply(pid: i32, bundle: &Bundle, opts: &ApplyOptions) -> Result<ApplyRepo
     plan.link(probe_base, &|name| symbols.lookup(name))
         .map_err(|e| refused(format!("patch cannot be linked into process {pid}: {e}")))?;
 
+    // Found before anything stops: reading the libraries' symbols takes milliseconds.
+    let unwind = if plan.has_eh_frame() {
+        unwind_registry(&search_order(pid, &maps))
+    } else {
+        None
+    };
+
     // From here on the process is touched; every error path undoes what was done.
     let mut session = Session::seize(pid).map_err(|e| exited_or(pid, e))?;
     let threads = session.thread_count();
@@ -183,11 +190,6 @@ pub fn apply(pid: i32, bundle: &Bundle, opts: &ApplyOptions) -> Result<ApplyRepo
             .collect(),
         eh_frame: 0,
         eh_object: 0,
-    };
-    let unwind = if plan.has_eh_frame() {
-        unwind_registry(&search_order(pid, &maps))
-    } else {
-        None
     };
     if unwind.is_some() {
         // Filled in once placed; the maximum stands in so the header is sized for it.
@@ -780,7 +782,10 @@ fn resolve_bindings(
 /// dynamic loader last.
 fn search_order(pid: i32, maps: &[Mapping]) -> Vec<LoadedModule> {
     let mut all = modules::loaded_modules(pid, maps);
-    all.sort_by_key(|m| (!is_main_executable(pid, m), m.path.contains("/ld-linux")));
+    let exe = std::fs::metadata(format!("/proc/{pid}/exe"))
+        .map(|m| m.ino())
+        .ok();
+    all.sort_by_key(|m| (exe != Some(m.inode), m.path.contains("/ld-linux")));
     all
 }
 

@@ -59,14 +59,15 @@ impl ModuleFacts {
         let exports = self.exports.get_or_init(|| {
             let mut map = HashMap::new();
             if let Ok(module) = Module::parse(&self.data) {
-                for sym in module.symbols() {
-                    if let Some(found) = module.lookup_dynamic(&sym.name) {
-                        map.entry(sym.name.clone()).or_insert(Export {
+                for (name, found) in module.dynamic_exports() {
+                    map.insert(
+                        name.to_string(),
+                        Export {
                             address: found.address,
                             ifunc: matches!(found.kind, SymbolKind::Ifunc),
                             weak: matches!(found.binding, SymbolBinding::Weak),
-                        });
-                    }
+                        },
+                    );
                 }
             }
             map

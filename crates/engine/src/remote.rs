@@ -17,7 +17,7 @@ use nix::unistd::Pid;
 
 use crate::procfs::{Mapping, Memory};
 use crate::seccomp::{self, SeccompData, SockFilter};
-use crate::stop::{gone, Session};
+use crate::stop::{gone, pause, Session};
 
 /// Bytes below the stack pointer we leave alone: the x86-64 red zone plus a margin.
 const STACK_SKIP: u64 = 128 + 1024;
@@ -212,6 +212,7 @@ impl Remote {
 
     fn wait(&self, session: &mut Session, deadline: Instant) -> Result<Signal> {
         let pid = Pid::from_raw(self.tid);
+        let mut spins = 0u32;
         loop {
             match waitpid(pid, Some(WaitPidFlag::__WALL | WaitPidFlag::WNOHANG)) {
                 Ok(WaitStatus::Stopped(_, sig)) => return Ok(sig),
@@ -227,7 +228,7 @@ impl Remote {
                             self.pid
                         );
                     }
-                    std::thread::yield_now();
+                    pause(&mut spins);
                 }
                 Ok(WaitStatus::Exited(..)) | Ok(WaitStatus::Signaled(..)) | Err(Errno::ECHILD) => {
                     session.forget(self.tid);

@@ -55,6 +55,17 @@ fn thread_exiting(pid: i32, tid: i32) -> bool {
     }
 }
 
+/// One wait between polls for a tracee: yield at first (a stop usually comes within
+/// microseconds), then sleep, so a tracee that needs a CPU of a busy machine gets it from us.
+pub(crate) fn pause(spins: &mut u32) {
+    *spins += 1;
+    if *spins < 200 {
+        std::thread::yield_now();
+    } else {
+        std::thread::sleep(Duration::from_micros(50));
+    }
+}
+
 /// Whether the calling thread (ptrace tracers are threads) already traces `tid`.
 fn traced_by_us(pid: i32, tid: i32) -> bool {
     let Ok(status) = std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/status")) else {
@@ -196,12 +207,7 @@ impl Session {
                             self.stop_timeout
                         );
                     }
-                    spins += 1;
-                    if spins < 200 {
-                        std::thread::yield_now();
-                    } else {
-                        std::thread::sleep(Duration::from_micros(50));
-                    }
+                    pause(&mut spins);
                 }
                 Ok(WaitStatus::PtraceEvent(_, _, event)) => {
                     if event == libc::PTRACE_EVENT_CLONE {

@@ -395,6 +395,26 @@ impl<'data> Module<'data> {
     }
 
     /// The exported definition of `name` (from `.dynsym`, preferring the default version).
+    /// Every name the module exports (its dynamic symbol table), each with the definition
+    /// [`Module::lookup_dynamic`] would give: the default version where there are several.
+    /// One pass, for modules with tens of thousands of symbols.
+    pub fn dynamic_exports(&self) -> std::collections::HashMap<&str, &Symbol> {
+        let mut map: std::collections::HashMap<&str, &Symbol> = std::collections::HashMap::new();
+        for s in &self.symbols {
+            if s.source != SymbolSource::Dynsym || s.binding == SymbolBinding::Local {
+                continue;
+            }
+            map.entry(s.name.as_str())
+                .and_modify(|old| {
+                    if old.hidden_version && !s.hidden_version {
+                        *old = s;
+                    }
+                })
+                .or_insert(s);
+        }
+        map
+    }
+
     pub fn lookup_dynamic(&self, name: &str) -> Option<&Symbol> {
         let exported = || {
             self.symbols

@@ -165,6 +165,17 @@ fn system_libc_exports_default_versions_and_ifuncs() {
         SymbolKind::Function
     );
     assert!(m.lookup_dynamic("no_such_symbol_here").is_none());
+    // The one-pass table gives every export the definition the lookup gives.
+    let exports = m.dynamic_exports();
+    assert!(exports.len() > 2000, "{}", exports.len());
+    for (name, sym) in &exports {
+        let one = m.lookup_dynamic(name).unwrap();
+        assert_eq!(
+            (one.address, one.hidden_version),
+            (sym.address, sym.hidden_version),
+            "{name}"
+        );
+    }
 }
 
 #[test]

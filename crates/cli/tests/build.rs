@@ -470,20 +470,24 @@ fn cxx_member_function() {
     assert_eq!(t.ask("ab"), "22", "the object's member state carried on");
 }
 
-#[test]
-fn cxx_exceptions_thrown_in_patch_code_are_caught_by_running_callers() {
-    // The fix throws from the replaced function; `handle` (not replaced) catches. Without the
-    // patch's unwind tables registered, the unwinder cannot leave patch code: terminate.
-    let lib = |check: &str| {
-        format!("#include <cstdio>\n#include <cstdlib>\n#include <stdexcept>\n__attribute__((noinline)) int parse_port(const char *s) {{\n  int v = atoi(s);\n  if (v <= 0) throw std::invalid_argument(\"bad port\");\n{check}  return v;\n}}\n__attribute__((noinline)) int handle(const char *s) {{\n  try {{ return parse_port(s); }} catch (const std::exception &e) {{ return -1; }}\n}}\nextern \"C\" const char *answer(const char *in) {{ static char b[32]; snprintf(b, sizeof b, \"%d\", handle(in)); return b; }}\n")
-    };
-    let a = lib("");
-    let b = lib("  if (v > 65535) throw std::out_of_range(\"port out of range\");\n");
+/// A C++ port parser: `parse_port` throws on bad input, `handle` catches; `check` is added to
+/// `parse_port` and `catch` to `handle`'s handlers.
+fn port_parser(check: &str, catch: &str) -> String {
+    format!("#include <cstdio>\n#include <cstdlib>\n#include <stdexcept>\n__attribute__((noinline)) int parse_port(const char *s) {{\n  int v = atoi(s);\n  if (v <= 0) throw std::invalid_argument(\"bad port\");\n{check}  return v;\n}}\n__attribute__((noinline)) int handle(const char *s) {{\n  try {{ return parse_port(s); }}{catch} catch (const std::exception &e) {{ return -1; }}\n}}\nextern \"C\" const char *answer(const char *in) {{ static char b[32]; snprintf(b, sizeof b, \"%d\", handle(in)); return b; }}\n")
+}
+
+const PORT_CHECK: &str = "  if (v > 65535) throw std::out_of_range(\"port out of range\");\n";
+
+/// The fix throws from the replaced function; `handle` (not replaced) catches. Without the
+/// patch's unwind tables registered, the unwinder cannot leave patch code: terminate. Revert
+/// takes the tables out of the unwinder before unmapping them: exceptions in the original
+/// code still unwind.
+fn exceptions_cross_from_patch_code(makefile: &str) {
     let p = Project::new(
-        &[("lib.cpp", &a)],
-        &[("lib.cpp", &b)],
+        &[("lib.cpp", &port_parser("", ""))],
+        &[("lib.cpp", &port_parser(PORT_CHECK, ""))],
         None,
-        Some(CXX_MAKEFILE),
+        Some(makefile),
     );
     let (_, mut t) = live(
         &p,
@@ -494,8 +498,6 @@ fn cxx_exceptions_thrown_in_patch_code_are_caught_by_running_callers() {
             ("x", "-1", "-1"),
         ],
     );
-    // Revert takes the tables out of the unwinder before unmapping them: exceptions in the
-    // original code still unwind.
     let (ok, r) = suture_json(&["revert", "--pid", &t.pid_arg()]);
     assert!(ok, "{r}");
     assert_eq!(t.ask("70000"), "70000");
@@ -504,20 +506,31 @@ fn cxx_exceptions_thrown_in_patch_code_are_caught_by_running_callers() {
 }
 
 #[test]
+fn cxx_exceptions_thrown_in_patch_code_are_caught_by_running_callers() {
+    exceptions_cross_from_patch_code(CXX_MAKEFILE);
+}
+
+#[test]
+fn cxx_exceptions_in_a_static_executable() {
+    // No libgcc_s: the unwinder is linked into the executable and exported nowhere.
+    exceptions_cross_from_patch_code(
+        &CXX_MAKEFILE.replace("-o app main.o", "-static -o app main.o"),
+    );
+}
+
+#[test]
 fn cxx_fix_that_catches_a_new_exception_type() {
     // The deployed program never caught std::out_of_range: the patch brings the exception
     // table entry and its typeinfo reference (a DW.ref the module does not have).
-    let lib = |check: &str, catch: &str| {
-        format!("#include <cstdio>\n#include <cstdlib>\n#include <stdexcept>\n__attribute__((noinline)) int parse_port(const char *s) {{\n  int v = atoi(s);\n  if (v <= 0) throw std::invalid_argument(\"bad port\");\n{check}  return v;\n}}\n__attribute__((noinline)) int handle(const char *s) {{\n  try {{ return parse_port(s); }}{catch} catch (const std::exception &e) {{ return -1; }}\n}}\nextern \"C\" const char *answer(const char *in) {{ static char b[32]; snprintf(b, sizeof b, \"%d\", handle(in)); return b; }}\n")
-    };
-    let a = lib("", "");
-    let b = lib(
-        "  if (v > 65535) throw std::out_of_range(\"port out of range\");\n",
-        " catch (const std::out_of_range &e) { return -2; }",
-    );
     let p = Project::new(
-        &[("lib.cpp", &a)],
-        &[("lib.cpp", &b)],
+        &[("lib.cpp", &port_parser("", ""))],
+        &[(
+            "lib.cpp",
+            &port_parser(
+                PORT_CHECK,
+                " catch (const std::out_of_range &e) { return -2; }",
+            ),
+        )],
         None,
         Some(CXX_MAKEFILE),
     );

@@ -810,8 +810,9 @@ fn find_export<'m>(
 }
 
 /// libgcc's registry of unwind tables in the process (`__register_frame_info` and
-/// `__deregister_frame_info`, exported by libgcc_s), if it has one. C++ programs and any program
-/// that cancels threads load it; without it, nothing in the process unwinds.
+/// `__deregister_frame_info`, exported by libgcc_s, or linked into a static executable), if it
+/// has one. C++ programs and any program that cancels threads have it; without it, nothing in
+/// the process unwinds.
 #[derive(Clone, Copy)]
 struct UnwindRegistry {
     register: u64,
@@ -823,6 +824,11 @@ fn unwind_registry(loaded: &[LoadedModule]) -> Option<UnwindRegistry> {
         find_export(loaded, name)
             .filter(|(_, e)| !e.ifunc)
             .map(|(lm, e)| lm.bias.wrapping_add(e.address))
+            .or_else(|| {
+                // A static executable exports nothing; it comes first in search order.
+                let exe = loaded.first()?;
+                exe.facts.function(name).map(|a| exe.bias.wrapping_add(a))
+            })
     };
     Some(UnwindRegistry {
         register: at("__register_frame_info")?,

@@ -54,6 +54,18 @@ impl ModuleFacts {
         &self.data
     }
 
+    /// The one function named `name` in the module's full symbol table (exported or not), for
+    /// what a static executable links in but exports nowhere.
+    pub fn function(&self, name: &str) -> Option<u64> {
+        let module = Module::parse(&self.data).ok()?;
+        match module.lookup(name) {
+            suture_module::Lookup::Unique(s) if matches!(s.kind, SymbolKind::Function) => {
+                Some(s.address)
+            }
+            _ => None,
+        }
+    }
+
     /// The exported definition of `name`, if this module has one.
     pub fn export(&self, name: &str) -> Option<Export> {
         let exports = self.exports.get_or_init(|| {

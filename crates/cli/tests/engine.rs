@@ -484,6 +484,24 @@ fn check_reports_patchable_and_module() {
     let (ok, v) = suture_json(&["check", "--pid", "999999999"]);
     assert!(!ok);
     assert!(v["error"].as_str().unwrap().contains("no process"), "{v}");
+    // A kernel thread has nothing to patch, and says so (none are visible in a container).
+    let kernel_thread = std::fs::read_dir("/proc").unwrap().flatten().find_map(|e| {
+        let pid: i32 = e.file_name().to_str()?.parse().ok()?;
+        let stat = std::fs::read_to_string(e.path().join("stat")).ok()?;
+        let flags: u64 = stat
+            .rsplit_once(')')?
+            .1
+            .split_whitespace()
+            .nth(6)?
+            .parse()
+            .ok()?;
+        (flags & 0x0020_0000 != 0).then_some(pid)
+    });
+    if let Some(k) = kernel_thread {
+        let (ok, v) = suture_json(&["check", "--pid", &k.to_string()]);
+        assert!(!ok && v["patchable"] == false, "{v}");
+        assert!(v["problems"].to_string().contains("kernel thread"), "{v}");
+    }
 }
 
 #[test]

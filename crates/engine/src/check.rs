@@ -47,6 +47,18 @@ pub fn check(pid: i32, build_id: Option<&[u8]>) -> Result<CheckReport> {
         anyhow::bail!("no process {pid}");
     }
     let command = procfs::command_name(pid);
+    if procfs::is_kernel_thread(pid) {
+        problems.push("a kernel thread: it has no user-space code to patch".to_string());
+        return Ok(CheckReport {
+            pid,
+            command,
+            patchable: false,
+            problems,
+            threads: 1,
+            modules: Vec::new(),
+            patches: Vec::new(),
+        });
+    }
     if std::env::consts::ARCH != "x86_64" {
         problems.push("suture patches x86-64 processes only".to_string());
     }

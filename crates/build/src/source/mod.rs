@@ -5,11 +5,14 @@
 //! 2. Three builds with the project's own command, each at the original path in a private
 //!    mount namespace: the original as deployed (to prove the source is the deployed code and
 //!    to get its symbol table, even when the deployed binary is stripped), and the original
-//!    and the patched tree with `-ffunction-sections -fdata-sections`.
-//! 3. The differ ([`differ`]) compares every object file of the two section-split builds.
-//! 4. The emitter ([`emit`]) writes one relocatable with what changed; the manifest binds the
-//!    rest to the deployed module by address and lists the functions to detour with the
-//!    deployed bytes they must find.
+//!    and the patched tree with `-ffunction-sections -fdata-sections -g`, through the
+//!    compiler [`wrapper`] (the work trees and builds are in [`tree`]).
+//! 3. The differ ([`differ`]) compares every object file of the two section-split builds;
+//!    [`layout`] refuses changed struct layouts that existing data uses, and [`lines`] keeps
+//!    running the functions that differ only in line numbers the fix moved.
+//! 4. The emitter ([`emit`]) writes one relocatable with what changed, and the unwind records
+//!    of exactly that code ([`eh_frame`]); the manifest binds the rest to the deployed module
+//!    by address and lists the functions to detour with the deployed bytes they must find.
 
 pub mod differ;
 pub mod eh_frame;

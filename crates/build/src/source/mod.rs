@@ -10,7 +10,7 @@
 //! 3. The differ ([`differ`]) compares every object file of the two section-split builds;
 //!    [`layout`] refuses changed struct layouts that existing data uses, and [`lines`] keeps
 //!    running the functions that differ only in line numbers the fix moved.
-//! 4. The emitter ([`emit`]) writes one relocatable with what changed, and the unwind records
+//! 4. The emitter ([`emit`](mod@emit)) writes one relocatable with what changed, and the unwind records
 //!    of exactly that code ([`eh_frame`]); the manifest binds the rest to the deployed module
 //!    by address and lists the functions to detour with the deployed bytes they must find.
 

@@ -438,6 +438,36 @@ fn fix_in_a_shared_library_used_by_a_running_program() {
     );
 }
 
+#[test]
+fn meson_project_with_a_shared_library() {
+    // Meson pins the compiler in its configured build folder: the copies get a fresh one.
+    let meson = "project('svc', 'c', default_options: ['buildtype=release', 'debug=true'])\nlib = shared_library('answer', 'lib.c')\nexecutable('app', 'main.c', link_with: lib)\n";
+    let makefile = "all:\n\tmeson setup build >/dev/null && ninja -C build >/dev/null\n";
+    let p = Project::new(
+        &[("meson.build", meson), ("lib.c", SIMPLE)],
+        &[("lib.c", SIMPLE_FIXED)],
+        None,
+        Some(makefile),
+    );
+    let build = p.work.path("src/build");
+    let mut t = Target::start(&build.join("app"), None);
+    assert_eq!(t.ask("abcdef"), "big");
+    let out = p.build(
+        &build.join("libanswer.so"),
+        "build/libanswer.so",
+        "fix.suture",
+    );
+    assert!(
+        out.status.success(),
+        "{}{}",
+        stderr(&out),
+        String::from_utf8_lossy(&out.stdout)
+    );
+    let (ok, v) = apply_to(&p.work.path("fix.suture"), t.pid, &p.public);
+    assert!(ok, "{v}");
+    assert_eq!(t.ask("abcdef"), "BIG");
+}
+
 const CXX_MAKEFILE: &str = "CFLAGS ?= -O2 -g\nCXXFLAGS ?= -O2 -g\napp: main.o lib.o\n\t$(CXX) $(CXXFLAGS) -o app main.o lib.o\nmain.o: main.c\n\t$(CC) $(CFLAGS) -c main.c -o main.o\nlib.o: lib.cpp\n\t$(CXX) $(CXXFLAGS) -c lib.cpp -o lib.o\n";
 
 #[test]

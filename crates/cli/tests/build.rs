@@ -211,6 +211,19 @@ fn new_helper_and_new_globals() {
 }
 
 #[test]
+fn fix_that_uses_library_data_the_program_never_used() {
+    // The deployed PIE never referenced `stderr`, so it has no copy of it: the fix reaches
+    // libc's, which lies far beyond a direct 32-bit reference from patch memory.
+    let a = "#include <string.h>\nconst char *answer(const char *in) { return strlen(in) > 3 ? \"big\" : \"small\"; }\n";
+    let b = "#include <stdio.h>\n#include <string.h>\nconst char *answer(const char *in) { if (!*in || strchr(in, '%')) { fputs(\"suture test: rejected input\\n\", stderr); return \"rejected\"; } return strlen(in) > 3 ? \"big\" : \"small\"; }\n";
+    patch_live(&Case {
+        files: &[("lib.c", a)],
+        fixed: &[("lib.c", b)],
+        checks: &[("a%n", "small", "rejected"), ("abcd", "big", "big")],
+    });
+}
+
+#[test]
 fn changed_switch_with_a_jump_table() {
     let lib = |x: &str| {
         format!("const char *answer(const char *in) {{\n switch (in[0]) {{\n case 'a': return \"A\"; case 'b': return \"B\"; case 'c': return \"{x}\"; case 'd': return \"D\";\n case 'e': return \"E\"; case 'f': return \"F\"; case 'g': return \"G\"; case 'h': return \"H\";\n default: return \"-\";\n }}\n}}\n")

@@ -36,7 +36,10 @@ use differ::{compare, include, ModuleSymbols, Obj};
 use emit::{emit, Unit};
 
 /// `-g` gives the differ the struct layouts to check; it does not change the code gcc emits.
-const SPLIT_FLAGS: &str = "-ffunction-sections -fdata-sections -g";
+/// `-mno-direct-extern-access` (gcc 12+, where accepted) makes executables reach external data
+/// through the GOT, so a fix may use data (`stderr`) the program never used: the patch's GOT
+/// reaches the library's copy at any distance, where a direct reference could not.
+const SPLIT_FLAGS: &str = "-ffunction-sections -fdata-sections -g ?-mno-direct-extern-access";
 
 /// What the operator asked for.
 pub struct SourceFix<'a> {

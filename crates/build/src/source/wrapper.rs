@@ -98,14 +98,18 @@ fn run(name: &str) -> std::io::Result<i32> {
     let (Some(log), Some(store)) = (log, store) else {
         return Err(cmd.exec());
     };
-    let flags = std::env::var(ENV_FLAGS).unwrap_or_default();
+    let flags = effective_flags(
+        &real,
+        &std::env::var(ENV_FLAGS).unwrap_or_default(),
+        &store.join("probes"),
+    );
     let cwd = std::env::current_dir()?;
     let mut records = Vec::new();
     // Runs one compile and records the objects it wrote, with their sources.
     let mut compile = |args: &[OsString], outputs: &[(PathBuf, PathBuf)]| -> std::io::Result<i32> {
         let status = Command::new(&real)
             .args(args)
-            .args(flags.split_whitespace())
+            .args(&flags)
             .env("PATH", &real_path)
             .status()?;
         if !status.success() {
@@ -174,6 +178,35 @@ fn run(name: &str) -> std::io::Result<i32> {
         }
     }
     Ok(0)
+}
+
+/// The extra flags for this compiler: a flag written `?-mflag` is passed only if the compiler
+/// accepts it (probed once per compiler and flag, the answer kept in `cache`).
+fn effective_flags(real: &Path, flags: &str, cache: &Path) -> Vec<String> {
+    flags
+        .split_whitespace()
+        .filter_map(|f| match f.strip_prefix('?') {
+            Some(optional) => accepts(real, optional, cache).then(|| optional.to_string()),
+            None => Some(f.to_string()),
+        })
+        .collect()
+}
+
+fn accepts(real: &Path, flag: &str, cache: &Path) -> bool {
+    let key = hex::encode(&Sha256::digest(format!("{}\0{flag}", real.display()))[..8]);
+    let answer = cache.join(format!("{key}.probe"));
+    if let Ok(v) = std::fs::read_to_string(&answer) {
+        return v == "1";
+    }
+    let ok = Command::new(real)
+        .args([flag, "-x", "c", "-c", "/dev/null", "-o", "/dev/null"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    let _ = std::fs::create_dir_all(cache);
+    let _ = std::fs::write(&answer, if ok { "1" } else { "0" });
+    ok
 }
 
 /// SHA-256 of every member of a static archive.

@@ -100,7 +100,12 @@ pub fn run(args: Args) -> Result<i32> {
                 bar.set_message(msg.to_string())
             });
             bar.finish_and_clear();
-            if keep_work.is_none() {
+            // A failed build keeps its work folder: the error names the log in it.
+            let build_failed = built.as_ref().err().is_some_and(|e| {
+                e.downcast_ref::<suture_build::source::tree::BuildFailed>()
+                    .is_some()
+            });
+            if keep_work.is_none() && !build_failed {
                 let _ = std::fs::remove_dir_all(&temp);
             }
             let built = built?;

@@ -690,6 +690,41 @@ fn data_the_deployed_link_discarded_is_carried_by_the_patch() {
 }
 
 #[test]
+fn a_failing_build_says_why_and_keeps_its_log() {
+    let p = Project::new(&[("lib.c", SIMPLE)], &[("lib.c", SIMPLE_FIXED)], None, None);
+    let out = suture(&[
+        "--json",
+        "build",
+        "--source",
+        p.work.path("src").to_str().unwrap(),
+        "--diff",
+        p.work.path("fix.diff").to_str().unwrap(),
+        "--target",
+        p.work.path("src/app").to_str().unwrap(),
+        "--build-cmd",
+        "echo compiling; echo 'fatal: libfoo.h: No such file' >&2; exit 3",
+        "--key",
+        p.key.to_str().unwrap(),
+        "--out",
+        p.work.path("fix.suture").to_str().unwrap(),
+    ]);
+    assert!(!out.status.success());
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let msg = v["error"].as_str().unwrap();
+    assert!(msg.contains("build command failed"), "{msg}");
+    assert!(msg.contains("fatal: libfoo.h: No such file"), "{msg}");
+    let log = msg
+        .rsplit("whole output: ")
+        .next()
+        .unwrap()
+        .trim_end_matches(')');
+    let kept = std::fs::read_to_string(log).expect("the log named in the error exists");
+    assert!(kept.contains("compiling"));
+    std::fs::remove_dir_all(Path::new(log).parent().unwrap()).unwrap();
+    assert!(!p.work.path("fix.suture").exists());
+}
+
+#[test]
 fn stale_build_outputs_in_the_source_are_never_reused() {
     let p = Project::new(&[("lib.c", SIMPLE)], &[("lib.c", SIMPLE_FIXED)], None, None);
     // An object from some other build, newer than its source: make would keep it.

@@ -2,6 +2,7 @@
 //! own build systems:
 //! - zlib 1.2.13 (`./configure && make`), deployed with the fix for CVE-2022-37434 reverted;
 //! - expat 2.5.0 (CMake), deployed as released, before the fix for CVE-2024-45490;
+//! - libyaml 0.2.5 (autotools and libtool, with a stale build in the source folder);
 //!
 //! each patched live from the upstream diff with `suture build` while a program using the
 //! library runs; and
@@ -354,4 +355,53 @@ fn the_distributions_own_stripped_libz_is_rebuilt_exactly_and_patched_live() {
     let (ok, r) = suture_json(&["revert", "--pid", &t.pid_arg()]);
     assert!(ok, "{r}");
     assert_eq!(t.ask("version"), "1.2.13");
+}
+
+#[test]
+fn libyaml_built_with_autotools_and_libtool() {
+    let work = Work::new();
+    fetch_source(work.dir.path(), &["libyaml=0.2.5-1", "libyaml"]);
+    run(Command::new("tar")
+        .args(["xzf", "libyaml_0.2.5.orig.tar.gz"])
+        .current_dir(work.dir.path()));
+    let src = work.path("libyaml-0.2.5");
+    // The deployment, built in the source folder: its libtool outputs (.lo/.la stamps, .libs/)
+    // stay there, as they would on a build machine, and must not be taken for fresh ones.
+    run(Command::new("sh")
+        .args(["-c", "./bootstrap && ./configure && make"])
+        .current_dir(&src));
+    let libs = src.join("src/.libs");
+    work.gcc(&[
+        "-O2",
+        &format!("-I{}", src.join("include").display()),
+        &Work::src("yamlservice.c"),
+        &format!("-L{}", libs.display()),
+        "-lyaml",
+        "-o",
+        "yamlservice",
+    ]);
+    let mut t = Target::start(&work.path("yamlservice"), Some(&libs));
+    assert_eq!(t.ask("version"), "0.2.5");
+    assert_eq!(t.ask("parse"), "13");
+    let marker = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/real/libyaml-version-marker.diff"
+    );
+    let v = build_and_apply(
+        &work,
+        &Fix {
+            src: &src,
+            diff: marker,
+            target: &libs.join("libyaml-0.so.2.0.9"),
+            build_cmd: "./configure >/dev/null && make",
+            cve: None,
+        },
+        &t,
+    );
+    assert_eq!(
+        v["summary"]["changed"],
+        serde_json::json!(["yaml_get_version_string (api.c)"])
+    );
+    assert_eq!(t.ask("version"), "0.2.5-live");
+    assert_eq!(t.ask("parse"), "13");
 }

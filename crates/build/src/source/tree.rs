@@ -13,9 +13,9 @@ use anyhow::{bail, Context, Result};
 
 use super::wrapper;
 
-/// Copies `source` to `dest` and deletes every ELF file and every configured CMake or Meson
-/// build folder in the copy: old build outputs must never stand in for a fresh build, and a
-/// configured build folder pins the compiler path, which would bypass the wrapper.
+/// Copies `source` to `dest` and deletes every ELF file, archive, libtool output and configured
+/// CMake or Meson build folder in the copy: old build outputs must never stand in for a fresh
+/// build, and a configured build folder pins the compiler path, which would bypass the wrapper.
 pub fn copy_clean(source: &Path, dest: &Path) -> Result<()> {
     if dest.exists() {
         std::fs::remove_dir_all(dest)
@@ -31,7 +31,24 @@ pub fn copy_clean(source: &Path, dest: &Path) -> Result<()> {
     if !st.success() {
         bail!("cannot copy {} to {}", source.display(), dest.display());
     }
-    purge_elf(dest)
+    purge_elf(dest)?;
+    remove_dangling_links(dest)
+}
+
+/// Symbolic links left dangling by the purge (libfoo.so -> libfoo.so.1.2): a build would take
+/// them for outputs that exist.
+fn remove_dangling_links(dir: &Path) -> Result<()> {
+    for entry in std::fs::read_dir(dir)? {
+        let entry = entry?;
+        let ty = entry.file_type()?;
+        let path = entry.path();
+        if ty.is_dir() {
+            remove_dangling_links(&path)?;
+        } else if ty.is_symlink() && !path.exists() {
+            std::fs::remove_file(&path)?;
+        }
+    }
+    Ok(())
 }
 
 fn purge_elf(dir: &Path) -> Result<()> {
@@ -47,6 +64,10 @@ fn purge_elf(dir: &Path) -> Result<()> {
                 tracing::info!(dir = %path.display(), "removing a configured build folder");
                 std::fs::remove_dir_all(&path)
                     .with_context(|| format!("cannot remove {}", path.display()))?;
+            } else if entry.file_name() == ".libs" || entry.file_name() == "_libs" {
+                // libtool's real outputs; its .lo/.la stamps go below.
+                std::fs::remove_dir_all(&path)
+                    .with_context(|| format!("cannot remove {}", path.display()))?;
             } else {
                 purge_elf(&path)?;
             }
@@ -56,8 +77,12 @@ fn purge_elf(dir: &Path) -> Result<()> {
                 .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut head))
                 .is_ok()
                 && &head == b"\x7fELF";
-            let is_archive = path.extension().is_some_and(|e| e == "a");
-            if is_elf || is_archive {
+            // Archives, and libtool's stamps for objects and libraries (text files that would
+            // tell make the deleted outputs are up to date).
+            let is_output = path
+                .extension()
+                .is_some_and(|e| e == "a" || e == "lo" || e == "la" || e == "lai");
+            if is_elf || is_output {
                 std::fs::remove_file(&path)?;
             }
         }
@@ -111,6 +136,15 @@ pub fn apply_diff(tree: &Path, diff: &Path) -> Result<()> {
         "{} does not apply to the source tree (at -p1 and -p0): {why}",
         diff.display()
     )
+}
+
+/// The project's build command failed; its output is kept in `log`.
+#[derive(Debug, thiserror::Error)]
+#[error("build command failed ({status}): {tail} (whole output: {})", log.display())]
+pub struct BuildFailed {
+    pub status: String,
+    pub log: PathBuf,
+    pub tail: String,
 }
 
 /// One build of the project.
@@ -206,10 +240,14 @@ impl Build<'_> {
             .status()
             .context("cannot run unshare (util-linux) to build in a private mount namespace")?;
         if !st.success() {
-            bail!(
-                "build command failed ({st}); its output is in {}",
-                log_to.display()
-            );
+            let out = std::fs::read_to_string(log_to).unwrap_or_default();
+            let tail: Vec<&str> = out.lines().filter(|l| !l.trim().is_empty()).collect();
+            return Err(BuildFailed {
+                status: st.to_string(),
+                log: log_to.to_path_buf(),
+                tail: tail[tail.len().saturating_sub(2)..].join(" / "),
+            }
+            .into());
         }
         let text = std::fs::read_to_string(&log).unwrap_or_default();
         // Recorded under the original path; the files live in the work tree.

@@ -6,6 +6,7 @@
 use std::collections::HashMap;
 
 use anyhow::{anyhow, bail, Result};
+use object::read::elf::ElfSection64;
 use object::write::{Object as WObject, Relocation, SectionId, Symbol, SymbolId, SymbolSection};
 use object::{
     elf, Architecture, BinaryFormat, Endianness, Object, ObjectSection, ObjectSymbol,
@@ -225,11 +226,26 @@ impl Emitter<'_> {
             flags: SymbolFlags::None,
         });
         self.carried.insert(key, id);
+        self.copy_relocations(refs, &sec, out_sec)?;
+        Ok(id)
+    }
+
+    /// Gives output section `out_sec` the relocations of input section `sec`, each pointed at
+    /// what its target becomes in the patch.
+    fn copy_relocations(
+        &mut self,
+        refs: &Refs,
+        sec: &ElfSection64<'_, '_>,
+        out_sec: SectionId,
+    ) -> Result<()> {
         for (offset, r) in sec.relocations() {
             let (RelocationFlags::Elf { r_type }, RelocationTarget::Symbol(t)) =
                 (r.flags(), r.target())
             else {
-                bail!("unexpected relocation in {}", sec.name().unwrap_or("?"));
+                bail!(
+                    "a relocation without a symbol, or not in ELF form, in {}",
+                    sec.name().unwrap_or("?")
+                );
             };
             let (symbol, addend) = self.target(refs, r_type, t, r.addend())?;
             self.out.add_relocation(
@@ -242,7 +258,7 @@ impl Emitter<'_> {
                 },
             )?;
         }
-        Ok(id)
+        Ok(())
     }
 }
 
@@ -349,31 +365,7 @@ pub fn emit(units: &[Unit], module: &ModuleSymbols) -> Result<Emitted> {
         };
         for &idx in &unit.inclusion.sections {
             let sec = obj.file.section_by_index(idx)?;
-            let out_sec = sec_map[&idx];
-            for (offset, r) in sec.relocations() {
-                let RelocationFlags::Elf { r_type } = r.flags() else {
-                    bail!(
-                        "unexpected relocation encoding in {}",
-                        sec.name().unwrap_or("?")
-                    )
-                };
-                let RelocationTarget::Symbol(ti) = r.target() else {
-                    bail!(
-                        "relocation without a symbol in {}",
-                        sec.name().unwrap_or("?")
-                    )
-                };
-                let (symbol, addend) = e.target(&refs, r_type, ti, r.addend())?;
-                e.out.add_relocation(
-                    out_sec,
-                    Relocation {
-                        offset,
-                        symbol,
-                        addend,
-                        flags: RelocationFlags::Elf { r_type },
-                    },
-                )?;
-            }
+            e.copy_relocations(&refs, &sec, sec_map[&idx])?;
         }
         let Some((_, records)) = super::eh_frame::read(&obj.file)? else {
             continue;

@@ -5,6 +5,8 @@
 //! Such a function behaves the same apart from the line it reports, so the builder keeps the
 //! running copy rather than replacing (and having to stop outside of) it.
 
+use std::path::Path;
+
 /// One hunk's old and new ranges (1-based start, length).
 #[derive(Debug, Clone, Copy)]
 struct Hunk {
@@ -13,20 +15,22 @@ struct Hunk {
     new_len: u64,
 }
 
-/// The hunks of every file of a unified diff.
+/// The hunks of every file of a unified diff, by the file's path as the diff names it.
 #[derive(Debug, Default)]
 pub struct LineMap {
-    files: Vec<Vec<Hunk>>,
+    files: Vec<(String, Vec<Hunk>)>,
 }
 
 impl LineMap {
     pub fn parse(diff: &str) -> LineMap {
         let mut map = LineMap::default();
         for line in diff.lines() {
-            if line.starts_with("+++ ") {
-                map.files.push(Vec::new());
+            if let Some(path) = line.strip_prefix("+++ ") {
+                // `+++ b/src/x.c<TAB>date`: the path ends at a tab.
+                let path = path.split('\t').next().unwrap_or(path).trim();
+                map.files.push((path.to_string(), Vec::new()));
             } else if let Some(rest) = line.strip_prefix("@@ -") {
-                let (Some(hunk), Some(file)) = (parse_hunk(rest), map.files.last_mut()) else {
+                let (Some(hunk), Some((_, file))) = (parse_hunk(rest), map.files.last_mut()) else {
                     continue;
                 };
                 file.push(hunk);
@@ -35,10 +39,22 @@ impl LineMap {
         map
     }
 
-    /// Whether some file of the diff moves an unchanged line `old` to `new` (`old != new`).
-    pub fn moved(&self, old: u64, new: u64) -> bool {
-        old != new && self.files.iter().any(|h| map_line(h, old) == Some(new))
+    /// Whether the diff moves unchanged line `old` of source file `file` (relative to the
+    /// tree) to `new` (`old != new`). The diff may name it with a leading `a/`, `b/` or not.
+    pub fn moved(&self, file: &Path, old: u64, new: u64) -> bool {
+        old != new
+            && self
+                .files
+                .iter()
+                .filter(|(path, _)| names(path, file))
+                .any(|(_, h)| map_line(h, old) == Some(new))
     }
+}
+
+/// Whether the diff's `path` (`b/src/x.c`, `src/x.c`) names `file` (`src/x.c`).
+fn names(path: &str, file: &Path) -> bool {
+    let path = Path::new(path);
+    path == file || path.components().skip(1).collect::<std::path::PathBuf>() == file
 }
 
 /// `a,b +c,d @@ …` → the hunk (a missing length means 1).
@@ -88,10 +104,12 @@ mod tests {
     #[test]
     fn lines_below_hunks_move_by_what_the_hunks_add() {
         let m = LineMap::parse(DIFF);
-        assert!(m.moved(100, 105)); // +6 then -1
-        assert!(m.moved(20, 26));
-        assert!(!m.moved(5, 5)); // unmoved lines are not "moved"
-        assert!(!m.moved(11, 17)); // inside a hunk
-        assert!(!m.moved(100, 106));
+        let x = Path::new("x.c");
+        assert!(m.moved(x, 100, 105)); // +6 then -1
+        assert!(m.moved(x, 20, 26));
+        assert!(!m.moved(x, 5, 5)); // unmoved lines are not "moved"
+        assert!(!m.moved(x, 11, 17)); // inside a hunk
+        assert!(!m.moved(x, 100, 106));
+        assert!(!m.moved(Path::new("y.c"), 100, 105)); // another file's lines did not move
     }
 }

@@ -219,7 +219,9 @@ pub fn build_from_source(fix: &SourceFix, progress: &mut dyn FnMut(&str)) -> Res
             layout::check(&o.file, &p.file).with_context(|| format!("in {}", rel.display()))?;
         }
         let sources = sources_of(rel);
-        for key in keep_line_number_only(o, p, &mut changes, &sources, &line_map) {
+        for key in keep_line_number_only(o, p, &mut changes, &sources, &|a, b| {
+            line_map.moved(rel, a, b)
+        }) {
             summary
                 .line_numbers_only
                 .push(format!("{key} ({})", p.source_name));
@@ -347,15 +349,14 @@ fn keep_line_number_only(
     patched: &Obj,
     changes: &mut differ::Changes,
     sources: &(Option<String>, Option<String>),
-    line_map: &lines::LineMap,
+    line_moved: &dyn Fn(u64, u64) -> bool,
 ) -> Vec<String> {
     let base = |k: &str| k.split('.').next().unwrap_or(k).to_string();
     let line_only = |key: &String| {
         let (Some(o), Some(p)) = (orig.entities.get(key), patched.entities.get(key)) else {
             return false;
         };
-        own_text_unchanged(sources, &p.name)
-            && o.differs_only_in_immediates(p, |a, b| line_map.moved(a, b))
+        own_text_unchanged(sources, &p.name) && o.differs_only_in_immediates(p, line_moved)
     };
     let mut groups: BTreeMap<String, bool> = BTreeMap::new();
     for key in &changes.changed {

@@ -31,7 +31,7 @@ pub fn copy_clean(source: &Path, dest: &Path) -> Result<()> {
     if !st.success() {
         bail!("cannot copy {} to {}", source.display(), dest.display());
     }
-    purge_elf(dest)?;
+    purge_outputs(dest)?;
     remove_dangling_links(dest)
 }
 
@@ -51,7 +51,9 @@ fn remove_dangling_links(dir: &Path) -> Result<()> {
     Ok(())
 }
 
-fn purge_elf(dir: &Path) -> Result<()> {
+/// Deletes build outputs under `dir`: ELF files, archives, libtool outputs, configured build
+/// folders.
+fn purge_outputs(dir: &Path) -> Result<()> {
     for entry in std::fs::read_dir(dir)? {
         let entry = entry?;
         let ty = entry.file_type()?;
@@ -69,7 +71,7 @@ fn purge_elf(dir: &Path) -> Result<()> {
                 std::fs::remove_dir_all(&path)
                     .with_context(|| format!("cannot remove {}", path.display()))?;
             } else {
-                purge_elf(&path)?;
+                purge_outputs(&path)?;
             }
         } else if ty.is_file() {
             let mut head = [0u8; 4];

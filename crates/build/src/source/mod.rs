@@ -140,7 +140,7 @@ pub fn build_from_source(fix: &SourceFix, progress: &mut dyn FnMut(&str)) -> Res
         records.push(b.run(&log)?);
     }
     if records[1].compiled.is_empty() {
-        bail!("the build compiled nothing through the compiler wrapper (does it hard-code a compiler path?)");
+        bail!("the build compiled nothing through the compiler wrapper: does it hard-code a compiler path, or build into a folder outside the source tree (whose outputs it then reuses)?");
     }
 
     // Prove the rebuilt original is the deployed code.

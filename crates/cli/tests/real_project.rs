@@ -123,6 +123,28 @@ fn build_and_apply(work: &Work, fix: &Fix, t: &Target) -> serde_json::Value {
     v
 }
 
+/// Compiles `tests/c/NAME.c` against library `lib` (headers in `include`, the library in
+/// `lib_dir`) into the work folder; returns the program.
+fn compile_service(
+    work: &Work,
+    name: &str,
+    include: &[&Path],
+    lib_dir: &Path,
+    lib: &str,
+) -> PathBuf {
+    let mut args: Vec<String> = vec!["-O2".into()];
+    args.extend(include.iter().map(|d| format!("-I{}", d.display())));
+    args.push(Work::src(&format!("{name}.c")));
+    args.extend([
+        format!("-L{}", lib_dir.display()),
+        format!("-l{lib}"),
+        "-o".into(),
+        name.into(),
+    ]);
+    work.gcc(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    work.path(name)
+}
+
 fn fetch_zlib(dir: &Path) -> PathBuf {
     fetch_source(dir, &[ZLIB]);
     run(Command::new("tar")
@@ -142,18 +164,7 @@ fn zlib_cve_2022_37434_fixed_live_from_the_upstream_diff() {
     run(Command::new("sh")
         .args(["-c", "./configure >/dev/null && make -s libz.so.1.2.13"])
         .current_dir(&src));
-    let inc = format!("-I{}", src.display());
-    let lib = format!("-L{}", src.display());
-    work.gcc(&[
-        "-O2",
-        &inc,
-        &Work::src("gzservice.c"),
-        &lib,
-        "-lz",
-        "-o",
-        "gzservice",
-    ]);
-    let service = work.path("gzservice");
+    let service = compile_service(&work, "gzservice", &[&src], &src, "z");
 
     // The bug is real: the crafted header kills a vulnerable process.
     let mut victim = Command::new(&service)
@@ -232,17 +243,14 @@ fn expat_cve_2024_45490_fixed_live_in_a_cmake_build() {
         .args(["-c", EXPAT_CMAKE])
         .current_dir(&src));
     let lib_dir = src.join("build");
-    work.gcc(&[
-        "-O2",
-        &format!("-I{}", src.join("expat/lib").display()),
-        &format!("-I{}", lib_dir.display()),
-        &Work::src("xmlservice.c"),
-        &format!("-L{}", lib_dir.display()),
-        "-lexpat",
-        "-o",
+    let service = compile_service(
+        &work,
         "xmlservice",
-    ]);
-    let mut t = Target::start(&work.path("xmlservice"), Some(&lib_dir));
+        &[&src.join("expat/lib"), &lib_dir],
+        &lib_dir,
+        "expat",
+    );
+    let mut t = Target::start(&service, Some(&lib_dir));
     // The bug: a negative length is accepted.
     assert_eq!(t.ask("negative"), "status 1 error 0");
     assert_eq!(t.ask("parse"), "status 1 elements 4");
@@ -371,16 +379,8 @@ fn libyaml_built_with_autotools_and_libtool() {
         .args(["-c", "./bootstrap && ./configure && make"])
         .current_dir(&src));
     let libs = src.join("src/.libs");
-    work.gcc(&[
-        "-O2",
-        &format!("-I{}", src.join("include").display()),
-        &Work::src("yamlservice.c"),
-        &format!("-L{}", libs.display()),
-        "-lyaml",
-        "-o",
-        "yamlservice",
-    ]);
-    let mut t = Target::start(&work.path("yamlservice"), Some(&libs));
+    let service = compile_service(&work, "yamlservice", &[&src.join("include")], &libs, "yaml");
+    let mut t = Target::start(&service, Some(&libs));
     assert_eq!(t.ask("version"), "0.2.5");
     assert_eq!(t.ask("parse"), "13");
     let marker = concat!(

@@ -109,11 +109,7 @@ impl Entity {
         while a.can_decode() {
             let at = a.position();
             let (ia, ib) = (a.decode(), b.decode());
-            if ia.is_invalid()
-                || ib.is_invalid()
-                || ia.len() != ib.len()
-                || b.position() != at + ia.len()
-            {
+            if ia.is_invalid() || ib.is_invalid() || ia.len() != ib.len() {
                 return false;
             }
             let (ba, bb) = (

@@ -230,7 +230,7 @@ pub fn build_from_source(fix: &SourceFix, progress: &mut dyn FnMut(&str)) -> Res
             continue;
         }
         let inclusion = include(p, &changes)?;
-        found.push((p, changes, inclusion, rel.clone()));
+        found.push((p, changes, inclusion, sources));
     }
     if found.is_empty() {
         bail!("the fix changes no code of {target_name}: nothing to patch (no bundle written)");
@@ -247,8 +247,7 @@ pub fn build_from_source(fix: &SourceFix, progress: &mut dyn FnMut(&str)) -> Res
 
     // The functions to detour: changed ones that exist in the deployed module.
     let mut functions = Vec::new();
-    for (p, changes, _, rel) in &found {
-        let sources = sources_of(rel);
+    for (p, changes, _, sources) in &found {
         for key in &changes.changed {
             let Some(entity) = p.entities.get(key) else {
                 continue;
@@ -277,7 +276,7 @@ pub fn build_from_source(fix: &SourceFix, progress: &mut dyn FnMut(&str)) -> Res
                 replacement,
             });
             let line = format!("{} ({})", entity.name, p.source_name);
-            if !own_text_unchanged(&sources, &entity.name) {
+            if !own_text_unchanged(sources, &entity.name) {
                 summary.changed.push(line);
             } else {
                 summary.pulled_in.push(line);

@@ -1,31 +1,55 @@
-//! Apply and revert: the orchestration of the engine's steps (see the crate doc).
+//! Apply and revert, as named phases. Each phase says what it changes in the process and how
+//! it is undone; the fault-injection tests aim at the instants between them.
+//!
+//! ```text
+//! apply:  prepare ──► map ──► commit ──► release
+//! revert: prepare ──────────► commit ──► release
+//! ```
+//!
+//! - **prepare** reads the bundle and the process (build-id, running bytes, symbols, a dry
+//!   link, the gadgets injection will use). Nothing is stopped or changed. Undo: none.
+//! - **map** stops one thread and, through it, creates the patch memory: a memfd named after
+//!   the patch, mapped privately next to the module, not inherited by `fork` yet. The image is
+//!   written from outside, text made read-execute, unwind tables registered, and the record
+//!   written last (memory without a record is recognisably unfinished). Undo: unmap.
+//! - **commit** stops every thread, waits until none is in (or returning into) code being
+//!   bypassed, re-verifies the running bytes, makes the memory inheritable, and writes the
+//!   detours. Undo: before the writes, the map phase's undo; a failed write puts back the ones
+//!   written.
+//! - **release** removes memory nothing runs any more: the superseded (or reverted) patch and
+//!   patch memory that earlier interrupted operations left behind.
+//!
+//! Every injected step is safe against our own death (see [`crate::remote`]); an operator's
+//! interrupt (SIGINT/SIGTERM/SIGHUP) is honoured between phases: before commit the operation
+//! is undone, after it the operation finishes.
 
-use std::collections::HashMap;
-use std::fs::OpenOptions;
-use std::os::unix::fs::{FileExt, MetadataExt};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use anyhow::{anyhow, Context};
+use anyhow::anyhow;
 use serde::Serialize;
 use sha2::{Digest, Sha256};
-use suture_bundle::{BindTarget, Bundle};
+use suture_bundle::Bundle;
 use suture_detour::{check_site, decode_jmp, encode_jmp, DETOUR_LEN};
 use suture_link::{Plan, Prot, Resolved};
 use tracing::{debug, info};
 
-use crate::modules::{self, executable_tp_offset, LoadedModule};
+use crate::bind::{self, Symbols, UnwindRegistry};
+use crate::modules::{self, LoadedModule};
 use crate::procfs::{self, Mapping, Memory};
-use crate::record::{self, Detour, PatchRecord, MEMFD_PREFIX};
-use crate::remote::Remote;
+use crate::record::{self, Detour, FoundPatch, PatchRecord, PatchState, MEMFD_PREFIX};
+use crate::remote::{self, Gadgets, Remote};
 use crate::safety::{Checker, Guarded};
-use crate::stop::Session;
-use crate::EngineError;
+use crate::stop::{ProcessExeced, ProcessGone, Session};
+use crate::{fault, interrupt, lock, EngineError};
 
 const PAGE: u64 = 4096;
+const MADV_DOFORK: u64 = 11;
+const MADV_DONTFORK: u64 = 10;
 
 #[derive(Debug, Clone)]
 pub struct ApplyOptions {
-    /// How long to keep retrying while a thread is inside a function being replaced.
+    /// How long to keep retrying while a thread is inside a function being replaced (and to
+    /// wait for another operation on the same process).
     pub timeout: Duration,
 }
 
@@ -50,6 +74,8 @@ pub struct ApplyReport {
     pub stopped_us: u64,
     /// Time one thread was stopped beforehand to map patch memory, microseconds.
     pub prep_us: u64,
+    /// Time one thread was stopped afterwards to remove superseded memory, microseconds.
+    pub release_us: u64,
     pub attempts: u32,
     pub base: u64,
 }
@@ -60,7 +86,10 @@ pub struct RevertReport {
     pub patch: String,
     pub level: u32,
     pub functions: usize,
+    /// What the patch was before the revert (`applied`, `partial`, `orphaned`).
+    pub was: &'static str,
     pub stopped_us: u64,
+    pub release_us: u64,
     pub attempts: u32,
 }
 
@@ -70,14 +99,22 @@ fn refused(msg: impl Into<String>) -> EngineError {
     EngineError::Refused(msg.into())
 }
 
+/// The true reason an operation on `pid` failed: the process went away or exec'ed, or `e`.
 fn exited_or(pid: i32, e: anyhow::Error) -> EngineError {
-    if procfs::exists(pid) {
-        EngineError::Failed(e)
-    } else {
-        EngineError::Exited(format!(
-            "process {pid} exited during the operation; nothing was left changed in it"
-        ))
+    if let Some(x) = e.downcast_ref::<ProcessExeced>() {
+        return EngineError::Exited(x.to_string());
     }
+    if e.is::<ProcessGone>() || !procfs::exists(pid) || procfs::is_zombie(pid) {
+        return EngineError::Exited(ProcessGone { pid }.to_string());
+    }
+    if e.is::<remote::SeccompBlocks>() {
+        return EngineError::Refused(e.to_string());
+    }
+    EngineError::Failed(e)
+}
+
+fn take_lock(pid: i32, opts: &ApplyOptions) -> Result<lock::ProcessLock> {
+    lock::lock_process(pid, opts.timeout)?.map_err(EngineError::Busy)
 }
 
 /// One function of the bundle, located in this process.
@@ -93,28 +130,158 @@ struct Target {
     expected_sha256: String,
 }
 
+/// Everything the apply needs, read while the process runs untouched.
+struct Prepared<'b> {
+    pid: i32,
+    bundle: &'b Bundle,
+    maps: Vec<Mapping>,
+    mem: Memory,
+    module: LoadedModule,
+    /// The lower level of this module the process verifiably carries.
+    prev: Option<PatchRecord>,
+    /// Patch memory no detour leads into (left by interrupted operations): removed on release.
+    stale: Vec<FoundPatch>,
+    targets: Vec<Target>,
+    plan: Plan,
+    symbols: Symbols,
+    unwind: Option<UnwindRegistry>,
+    /// Every module of the process, for walking stacks in the commit phase.
+    loaded: Vec<LoadedModule>,
+    gadgets: Gadgets,
+}
+
+impl Prepared<'_> {
+    fn stop_plan<'a>(&'a self, opts: &ApplyOptions) -> StopPlan<'a> {
+        StopPlan {
+            mem: &self.mem,
+            maps: &self.maps,
+            modules: &self.loaded,
+            guarded: &[],
+            timeout: opts.timeout,
+        }
+    }
+}
+
 /// Applies a bundle (whose signature the caller has verified) to process `pid`.
 pub fn apply(pid: i32, bundle: &Bundle, opts: &ApplyOptions) -> Result<ApplyReport> {
+    let _lock = take_lock(pid, opts)?;
+    let p = prepare(pid, bundle)?;
+    if interrupt::requested() {
+        return Err(EngineError::Interrupted(format!(
+            "interrupted before process {pid} was touched"
+        )));
+    }
+    let mut session = Session::seize(pid).map_err(|e| exited_or(pid, e))?;
+    let threads = session.thread_count();
+    let t_prep = Instant::now();
+    let mapped = map(&mut session, &p)?;
+    let prep_us = t_prep.elapsed().as_micros() as u64;
+    debug!(
+        pid,
+        base = mapped.record.base,
+        prep_us,
+        "patch memory mapped"
+    );
+    fault::point("apply:mapped");
+    if interrupt::requested() {
+        undo_map(&mut session, &p, &mapped);
+        return Err(EngineError::Interrupted(format!(
+            "interrupted; process {pid} was left as it was"
+        )));
+    }
+    let (stopped_us, attempts) = match commit(&mut session, &p, &mapped, opts) {
+        Ok(v) => v,
+        Err(e) => {
+            undo_map(&mut session, &p, &mapped);
+            return Err(e);
+        }
+    };
+    fault::point("apply:committed");
+    // The detours are live. What no detour leads to any more goes.
+    let t_release = Instant::now();
+    let mut gone: Vec<FoundPatch> = p.stale.clone();
+    if let Some(prev) = &p.prev {
+        if let Some(f) = record::found_patches(&p.mem, &p.maps)
+            .into_iter()
+            .find(|f| f.start == prev.base)
+        {
+            gone.push(f);
+        }
+    }
+    release(
+        &mut session,
+        p.stop_plan(opts),
+        p.gadgets,
+        &gone,
+        mapped.landing,
+    );
+    let release_us = if gone.is_empty() {
+        0
+    } else {
+        t_release.elapsed().as_micros() as u64
+    };
+    session.detach();
+    let m = &bundle.manifest;
+    info!(pid, patch = %m.id, level = m.level, stopped_us, "applied");
+    Ok(ApplyReport {
+        pid,
+        patch: m.id.clone(),
+        level: m.level,
+        replaced: p.prev.map(|p| p.id),
+        functions: p.targets.len(),
+        threads,
+        stopped_us,
+        prep_us,
+        release_us,
+        attempts,
+        base: mapped.record.base,
+    })
+}
+
+/// Phase **prepare** of apply: nothing in the process is stopped or changed.
+fn prepare(pid: i32, bundle: &Bundle) -> Result<Prepared<'_>> {
     let m = &bundle.manifest;
     let build_id =
         hex::decode(&m.module.build_id).map_err(|_| refused("bundle names an invalid build-id"))?;
     if !procfs::exists(pid) {
         return Err(refused(format!("no process {pid}")));
     }
-    let maps = procfs::read_maps(pid)?;
+    if procfs::is_zombie(pid) {
+        return Err(EngineError::Exited(format!(
+            "process {pid} has exited (its main thread is a zombie)"
+        )));
+    }
+    let maps = procfs::read_maps(pid).map_err(|e| exited_or(pid, e))?;
     let module = modules::find_by_build_id(pid, &maps, &build_id).ok_or_else(|| {
         refused(format!(
             "process {pid} does not map module {} with build-id {}",
             m.module.name, m.module.build_id
         ))
     })?;
-    let mem = Memory::open(pid)?;
-    let applied = record::applied_patches(&mem, &maps)?;
-    let prev = applied
+    let mem = Memory::open(pid).map_err(|e| exited_or(pid, e))?;
+    let found = record::found_patches(&mem, &maps);
+    let mine = |f: &&FoundPatch| {
+        f.record
+            .as_ref()
+            .is_some_and(|r| r.build_id == m.module.build_id)
+    };
+    if let Some(f) = found
         .iter()
-        .filter(|r| r.build_id == m.module.build_id)
-        .max_by_key(|r| r.level)
-        .cloned();
+        .filter(mine)
+        .find(|f| f.state == PatchState::Partial)
+    {
+        return Err(refused(format!(
+            "process {pid} carries patch {} only partly ({}); revert it first",
+            f.name,
+            f.reason.as_deref().unwrap_or("")
+        )));
+    }
+    let prev = found
+        .iter()
+        .filter(mine)
+        .filter(|f| f.state == PatchState::Applied)
+        .filter_map(|f| f.record.clone())
+        .max_by_key(|r| r.level);
     if let Some(p) = &prev {
         if m.level <= p.level {
             return Err(refused(format!(
@@ -123,62 +290,93 @@ pub fn apply(pid: i32, bundle: &Bundle, opts: &ApplyOptions) -> Result<ApplyRepo
             )));
         }
     }
+    let stale: Vec<FoundPatch> = found
+        .into_iter()
+        .filter(|f| f.state == PatchState::Orphaned)
+        .collect();
 
     let plan = Plan::new(&bundle.object)
         .map_err(|e| refused(format!("patch object cannot be loaded: {e}")))?;
     let defined = plan.defined_symbols();
     let targets = locate_functions(&mem, &module, bundle, prev.as_ref(), &defined)?;
-    let mut symbols = resolve_bindings(pid, &maps, &module, bundle, &plan)?;
+    let symbols = bind::resolve_bindings(pid, &maps, &module, bundle, &plan)?;
     // Dry link: unresolved symbols and impossible relocations are refused before any stop.
     let probe_base = module.lo.saturating_sub(plan.size() + 16 * PAGE) & !(PAGE - 1);
     plan.link(probe_base, &|name| symbols.lookup(name))
         .map_err(|e| refused(format!("patch cannot be linked into process {pid}: {e}")))?;
-
-    // Found before anything stops: reading the libraries' symbols takes milliseconds.
+    // Read before anything stops: the libraries' symbols and unwind tables take milliseconds.
+    let loaded = bind::search_order(pid, &maps);
     let unwind = if plan.has_eh_frame() {
-        unwind_registry(&search_order(pid, &maps))
+        bind::unwind_registry(&loaded)
     } else {
         None
     };
+    let gadgets = remote::find_gadgets(&mem, &maps).map_err(|e| exited_or(pid, e))?;
+    Ok(Prepared {
+        pid,
+        bundle,
+        maps,
+        mem,
+        module,
+        prev,
+        stale,
+        targets,
+        plan,
+        symbols,
+        unwind,
+        loaded,
+        gadgets,
+    })
+}
 
-    // From here on the process is touched; every error path undoes what was done.
-    let mut session = Session::seize(pid).map_err(|e| exited_or(pid, e))?;
-    let threads = session.thread_count();
+/// What the map phase made.
+struct Mapped {
+    record: PatchRecord,
+    /// The landing stub of function calls, in the patch's engine page.
+    landing: u64,
+}
+
+/// Phase **map**: one thread stopped; patch memory created, filled and registered. On error,
+/// whatever it mapped is gone again.
+fn map(session: &mut Session, p: &Prepared) -> Result<Mapped> {
+    let pid = p.pid;
     let tid0 = session
         .injection_thread()
         .ok_or_else(|| exited_or(pid, anyhow!("no threads")))?;
-    let t_prep = Instant::now();
     session.stop_thread(tid0).map_err(|e| exited_or(pid, e))?;
-    let mut remote = Remote::new(&session, tid0, &mem, &maps).map_err(|e| {
-        if e.is::<crate::remote::SeccompBlocks>() {
-            EngineError::Refused(e.to_string())
-        } else {
-            exited_or(pid, e)
-        }
-    })?;
-    for (name, resolver) in std::mem::take(&mut symbols.ifuncs) {
-        let addr = remote
-            .call(&mut session, &mem, resolver, &[])
-            .map_err(|e| exited_or(pid, e))?;
-        symbols.known.insert(name, Resolved::Address(addr));
-    }
+    let mut remote =
+        Remote::new(session, tid0, &p.mem, &p.maps, p.gadgets).map_err(|e| exited_or(pid, e))?;
+    let result = map_with(session, &mut remote, p);
+    let finished = remote.finish(session, &p.mem);
+    session.resume(None);
+    let mapped = result?;
+    finished.map_err(|e| exited_or(pid, e))?;
+    Ok(mapped)
+}
+
+fn map_with(session: &mut Session, remote: &mut Remote, p: &Prepared) -> Result<Mapped> {
+    let pid = p.pid;
+    let m = &p.bundle.manifest;
+    let ex = |e: anyhow::Error| exited_or(pid, e);
     let mut record = PatchRecord {
         id: m.id.clone(),
         level: m.level,
-        bundle_sha256: bundle.content_address(),
+        bundle_sha256: p.bundle.content_address(),
         build_id: m.module.build_id.clone(),
-        module: module.path.clone(),
+        module: p.module.path.clone(),
         cves: m.cves.clone(),
         applied_at: SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map(|d| d.as_secs())
             .unwrap_or(0),
-        signer: bundle.signer.fingerprint(),
+        signer: p.bundle.signer.fingerprint(),
         base: u64::MAX,
         len: u64::MAX,
         text_start: u64::MAX,
         text_end: u64::MAX,
-        functions: targets
+        landing: u64::MAX,
+        functions: p
+            .targets
             .iter()
             .map(|t| Detour {
                 symbol: t.symbol.clone(),
@@ -188,80 +386,274 @@ pub fn apply(pid: i32, bundle: &Bundle, opts: &ApplyOptions) -> Result<ApplyRepo
                 saved: hex::encode(t.saved),
             })
             .collect(),
-        eh_frame: 0,
-        eh_object: 0,
+        eh_frame: if p.unwind.is_some() { u64::MAX } else { 0 },
+        eh_object: if p.unwind.is_some() { u64::MAX } else { 0 },
     };
-    if unwind.is_some() {
-        // Filled in once placed; the maximum stands in so the header is sized for it.
-        record.eh_frame = u64::MAX;
-        record.eh_object = u64::MAX;
-    }
+    // The maximum values stand in so the header is sized for the real ones.
     let header_len = (record.encode()?.len() as u64).div_ceil(PAGE) * PAGE;
-    // One more page, read-write, for the unwinder's bookkeeping of our tables.
-    let total = header_len + plan.size() + if unwind.is_some() { PAGE } else { 0 };
-    let mapped = map_patch(
-        &mut session,
-        &mut remote,
-        &mem,
-        &module,
-        &plan,
-        &symbols,
-        &mut record,
-        &targets
-            .iter()
-            .map(|t| t.replacement.clone())
-            .collect::<Vec<_>>(),
-        header_len,
-        total,
-        unwind,
-    )
-    .map_err(|e| exited_or(pid, e));
-    // Exceptions and thread cancellation must be able to unwind through the new code.
-    let registered = match (&mapped, unwind) {
-        (Ok(m), Some(u)) => remote
-            .call(
-                &mut session,
-                &mem,
-                u.register,
-                &[record.eh_frame, record.eh_object],
-            )
-            .map(|_| ())
-            .map_err(|e| {
-                unmap(&mut session, &mut remote, m.base, total);
-                exited_or(pid, e.context("registering the patch's unwind tables"))
-            }),
-        _ => Ok(()),
-    };
-    let finished = remote.finish(&mem).map_err(|e| exited_or(pid, e));
-    let mapped = mapped?;
-    registered?;
-    finished?;
-    let prep_us = t_prep.elapsed().as_micros() as u64;
-    debug!(pid, base = mapped.base, prep_us, "patch memory mapped");
+    // header | engine page (landing stub) | image | unwinder's page (read-write)
+    let image_at = header_len + PAGE;
+    let total = image_at + p.plan.size() + if p.unwind.is_some() { PAGE } else { 0 };
 
-    let detours: Result<Vec<(u64, [u8; DETOUR_LEN])>> = targets
-        .iter()
-        .zip(&record.functions)
-        .map(|(t, d)| encode_jmp(t.address, d.replacement).map(|j| (t.address, j)))
-        .collect::<std::result::Result<_, _>>()
-        .map_err(|e| refused(e.to_string()));
-    let detours = match detours {
-        Ok(d) => d,
-        Err(e) => {
-            unmap_now(&mut session, &mem, &maps, tid0, mapped.base, total);
-            return Err(e);
+    let mut name: Vec<u8> = format!("{MEMFD_PREFIX}{}", record.id).into_bytes();
+    name.truncate(240);
+    name.push(0);
+    p.mem.write(remote.scratch(), &name)?;
+    let fd = remote
+        .syscall(
+            session,
+            &p.mem,
+            &p.maps,
+            libc::SYS_memfd_create,
+            &[remote.scratch(), libc::MFD_CLOEXEC as u64],
+        )
+        .map_err(ex)?;
+    let fd = remote.check("memfd_create", fd).map_err(ex)?;
+    fault::point("apply:memfd");
+    // The descriptor is the target's: it sizes and maps it itself, with its own rights. We
+    // never open it; the contents go into the private mapping through /proc/PID/mem.
+    let placed = (|| -> anyhow::Result<Option<u64>> {
+        let ret = remote.syscall(session, &p.mem, &p.maps, libc::SYS_ftruncate, &[fd, total])?;
+        remote.check("ftruncate of the patch memfd", ret)?;
+        let maps = procfs::read_maps(pid)?;
+        let candidates = crate::placement::candidates(
+            &maps,
+            p.module.lo,
+            p.module.hi,
+            total,
+            p.plan.needs_low_address(),
+        );
+        for base in candidates.into_iter().take(8) {
+            let ret = remote.syscall(
+                session,
+                &p.mem,
+                &p.maps,
+                libc::SYS_mmap,
+                &[
+                    base,
+                    total,
+                    libc::PROT_READ as u64,
+                    (libc::MAP_PRIVATE | libc::MAP_FIXED_NOREPLACE) as u64,
+                    fd,
+                    0,
+                ],
+            )?;
+            if ret == -(libc::EEXIST as i64) {
+                continue; // someone mapped there meanwhile: next candidate
+            }
+            let got = remote.check("mmap of patch memory", ret)?;
+            if got != base {
+                let _ = remote.syscall(session, &p.mem, &p.maps, libc::SYS_munmap, &[got, total]);
+                anyhow::bail!("kernel placed patch memory at {got:#x}, not at {base:#x}");
+            }
+            return Ok(Some(base));
+        }
+        Ok(None)
+    })();
+    let closed = remote.syscall(session, &p.mem, &p.maps, libc::SYS_close, &[fd]);
+    let base = match placed.map_err(ex)? {
+        Some(b) => b,
+        None => {
+            return Err(refused(format!(
+                "no free address range within ±2 GiB of {} for {total} bytes of patch",
+                p.module.path
+            )))
         }
     };
-    let mut writes: Vec<Write> = detours
-        .iter()
-        .zip(&targets)
-        .map(|((a, j), t)| Write {
-            address: *a,
-            bytes: j.to_vec(),
+    record.base = base;
+    record.len = total;
+    let mut registered = false;
+    let mut registering = false;
+    let filled = (|| -> anyhow::Result<()> {
+        closed?;
+        fault::point("apply:mmapped");
+        // Not inherited by a fork until the detours are live (commit): a child forked before
+        // must come out clean, not carrying unused patch memory.
+        let ret = remote.syscall(
+            session,
+            &p.mem,
+            &p.maps,
+            libc::SYS_madvise,
+            &[base, total, MADV_DONTFORK],
+        )?;
+        remote.check("madvise(MADV_DONTFORK) of patch memory", ret)?;
+        let landing = base + header_len;
+        p.mem.write(landing, &remote::LANDING)?;
+        let ret = remote.syscall(
+            session,
+            &p.mem,
+            &p.maps,
+            libc::SYS_mprotect,
+            &[landing, PAGE, (libc::PROT_READ | libc::PROT_EXEC) as u64],
+        )?;
+        remote.check("mprotect of the engine page", ret)?;
+        remote.set_landing(landing);
+        record.landing = landing;
+        // GNU indirect functions: their resolvers choose the implementation in the process.
+        let mut symbols = Symbols {
+            known: p.symbols.known.clone(),
+            ifuncs: Vec::new(),
+        };
+        for (name, resolver) in &p.symbols.ifuncs {
+            let addr = remote.call(session, &p.mem, &p.maps, *resolver, &[])?;
+            symbols.known.insert(name.clone(), Resolved::Address(addr));
+        }
+        fault::point("apply:resolved");
+        let image = p
+            .plan
+            .link(base + image_at, &|n| symbols.lookup(n))
+            .map_err(|e| anyhow!("patch cannot be linked: {e}"))?;
+        let text = image
+            .segments
+            .iter()
+            .find(|s| matches!(s.prot, Prot::ReadExecute));
+        record.text_start = base + image_at + text.map(|s| s.offset).unwrap_or(0);
+        record.text_end = record.text_start + text.map(|s| s.len).unwrap_or(0);
+        if p.unwind.is_some() {
+            record.eh_frame = image.eh_frame.unwrap_or(0);
+            record.eh_object = base + total - PAGE;
+        }
+        for (d, t) in record.functions.iter_mut().zip(&p.targets) {
+            d.replacement = *image
+                .symbols
+                .get(&t.replacement)
+                .ok_or_else(|| anyhow!("patch object does not define `{}`", t.replacement))?;
+        }
+        p.mem.write(base + image_at, &image.bytes)?;
+        let unwinder_page = p
+            .unwind
+            .map(|_| (total - PAGE - image_at, PAGE, Prot::ReadWrite));
+        let ranges = image
+            .segments
+            .iter()
+            .map(|s| (s.offset, s.len, s.prot))
+            .chain(unwinder_page);
+        for (offset, len, prot) in ranges {
+            let prot = match prot {
+                Prot::ReadExecute => libc::PROT_READ | libc::PROT_EXEC,
+                Prot::ReadWrite => libc::PROT_READ | libc::PROT_WRITE,
+                Prot::Read => continue,
+            };
+            let ret = remote.syscall(
+                session,
+                &p.mem,
+                &p.maps,
+                libc::SYS_mprotect,
+                &[base + image_at + offset, len, prot as u64],
+            )?;
+            remote.check("mprotect of patch memory", ret)?;
+        }
+        // The record before the unwind tables are registered: memory without a record was
+        // never registered anywhere, so it can always be unmapped.
+        p.mem.write(base, &record.encode()?)?;
+        // Exceptions and thread cancellation must be able to unwind through the new code.
+        if let Some(u) = p.unwind {
+            registering = true;
+            remote
+                .call(
+                    session,
+                    &p.mem,
+                    &p.maps,
+                    u.register,
+                    &[record.eh_frame, record.eh_object],
+                )
+                .map_err(|e| e.context("registering the patch's unwind tables"))?;
+            registered = true;
+        }
+        Ok(())
+    })();
+    match filled {
+        Ok(()) => Ok(Mapped {
+            landing: record.landing,
+            record,
+        }),
+        Err(e) => {
+            let err = exited_or(pid, e);
+            // A registration that did not finish may or may not have happened: libgcc aborts
+            // the process on deregistering what it does not know, and would read freed memory
+            // if we unmapped what it knows. Such memory stays (unreachable, reported).
+            if !matches!(err, EngineError::Exited(_)) && (registered || !registering) {
+                remove_memory(
+                    session,
+                    remote,
+                    p,
+                    base,
+                    total,
+                    registered.then_some(record.eh_frame),
+                );
+            }
+            Err(err)
+        }
+    }
+}
+
+/// Undoes the map phase: deregisters the unwind tables and unmaps, through a fresh remote.
+fn undo_map(session: &mut Session, p: &Prepared, mapped: &Mapped) {
+    let found = FoundPatch {
+        state: PatchState::Orphaned,
+        reason: None,
+        name: mapped.record.id.clone(),
+        start: mapped.record.base,
+        end: mapped.record.base + mapped.record.len,
+        detours_in_place: 0,
+        record: Some(mapped.record.clone()),
+    };
+    if procfs::exists(p.pid) {
+        // Nothing ran there (no detour was written): no need to wait for threads.
+        let plan = StopPlan {
+            guarded: &[],
+            ..p.stop_plan(&ApplyOptions::default())
+        };
+        let mut f = found;
+        if let Some(r) = f.record.as_mut() {
+            r.text_end = r.text_start;
+        }
+        release(session, plan, p.gadgets, &[f], mapped.landing);
+    }
+}
+
+/// Unmaps patch memory through `remote` (deregistering its unwind tables first); failing
+/// that, it stays mapped: unreachable, and reclaimed by the next operation.
+fn remove_memory(
+    session: &mut Session,
+    remote: &mut Remote,
+    p: &Prepared,
+    base: u64,
+    len: u64,
+    eh_frame: Option<u64>,
+) {
+    let result = (|| -> anyhow::Result<()> {
+        if let (Some(eh), Some(u)) = (eh_frame, p.unwind) {
+            remote.call(session, &p.mem, &p.maps, u.deregister, &[eh])?;
+        }
+        let ret = remote.syscall(session, &p.mem, &p.maps, libc::SYS_munmap, &[base, len])?;
+        remote.check("munmap", ret).map(|_| ())
+    })();
+    if let Err(e) = result {
+        tracing::warn!(pid = p.pid, "patch memory at {base:#x} stays mapped: {e:#}");
+    }
+}
+
+/// Phase **commit** of apply: every thread stopped, detours written. Returns the stopped time
+/// and the number of attempts. On error nothing of the process's code was changed.
+fn commit(
+    session: &mut Session,
+    p: &Prepared,
+    mapped: &Mapped,
+    opts: &ApplyOptions,
+) -> Result<(u64, u32)> {
+    let rec = &mapped.record;
+    let mut writes: Vec<Write> = Vec::new();
+    for (t, d) in p.targets.iter().zip(&rec.functions) {
+        let jmp = encode_jmp(t.address, d.replacement).map_err(|e| refused(e.to_string()))?;
+        writes.push(Write {
+            address: t.address,
+            bytes: jmp.to_vec(),
             before: t.running_head.to_vec(),
-        })
-        .collect();
-    let mut guarded: Vec<Guarded> = targets
+        });
+    }
+    let guarded: Vec<Guarded> = p
+        .targets
         .iter()
         .map(|t| Guarded {
             name: t.symbol.clone(),
@@ -270,192 +662,301 @@ pub fn apply(pid: i32, bundle: &Bundle, opts: &ApplyOptions) -> Result<ApplyRepo
             entry_is_safe: true,
         })
         .collect();
-    if let Some(p) = &prev {
-        for d in p
+    if let Some(prev) = &p.prev {
+        // The superseded patch's code may still be running after this: its memory goes only
+        // on release, once no thread is in it.
+        for d in prev
             .functions
             .iter()
-            .filter(|d| !targets.iter().any(|t| t.address == d.address))
+            .filter(|d| !p.targets.iter().any(|t| t.address == d.address))
         {
-            let saved = hex::decode(&d.saved).map_err(|_| refused("corrupt patch record"))?;
-            let jmp = encode_jmp(d.address, d.replacement).map_err(|e| refused(e.to_string()))?;
-            writes.push(Write {
-                address: d.address,
-                bytes: saved,
-                before: jmp.to_vec(),
-            });
-        }
-        guarded.push(Guarded {
-            name: format!(
-                "{} (code of patch {})",
-                p.functions
-                    .first()
-                    .map(|d| d.symbol.as_str())
-                    .unwrap_or("?"),
-                p.id
-            ),
-            start: p.text_start,
-            end: p.text_end,
-            entry_is_safe: false,
-        });
-    }
-
-    // Give each detour site its private copy of the page now, by writing back the bytes it
-    // holds: the content does not change, and the writes inside the stop become plain copies
-    // instead of copy-on-write faults.
-    // (Bytes that changed meanwhile are left alone; the check inside the stop refuses them.)
-    for w in &writes {
-        if mem.read(w.address, w.before.len())? == w.before {
-            mem.write(w.address, &w.before)?;
+            writes.push(restore_write(d)?);
         }
     }
-    let loaded = modules::loaded_modules(pid, &maps);
+    privatize(&p.mem, &writes)?;
     let plan = StopPlan {
-        mem: &mem,
-        maps: &maps,
-        modules: &loaded,
         guarded: &guarded,
-        timeout: opts.timeout,
-        keep: prev.as_ref().map(|_| tid0),
+        ..p.stop_plan(opts)
     };
-    let outcome = stop_and_write(&mut session, plan, |_session, mem| {
+    stop_and_write(session, plan, |session, mem| {
         // Re-verify under the stop: nothing may have changed since we looked.
-        let codes = read_functions(mem, &targets)?;
-        for (t, code) in targets.iter().zip(codes) {
-            verify_code(t, code, prev.as_ref()).map_err(EngineError::Refused)?;
+        let codes = read_functions(mem, &p.targets)?;
+        for (t, code) in p.targets.iter().zip(codes) {
+            verify_code(t, code, p.prev.as_ref()).map_err(EngineError::Refused)?;
         }
-        write_all(mem, &writes)?;
-        Ok(())
-    });
-    let (stopped_us, attempts) = match outcome {
-        Ok(v) => v,
-        Err(e) => {
-            if procfs::exists(pid) {
-                match session.stop_all() {
-                    Ok(()) => unmap_now(&mut session, &mem, &maps, tid0, mapped.base, total),
-                    Err(stop) => {
-                        tracing::warn!(pid, "cannot stop the process to clean up: {stop:#}")
-                    }
-                }
-            }
-            return Err(e);
-        }
-    };
-    // The detours are live and the other threads run again. The superseded patch's code is
-    // unreachable now (no detour leads there and no thread was in it), so its memory goes;
-    // failing that only leaks it.
-    if let Some(p) = &prev {
-        if let Err(e) = release_patch(&mut session, &mem, &maps, tid0, p) {
-            tracing::warn!(pid, "superseded patch {} stays mapped: {e:#}", p.id);
-        }
-        session.detach();
-    }
-    info!(pid, patch = %m.id, level = m.level, stopped_us, "applied");
-    Ok(ApplyReport {
-        pid,
-        patch: m.id.clone(),
-        level: m.level,
-        replaced: prev.map(|p| p.id),
-        functions: targets.len(),
-        threads,
-        stopped_us,
-        prep_us,
-        attempts,
-        base: mapped.base,
+        // From now on a fork's child carries the detours, so it must carry their code too.
+        set_fork_inheritance(session, p, rec.base, rec.len, MADV_DOFORK)?;
+        fault::point("apply:inheritable");
+        write_all(mem, &writes)
     })
 }
 
-/// Reverts patch `id` (default: the newest) in process `pid`.
+/// Sets whether `fork` children inherit the patch memory, through a thread of the stopped
+/// process.
+fn set_fork_inheritance(
+    session: &mut Session,
+    p: &Prepared,
+    base: u64,
+    len: u64,
+    advice: u64,
+) -> Result<()> {
+    madvise(session, &p.mem, &p.maps, p.gadgets, base, len, advice)
+}
+
+fn madvise(
+    session: &mut Session,
+    mem: &Memory,
+    maps: &[Mapping],
+    gadgets: Gadgets,
+    base: u64,
+    len: u64,
+    advice: u64,
+) -> Result<()> {
+    let pid = session.pid();
+    let tid = session
+        .injection_thread()
+        .ok_or_else(|| exited_or(pid, anyhow!("no threads")))?;
+    let mut r = Remote::new(session, tid, mem, maps, gadgets).map_err(|e| exited_or(pid, e))?;
+    let result = r
+        .syscall(session, mem, maps, libc::SYS_madvise, &[base, len, advice])
+        .and_then(|ret| r.check("madvise of patch memory", ret));
+    let finished = r.finish(session, mem);
+    result.map_err(|e| exited_or(pid, e))?;
+    finished.map_err(|e| exited_or(pid, e))
+}
+
+/// Phase **release**: removes patch memory that nothing leads into any more, once no thread
+/// is executing in it or would return into it (all threads stopped to check, retried with
+/// back-off until `timeout`), then through one stopped thread (with the landing stub at
+/// `landing` for unwind-table calls). Failures only leave memory mapped (unreachable, reported
+/// as orphaned and reclaimed by the next operation); they are logged.
+fn release(
+    session: &mut Session,
+    plan: StopPlan,
+    gadgets: Gadgets,
+    gone: &[FoundPatch],
+    landing: u64,
+) {
+    if gone.is_empty() {
+        return;
+    }
+    let pid = session.pid();
+    let (mem, maps, loaded) = (plan.mem, plan.maps, plan.modules);
+    fault::point("release:start");
+    let guarded: Vec<Guarded> = gone
+        .iter()
+        .filter_map(|f| f.record.as_ref())
+        .filter(|r| r.text_end > r.text_start)
+        .map(|r| Guarded {
+            name: format!("code of patch {}", r.id),
+            start: r.text_start,
+            end: r.text_end,
+            entry_is_safe: false,
+        })
+        .collect();
+    let result = (|| -> anyhow::Result<()> {
+        if !guarded.is_empty() {
+            let plan = StopPlan {
+                guarded: &guarded,
+                ..plan
+            };
+            stop_and_write(session, plan, |_, _| Ok(())).map_err(|e| anyhow!("{e}"))?;
+        }
+        let tid = session
+            .injection_thread()
+            .ok_or_else(|| anyhow!("no threads"))?;
+        session.stop_thread(tid)?;
+        let mut r = Remote::new(session, tid, mem, maps, gadgets)?;
+        if landing != 0 {
+            r.set_landing(landing);
+        }
+        for f in gone {
+            let eh = f.record.as_ref().map(|r| r.eh_frame).unwrap_or(0);
+            let step = (|| -> anyhow::Result<()> {
+                if eh != 0 {
+                    // Registered with the process's unwinder: deregister first, or it would read
+                    // freed memory at the next exception.
+                    let registry = bind::unwind_registry(loaded)
+                        .ok_or_else(|| anyhow!("the process's unwinder (libgcc_s) is gone"))?;
+                    r.call(session, mem, maps, registry.deregister, &[eh])
+                        .map_err(|e| e.context("deregistering the patch's unwind tables"))?;
+                }
+                let ret = r.syscall(
+                    session,
+                    mem,
+                    maps,
+                    libc::SYS_munmap,
+                    &[f.start, f.end - f.start],
+                )?;
+                r.check("munmap of patch memory", ret).map(|_| ())
+            })();
+            if let Err(e) = step {
+                tracing::warn!(pid, "patch memory {} stays mapped: {e:#}", f.name);
+            }
+        }
+        r.finish(session, mem)?;
+        session.resume(None);
+        Ok(())
+    })();
+    if let Err(e) = result {
+        tracing::warn!(pid, "releasing patch memory: {e:#}");
+    }
+}
+
+/// Reverts patch `id` (default: the newest applied) in process `pid`. A patch left partly
+/// applied or orphaned by an interrupted operation is cleaned up the same way.
 pub fn revert(pid: i32, id: Option<&str>, opts: &ApplyOptions) -> Result<RevertReport> {
+    let _lock = take_lock(pid, opts)?;
     if !procfs::exists(pid) {
         return Err(refused(format!("no process {pid}")));
     }
-    let maps = procfs::read_maps(pid)?;
-    let mem = Memory::open(pid)?;
-    let applied = record::applied_patches(&mem, &maps)?;
-    let rec = match id {
-        Some(id) => applied.iter().find(|r| r.id == id),
-        None => applied.last(),
+    let maps = procfs::read_maps(pid).map_err(|e| exited_or(pid, e))?;
+    let mem = Memory::open(pid).map_err(|e| exited_or(pid, e))?;
+    let found = record::found_patches(&mem, &maps);
+    let f = match id {
+        Some(id) => found.iter().find(|f| f.name == id),
+        None => found
+            .iter()
+            .filter(|f| f.state == PatchState::Applied)
+            .max_by_key(|f| f.record.as_ref().map(|r| (r.applied_at, r.level))),
     }
     .cloned()
     .ok_or_else(|| match id {
         Some(id) => refused(format!("process {pid} does not carry patch {id}")),
         None => refused(format!("process {pid} carries no patch")),
     })?;
-    let mut writes = Vec::new();
-    for d in &rec.functions {
-        let saved = hex::decode(&d.saved).map_err(|_| refused("corrupt patch record"))?;
-        let jmp = encode_jmp(d.address, d.replacement).map_err(|e| refused(e.to_string()))?;
-        writes.push(Write {
-            address: d.address,
-            bytes: saved,
-            before: jmp.to_vec(),
-        });
+    if f.state == PatchState::Invalid {
+        return Err(refused(format!(
+            "patch memory {} in process {pid} does not match its record ({}); not touching it",
+            f.name,
+            f.reason.as_deref().unwrap_or("")
+        )));
     }
-    let guarded = vec![Guarded {
-        name: format!("code of patch {}", rec.id),
-        start: rec.text_start,
-        end: rec.text_end,
-        entry_is_safe: false,
-    }];
-    let mut session = Session::seize(pid).map_err(|e| exited_or(pid, e))?;
-    let tid0 = session
-        .injection_thread()
-        .ok_or_else(|| exited_or(pid, anyhow!("no threads")))?;
-    let loaded = modules::loaded_modules(pid, &maps);
+    let mut writes = Vec::new();
+    if let Some(rec) = &f.record {
+        for d in &rec.functions {
+            let now = mem.read(d.address, DETOUR_LEN).unwrap_or_default();
+            if decode_jmp(d.address, &now) == Some(d.replacement) {
+                writes.push(restore_write(d)?);
+            }
+        }
+    }
+    let loaded = bind::search_order(pid, &maps);
+    let gadgets = remote::find_gadgets(&mem, &maps).map_err(|e| exited_or(pid, e))?;
+    if interrupt::requested() {
+        return Err(EngineError::Interrupted(format!(
+            "interrupted before process {pid} was touched"
+        )));
+    }
     let plan = StopPlan {
         mem: &mem,
         maps: &maps,
         modules: &loaded,
-        guarded: &guarded,
+        guarded: &[],
         timeout: opts.timeout,
-        keep: Some(tid0),
     };
-    let (stopped_us, attempts) = stop_and_write(&mut session, plan, |_session, mem| {
-        for d in &rec.functions {
-            let now = mem.read(d.address, DETOUR_LEN)?;
-            if decode_jmp(d.address, &now) != Some(d.replacement) {
-                return Err(refused(format!(
-                    "`{}` at {:#x} no longer holds this patch's detour; not touching it",
-                    d.symbol, d.address
-                )));
+    let mut session = Session::seize(pid).map_err(|e| exited_or(pid, e))?;
+    let (stopped_us, attempts) = if writes.is_empty() {
+        (0, 0)
+    } else {
+        privatize(&mem, &writes)?;
+        // Threads inside the patch's code finish there; its memory goes on release, once
+        // none is left in it.
+        stop_and_write(&mut session, plan, |session, mem| {
+            for w in &writes {
+                if mem.read(w.address, DETOUR_LEN)? != w.before {
+                    return Err(refused(format!(
+                        "code at {:#x} no longer holds this patch's detour; not touching it",
+                        w.address
+                    )));
+                }
             }
-        }
-        write_all(mem, &writes)
-    })?;
-    // The original code is back and the other threads run; the patch's code is unreachable.
-    if let Err(e) = release_patch(&mut session, &mem, &maps, tid0, &rec) {
-        // The detours are gone, so the patch is reverted; only its memory (and record) stay.
-        tracing::warn!(pid, "reverted patch {} stays mapped: {e:#}", rec.id);
-    }
+            // A child forked from now on runs the original code: it must not inherit the
+            // patch memory either.
+            madvise(
+                session,
+                mem,
+                &maps,
+                gadgets,
+                f.start,
+                f.end - f.start,
+                MADV_DONTFORK,
+            )?;
+            fault::point("revert:uninheritable");
+            write_all(mem, &writes)
+        })?
+    };
+    fault::point("revert:committed");
+    let t_release = Instant::now();
+    let landing = f.record.as_ref().map(|r| r.landing).unwrap_or(0);
+    release(
+        &mut session,
+        plan,
+        gadgets,
+        std::slice::from_ref(&f),
+        landing,
+    );
+    let release_us = t_release.elapsed().as_micros() as u64;
     session.detach();
-    info!(pid, patch = %rec.id, stopped_us, "reverted");
+    let (level, functions) = f
+        .record
+        .as_ref()
+        .map(|r| (r.level, r.functions.len()))
+        .unwrap_or((0, 0));
+    info!(pid, patch = %f.name, stopped_us, was = f.state.as_str(), "reverted");
     Ok(RevertReport {
         pid,
-        patch: rec.id.clone(),
-        level: rec.level,
-        functions: rec.functions.len(),
+        patch: f.name.clone(),
+        level,
+        functions,
+        was: f.state.as_str(),
         stopped_us,
+        release_us,
         attempts,
     })
 }
 
-/// Stops the world, waits for safety (retrying with back-off), then runs `act` and lets the
-/// threads go (all but `keep`). Returns the total stopped time and the number of attempts.
+/// The write that puts a detoured function's original bytes back.
+fn restore_write(d: &Detour) -> Result<Write> {
+    let saved = hex::decode(&d.saved).map_err(|_| refused("corrupt patch record"))?;
+    let jmp = encode_jmp(d.address, d.replacement).map_err(|e| refused(e.to_string()))?;
+    Ok(Write {
+        address: d.address,
+        bytes: saved,
+        before: jmp.to_vec(),
+    })
+}
+
+/// Gives each write's page its private copy now, by writing back the bytes it holds: the
+/// content does not change, and the writes inside the stop become plain copies instead of
+/// copy-on-write faults. (Bytes that changed meanwhile are left alone; the check inside the
+/// stop refuses them.)
+fn privatize(mem: &Memory, writes: &[Write]) -> Result<()> {
+    for w in writes {
+        if mem.read(w.address, w.before.len())? == w.before {
+            mem.write(w.address, &w.before)?;
+        }
+    }
+    Ok(())
+}
+
 /// What a stop needs to know besides the session.
+#[derive(Clone, Copy)]
 struct StopPlan<'a> {
     mem: &'a Memory,
     maps: &'a [Mapping],
     modules: &'a [LoadedModule],
     guarded: &'a [Guarded],
     timeout: Duration,
-    /// A thread that stays stopped afterwards, for clean-up.
-    keep: Option<i32>,
 }
 
+/// Stops the world, waits for safety (retrying with back-off), then runs `act` and lets every
+/// thread go again (they stay seized). Returns the total stopped time and the number of
+/// attempts.
 fn stop_and_write(
     session: &mut Session,
     plan: StopPlan,
-    act: impl Fn(&mut Session, &Memory) -> Result<()>,
+    mut act: impl FnMut(&mut Session, &Memory) -> Result<()>,
 ) -> Result<(u64, u32)> {
     let StopPlan {
         mem,
@@ -463,7 +964,6 @@ fn stop_and_write(
         modules,
         guarded,
         timeout,
-        keep,
     } = plan;
     let pid = session.pid();
     let deadline = Instant::now() + timeout;
@@ -475,6 +975,7 @@ fn stop_and_write(
         attempts += 1;
         let t = Instant::now();
         session.stop_all().map_err(|e| exited_or(pid, e))?;
+        fault::point("commit:stopped");
         let mut checker = Checker::new(mem, &maps, modules, guarded);
         let mut busy = checker.check(session).map_err(|e| exited_or(pid, e))?;
         if checker.saw_unknown_stack {
@@ -486,19 +987,21 @@ fn stop_and_write(
         }
         match busy {
             None => {
-                act(session, mem)?;
-                // Success: let go right away; the pause ends when the last thread runs. `keep`
-                // stays stopped for clean-up that no longer needs the world stopped.
-                match keep {
-                    Some(tid) => session.resume(Some(tid)),
-                    None => session.detach_inner(),
-                }
+                let result = act(session, mem);
+                // Success or not: let go right away; the pause ends when the last thread runs.
+                session.resume(None);
                 stopped += t.elapsed();
+                result?;
                 return Ok((stopped.as_micros() as u64, attempts));
             }
             Some(b) => {
                 session.resume(None);
                 stopped += t.elapsed();
+                if interrupt::requested() {
+                    return Err(EngineError::Interrupted(format!(
+                        "interrupted while waiting for process {pid} ({b}); nothing was changed"
+                    )));
+                }
                 if Instant::now() + backoff > deadline {
                     return Err(EngineError::Busy(format!(
                         "process {pid}: {b} (gave up after {attempts} attempts in {timeout:?}); nothing was changed"
@@ -567,6 +1070,7 @@ fn write_all(mem: &Memory, writes: &[Write]) -> Result<()> {
             return Err(EngineError::Failed(e));
         }
         done.push((lo, before));
+        fault::point("commit:wrote-cluster");
     }
     Ok(())
 }
@@ -690,339 +1194,4 @@ fn verify_code(
         ));
     }
     Ok(code)
-}
-
-/// What the patch's undefined symbols resolve to in this process.
-struct Symbols {
-    known: HashMap<String, Resolved>,
-    /// Indirect functions still to be resolved by calling their resolver in the target.
-    ifuncs: Vec<(String, u64)>,
-}
-
-impl Symbols {
-    fn lookup(&self, name: &str) -> Option<Resolved> {
-        if let Some(r) = self.known.get(name) {
-            return Some(*r);
-        }
-        // Before resolvers ran (dry link), the resolver's address stands in: same reach.
-        self.ifuncs
-            .iter()
-            .find(|(n, _)| n == name)
-            .map(|(_, a)| Resolved::Address(*a))
-    }
-}
-
-fn resolve_bindings(
-    pid: i32,
-    maps: &[Mapping],
-    module: &LoadedModule,
-    bundle: &Bundle,
-    plan: &Plan,
-) -> Result<Symbols> {
-    let mut symbols = Symbols {
-        known: HashMap::new(),
-        ifuncs: Vec::new(),
-    };
-    let mut loaded: Option<Vec<LoadedModule>> = None;
-    for name in plan.undefined_symbols() {
-        let binding = bundle.manifest.bindings.iter().find(|b| &b.symbol == name);
-        let target = binding
-            .map(|b| b.target.clone())
-            .unwrap_or(BindTarget::External { name: name.clone() });
-        match target {
-            BindTarget::Module { address } => {
-                symbols.known.insert(
-                    name.clone(),
-                    Resolved::Address(module.bias.wrapping_add(address)),
-                );
-            }
-            BindTarget::ModuleIfunc { address } => {
-                symbols
-                    .ifuncs
-                    .push((name.clone(), module.bias.wrapping_add(address)));
-            }
-            BindTarget::ModuleTls { offset } => {
-                if !is_main_executable(pid, module) {
-                    return Err(refused(format!(
-                        "patch uses thread-local `{name}` of shared library {}: not supported",
-                        module.path
-                    )));
-                }
-                let tls = module.facts.tls.as_ref().ok_or_else(|| {
-                    refused(format!(
-                        "patch uses thread-local `{name}` but the module has no TLS segment"
-                    ))
-                })?;
-                let off = executable_tp_offset(tls, offset)
-                    .ok_or_else(|| refused(format!("unsupported TLS layout for `{name}`")))?;
-                symbols.known.insert(name.clone(), Resolved::TpOffset(off));
-            }
-            BindTarget::External { name: ext } => {
-                let loaded = loaded.get_or_insert_with(|| search_order(pid, maps));
-                let found = find_export(loaded, &ext);
-                match found {
-                    Some((lm, e)) if e.ifunc => symbols
-                        .ifuncs
-                        .push((name.clone(), lm.bias.wrapping_add(e.address))),
-                    Some((lm, e)) => {
-                        symbols.known.insert(
-                            name.clone(),
-                            Resolved::Address(lm.bias.wrapping_add(e.address)),
-                        );
-                    }
-                    None => {} // the dry link reports it (or binds a weak reference to 0)
-                }
-            }
-        }
-    }
-    Ok(symbols)
-}
-
-/// The loaded modules in the order a name is looked up: the executable, then libraries, the
-/// dynamic loader last.
-fn search_order(pid: i32, maps: &[Mapping]) -> Vec<LoadedModule> {
-    let mut all = modules::loaded_modules(pid, maps);
-    let exe = std::fs::metadata(format!("/proc/{pid}/exe"))
-        .map(|m| m.ino())
-        .ok();
-    all.sort_by_key(|m| (exe != Some(m.inode), m.path.contains("/ld-linux")));
-    all
-}
-
-/// The process's definition of exported symbol `name`: the first strong one in search order,
-/// else the first weak one.
-fn find_export<'m>(
-    loaded: &'m [LoadedModule],
-    name: &str,
-) -> Option<(&'m LoadedModule, modules::Export)> {
-    let mut found: Option<(&LoadedModule, modules::Export)> = None;
-    for lm in loaded {
-        if let Some(e) = lm.facts.export(name) {
-            if found.is_none_or(|(_, f)| f.weak && !e.weak) {
-                found = Some((lm, e));
-            }
-            if !e.weak {
-                break;
-            }
-        }
-    }
-    found
-}
-
-/// libgcc's registry of unwind tables in the process (`__register_frame_info` and
-/// `__deregister_frame_info`, exported by libgcc_s, or linked into a static executable), if it
-/// has one. C++ programs and any program that cancels threads have it; without it, nothing in
-/// the process unwinds.
-#[derive(Clone, Copy)]
-struct UnwindRegistry {
-    register: u64,
-    deregister: u64,
-}
-
-fn unwind_registry(loaded: &[LoadedModule]) -> Option<UnwindRegistry> {
-    let at = |name| {
-        find_export(loaded, name)
-            .filter(|(_, e)| !e.ifunc)
-            .map(|(lm, e)| lm.bias.wrapping_add(e.address))
-            .or_else(|| {
-                // A static executable exports nothing; it comes first in search order.
-                let exe = loaded.first()?;
-                exe.facts.function(name).map(|a| exe.bias.wrapping_add(a))
-            })
-    };
-    Some(UnwindRegistry {
-        register: at("__register_frame_info")?,
-        deregister: at("__deregister_frame_info")?,
-    })
-}
-
-/// Removes a patch's memory after its detours are gone and no thread is in its code: first its
-/// unwind tables from the process's unwinder, then the mapping. If the tables cannot be
-/// deregistered the memory stays (the unwinder would read freed memory at the next exception).
-fn release_patch(
-    session: &mut Session,
-    mem: &Memory,
-    maps: &[Mapping],
-    tid: i32,
-    rec: &PatchRecord,
-) -> Result<()> {
-    let pid = session.pid();
-    let mut r = Remote::new(session, tid, mem, maps).map_err(|e| exited_or(pid, e))?;
-    let result = (|| -> anyhow::Result<()> {
-        if rec.eh_frame != 0 {
-            let registry = unwind_registry(&search_order(pid, maps))
-                .ok_or_else(|| anyhow!("the process's unwinder (libgcc_s) is gone"))?;
-            r.call(session, mem, registry.deregister, &[rec.eh_frame])
-                .context("deregistering the patch's unwind tables")?;
-        }
-        let ret = r.syscall(session, libc::SYS_munmap, &[rec.base, rec.len])?;
-        r_check(pid, "munmap of the patch", ret).map(|_| ())
-    })();
-    r.finish(mem).map_err(|e| exited_or(pid, e))?;
-    result.map_err(EngineError::Failed)
-}
-
-fn is_main_executable(pid: i32, module: &LoadedModule) -> bool {
-    std::fs::metadata(format!("/proc/{pid}/exe"))
-        .map(|m| m.ino() == module.inode)
-        .unwrap_or(false)
-}
-
-struct Mapped {
-    base: u64,
-}
-
-/// Creates the named memfd in the target, fills it from our side through `/proc/PID/fd`, maps
-/// it near the module read-only, then gives text R-X and data RW. Fills in `record`.
-#[allow(clippy::too_many_arguments)]
-fn map_patch(
-    session: &mut Session,
-    remote: &mut Remote,
-    mem: &Memory,
-    module: &LoadedModule,
-    plan: &Plan,
-    symbols: &Symbols,
-    record: &mut PatchRecord,
-    replacements: &[String],
-    header_len: u64,
-    total: u64,
-    unwind: Option<UnwindRegistry>,
-) -> anyhow::Result<Mapped> {
-    let pid = session.pid();
-    let mut name: Vec<u8> = format!("{MEMFD_PREFIX}{}", record.id).into_bytes();
-    name.truncate(240);
-    name.push(0);
-    let scratch = remote.scratch() - 256;
-    mem.write(scratch, &name)?;
-    let ret = remote.syscall(
-        session,
-        libc::SYS_memfd_create,
-        &[scratch, libc::MFD_CLOEXEC as u64],
-    )?;
-    let fd = remote.check("memfd_create", ret)?;
-    let result = (|| -> anyhow::Result<Mapped> {
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .open(format!("/proc/{pid}/fd/{fd}"))
-            .context("cannot open the patch memfd")?;
-        file.set_len(total).context("cannot size the patch memfd")?;
-        let maps = procfs::read_maps(pid)?;
-        let candidates = crate::placement::candidates(
-            &maps,
-            module.lo,
-            module.hi,
-            total,
-            plan.needs_low_address(),
-        );
-        for base in candidates.into_iter().take(8) {
-            let image = plan
-                .link(base + header_len, &|n| symbols.lookup(n))
-                .map_err(|e| anyhow!("patch cannot be linked: {e}"))?;
-            record.base = base;
-            record.len = total;
-            let text = image
-                .segments
-                .iter()
-                .find(|s| matches!(s.prot, Prot::ReadExecute));
-            record.text_start = base + header_len + text.map(|s| s.offset).unwrap_or(0);
-            record.text_end = record.text_start + text.map(|s| s.len).unwrap_or(0);
-            if unwind.is_some() {
-                record.eh_frame = image.eh_frame.unwrap_or(0);
-                record.eh_object = base + total - PAGE;
-            }
-            for (d, name) in record.functions.iter_mut().zip(replacements) {
-                d.replacement = *image
-                    .symbols
-                    .get(name)
-                    .ok_or_else(|| anyhow!("patch object does not define `{name}`"))?;
-            }
-            let header = record.encode()?;
-            file.write_all_at(&header, 0)?;
-            file.write_all_at(&image.bytes, header_len)?;
-            let ret = remote.syscall(
-                session,
-                libc::SYS_mmap,
-                &[
-                    base,
-                    total,
-                    libc::PROT_READ as u64,
-                    (libc::MAP_PRIVATE | libc::MAP_FIXED_NOREPLACE) as u64,
-                    fd,
-                    0,
-                ],
-            )?;
-            if ret == -(libc::EEXIST as i64) {
-                continue; // someone mapped there meanwhile: next candidate
-            }
-            let got = remote.check("mmap of patch memory", ret)?;
-            if got != base {
-                let _ = remote.syscall(session, libc::SYS_munmap, &[got, total]);
-                anyhow::bail!("kernel placed patch memory at {got:#x}, not at {base:#x}");
-            }
-            let mapped = Mapped { base };
-            let unwinder_page = unwind.map(|_| (total - PAGE - header_len, PAGE, Prot::ReadWrite));
-            let ranges = image
-                .segments
-                .iter()
-                .map(|s| (s.offset, s.len, s.prot))
-                .chain(unwinder_page);
-            for (offset, len, prot) in ranges {
-                let prot = match prot {
-                    Prot::ReadExecute => libc::PROT_READ | libc::PROT_EXEC,
-                    Prot::ReadWrite => libc::PROT_READ | libc::PROT_WRITE,
-                    Prot::Read => continue,
-                };
-                let ret = remote.syscall(
-                    session,
-                    libc::SYS_mprotect,
-                    &[base + header_len + offset, len, prot as u64],
-                )?;
-                if let Err(e) = remote.check("mprotect of patch memory", ret) {
-                    unmap(session, remote, base, total);
-                    return Err(e);
-                }
-            }
-            return Ok(mapped);
-        }
-        anyhow::bail!(
-            "no free address range within ±2 GiB of {} for {total} bytes of patch",
-            module.path
-        )
-    })();
-    let ret = remote.syscall(session, libc::SYS_close, &[fd])?;
-    let _ = remote.check("close", ret);
-    result
-}
-
-/// Undoes a mapping from a fresh remote on `tid` (stopped), leaving its stack as it was.
-fn unmap_now(session: &mut Session, mem: &Memory, maps: &[Mapping], tid: i32, base: u64, len: u64) {
-    match Remote::new(session, tid, mem, maps) {
-        Ok(mut r) => {
-            unmap(session, &mut r, base, len);
-            if let Err(e) = r.finish(mem) {
-                tracing::warn!("restoring thread {tid} after clean-up: {e:#}");
-            }
-        }
-        Err(e) => tracing::warn!("cannot clean up patch memory at {base:#x}: {e:#}"),
-    }
-}
-
-fn r_check(pid: i32, what: &str, ret: i64) -> anyhow::Result<u64> {
-    if ret < 0 && ret > -4096 {
-        anyhow::bail!(
-            "process {pid}: {what} failed in the target: {}",
-            nix::errno::Errno::from_raw((-ret) as i32)
-        );
-    }
-    Ok(ret as u64)
-}
-
-fn unmap(session: &mut Session, remote: &mut Remote, base: u64, len: u64) {
-    let result = remote
-        .syscall(session, libc::SYS_munmap, &[base, len])
-        .and_then(|ret| remote.check("munmap", ret));
-    if let Err(e) = result {
-        tracing::warn!("cannot unmap patch memory at {base:#x}: {e:#}");
-    }
 }

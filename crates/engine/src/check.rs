@@ -6,10 +6,11 @@ use serde::Serialize;
 
 use crate::modules;
 use crate::procfs::{self, Memory};
-use crate::record::{self, PatchRecord};
+use crate::record::{self, FoundPatch, PatchRecord};
 use crate::stop::Session;
 
-/// The patches process `pid` carries, read from its own memory.
+/// The patches process `pid` verifiably carries (every detour in place, leading into the
+/// patch's code), read from its own memory.
 pub fn status(pid: i32) -> Result<Vec<PatchRecord>> {
     let maps = procfs::read_maps(pid)?;
     if !maps.iter().any(record::is_patch_mapping) {
@@ -17,6 +18,17 @@ pub fn status(pid: i32) -> Result<Vec<PatchRecord>> {
     }
     let mem = Memory::open(pid)?;
     record::applied_patches(&mem, &maps)
+}
+
+/// Every patch mapping of process `pid`, each with what checking it showed: applied, partial,
+/// orphaned or invalid.
+pub fn inspect(pid: i32) -> Result<Vec<FoundPatch>> {
+    let maps = procfs::read_maps(pid)?;
+    if !maps.iter().any(record::is_patch_mapping) {
+        return Ok(Vec::new());
+    }
+    let mem = Memory::open(pid)?;
+    Ok(record::found_patches(&mem, &maps))
 }
 
 #[derive(Debug, Clone, Serialize)]

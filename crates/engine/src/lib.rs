@@ -17,6 +17,10 @@
 //! The record of what was applied lives in the patch mapping itself ([`record`]).
 //! See `docs/THREAT-MODEL.md` for what this defends against and what it does not.
 
+mod bind;
+pub mod fault;
+pub mod interrupt;
+pub mod lock;
 pub mod modules;
 pub mod placement;
 pub mod procfs;
@@ -31,8 +35,8 @@ mod apply;
 mod check;
 
 pub use apply::{apply, revert, ApplyOptions, ApplyReport, RevertReport};
-pub use check::{check, processes_mapping, status, CheckReport, ModuleInfo};
-pub use record::{Detour, PatchRecord};
+pub use check::{check, inspect, processes_mapping, status, CheckReport, ModuleInfo};
+pub use record::{Detour, FoundPatch, PatchRecord, PatchState};
 
 /// How an operation on a process failed.
 #[derive(Debug, thiserror::Error)]
@@ -43,9 +47,12 @@ pub enum EngineError {
     /// A thread kept running a function being replaced until the deadline; nothing was touched.
     #[error("busy: {0}")]
     Busy(String),
-    /// The process exited while we worked on it.
+    /// The process exited (or replaced its program) while we worked on it.
     #[error("{0}")]
     Exited(String),
+    /// The operator interrupted us (SIGINT/SIGTERM/SIGHUP); the message says what was left.
+    #[error("{0}")]
+    Interrupted(String),
     #[error(transparent)]
     Failed(#[from] anyhow::Error),
 }
@@ -57,6 +64,7 @@ impl EngineError {
             EngineError::Refused(_) => "refused",
             EngineError::Busy(_) => "busy",
             EngineError::Exited(_) => "exited",
+            EngineError::Interrupted(_) => "interrupted",
             EngineError::Failed(_) => "failed",
         }
     }

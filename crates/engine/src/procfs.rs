@@ -100,6 +100,24 @@ pub fn exists(pid: i32) -> bool {
     std::path::Path::new(&format!("/proc/{pid}")).exists()
 }
 
+/// Fields of `/proc/PID/stat` after the command name (which may hold spaces and parentheses):
+/// index 0 is the state.
+fn stat_fields(pid: i32) -> Option<Vec<String>> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let (_, rest) = stat.rsplit_once(')')?;
+    Some(rest.split_whitespace().map(str::to_string).collect())
+}
+
+/// The process's start time (clock ticks since boot): with the pid, it names one process.
+pub fn start_time(pid: i32) -> Option<u64> {
+    stat_fields(pid)?.get(19)?.parse().ok()
+}
+
+/// Whether the process (its main thread) is a zombie.
+pub fn is_zombie(pid: i32) -> bool {
+    stat_fields(pid).is_some_and(|f| f.first().is_some_and(|s| s == "Z"))
+}
+
 /// Field `name` of `/proc/PID/status` (e.g. `Seccomp`, `TracerPid`, `State`).
 pub fn status_field(pid: i32, name: &str) -> Result<Option<String>> {
     let text = std::fs::read_to_string(format!("/proc/{pid}/status"))
@@ -113,14 +131,8 @@ pub fn status_field(pid: i32, name: &str) -> Result<Option<String>> {
 /// Whether `pid` is a kernel thread (`PF_KTHREAD` in the flags of `/proc/PID/stat`).
 pub fn is_kernel_thread(pid: i32) -> bool {
     const PF_KTHREAD: u64 = 0x0020_0000;
-    std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .ok()
-        .and_then(|stat| {
-            // Fields after the command name (which may hold spaces): state is the first,
-            // flags the seventh.
-            let (_, rest) = stat.rsplit_once(')')?;
-            rest.split_whitespace().nth(6)?.parse::<u64>().ok()
-        })
+    stat_fields(pid)
+        .and_then(|f| f.get(6)?.parse::<u64>().ok())
         .is_some_and(|flags| flags & PF_KTHREAD != 0)
 }
 

@@ -8,6 +8,8 @@
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 
+use suture_detour::{decode_jmp, DETOUR_LEN};
+
 use crate::procfs::{Mapping, Memory};
 
 pub const MAGIC: &[u8; 8] = b"SUTURE-P";
@@ -35,6 +37,9 @@ pub struct PatchRecord {
     /// Where the patch's code lies (threads must not be in it when it is removed).
     pub text_start: u64,
     pub text_end: u64,
+    /// The engine's landing stub for calls into the process (in the patch's engine page).
+    #[serde(default)]
+    pub landing: u64,
     pub functions: Vec<Detour>,
     /// The patch's unwind tables as registered with the process's unwinder
     /// (`__register_frame_info`), and the unwinder's bookkeeping object; 0 when not registered.
@@ -97,12 +102,179 @@ pub fn is_patch_mapping(m: &Mapping) -> bool {
     m.offset == 0 && m.path.starts_with(&format!("/memfd:{MEMFD_PREFIX}"))
 }
 
-/// Every patch the process carries, in the order they were applied.
-pub fn applied_patches(mem: &Memory, maps: &[Mapping]) -> Result<Vec<PatchRecord>> {
+/// What a patch mapping found in a process really is. A record is believed only as far as the
+/// process's own code confirms it: `applied` means every detour is in place and leads into this
+/// mapping's code.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PatchState {
+    /// Every detour is in place and leads into this patch's code.
+    Applied,
+    /// Some detours are in place, not all (an operation was cut short between writes).
+    Partial,
+    /// No detour leads into it: memory left by an interrupted operation, inherited without its
+    /// detours, or made up by the process. It changes nothing the process runs.
+    Orphaned,
+    /// The record does not match the memory it sits in (forged or damaged); never acted on.
+    Invalid,
+}
+
+impl PatchState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PatchState::Applied => "applied",
+            PatchState::Partial => "partial",
+            PatchState::Orphaned => "orphaned",
+            PatchState::Invalid => "invalid",
+        }
+    }
+}
+
+/// A patch mapping as found in a process, with what checking it against the process showed.
+#[derive(Debug, Clone, Serialize)]
+pub struct FoundPatch {
+    pub state: PatchState,
+    /// Why it is not `applied`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    /// The id in the mapping's name (the record's own id when there is a record).
+    pub name: String,
+    /// Where the mapping starts and ends (every mapping of the memfd).
+    pub start: u64,
+    pub end: u64,
+    /// Detours found in place, of `record.functions`.
+    pub detours_in_place: usize,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub record: Option<PatchRecord>,
+}
+
+/// Every patch mapping of the process, each checked against the process's memory.
+pub fn found_patches(mem: &Memory, maps: &[Mapping]) -> Vec<FoundPatch> {
     let mut out = Vec::new();
     for m in maps.iter().filter(|m| is_patch_mapping(m)) {
-        out.push(PatchRecord::read(mem, m.start)?);
+        let name = m
+            .path
+            .trim_start_matches("/memfd:")
+            .trim_start_matches(MEMFD_PREFIX)
+            .trim_end_matches(" (deleted)")
+            .to_string();
+        // The whole patch: this memfd's mappings, contiguous from the first page.
+        let mut end = m.end;
+        for n in maps.iter().filter(|n| n.inode == m.inode && n.dev == m.dev) {
+            if n.start == end {
+                end = n.end;
+            }
+        }
+        let mut found = FoundPatch {
+            state: PatchState::Orphaned,
+            reason: None,
+            name,
+            start: m.start,
+            end,
+            detours_in_place: 0,
+            record: None,
+        };
+        match mem.read(m.start, 8) {
+            Ok(head) if head[..] == MAGIC[..] => match PatchRecord::read(mem, m.start) {
+                Ok(rec) => {
+                    match verify(&rec, &found, maps) {
+                        Err(why) => {
+                            found.state = PatchState::Invalid;
+                            found.reason = Some(why);
+                        }
+                        Ok(()) => {
+                            let n = rec.functions.len();
+                            let k = rec
+                                .functions
+                                .iter()
+                                .filter(|d| {
+                                    mem.read(d.address, DETOUR_LEN).is_ok_and(|b| {
+                                        decode_jmp(d.address, &b) == Some(d.replacement)
+                                    })
+                                })
+                                .count();
+                            found.detours_in_place = k;
+                            (found.state, found.reason) = if k == n && n > 0 {
+                                (PatchState::Applied, None)
+                            } else if k == 0 {
+                                (
+                                    PatchState::Orphaned,
+                                    Some("no detour leads into it".to_string()),
+                                )
+                            } else {
+                                (
+                                    PatchState::Partial,
+                                    Some(format!("{k} of {n} detours in place")),
+                                )
+                            };
+                        }
+                    }
+                    found.record = Some(rec);
+                }
+                Err(e) => {
+                    found.state = PatchState::Invalid;
+                    found.reason = Some(format!("{e:#}"));
+                }
+            },
+            Ok(_) => {
+                found.reason =
+                    Some("patch memory without its record (an operation was interrupted)".into())
+            }
+            Err(e) => {
+                found.state = PatchState::Invalid;
+                found.reason = Some(format!("{e:#}"));
+            }
+        }
+        out.push(found);
     }
+    out
+}
+
+/// Does the record describe the memory it sits in?
+fn verify(rec: &PatchRecord, found: &FoundPatch, maps: &[Mapping]) -> Result<(), String> {
+    if rec.id != found.name && !found.name.starts_with(&rec.id) {
+        return Err(format!(
+            "record names patch {} but sits in memory named {}",
+            rec.id, found.name
+        ));
+    }
+    if rec.base != found.start || rec.base.checked_add(rec.len) != Some(found.end) {
+        return Err("record does not describe the memory it sits in".into());
+    }
+    if !(rec.base < rec.text_start && rec.text_start <= rec.text_end && rec.text_end <= found.end) {
+        return Err("record's code range lies outside its memory".into());
+    }
+    if rec.text_end > rec.text_start {
+        let text = maps
+            .iter()
+            .find(|m| m.contains(rec.text_start))
+            .ok_or("record's code is not mapped")?;
+        if !text.executable || text.writable || text.end < rec.text_end {
+            return Err("record's code is not in read-only executable memory".into());
+        }
+    }
+    for d in &rec.functions {
+        if d.replacement < rec.text_start || d.replacement >= rec.text_end {
+            return Err(format!(
+                "detour of `{}` leads outside the patch's code",
+                d.symbol
+            ));
+        }
+        if hex::decode(&d.saved).map(|v| v.len()) != Ok(DETOUR_LEN) {
+            return Err(format!("saved bytes of `{}` are malformed", d.symbol));
+        }
+    }
+    Ok(())
+}
+
+/// The patches the process verifiably carries (state `applied`), in the order they were
+/// applied.
+pub fn applied_patches(mem: &Memory, maps: &[Mapping]) -> Result<Vec<PatchRecord>> {
+    let mut out: Vec<PatchRecord> = found_patches(mem, maps)
+        .into_iter()
+        .filter(|f| f.state == PatchState::Applied)
+        .filter_map(|f| f.record)
+        .collect();
     out.sort_by_key(|r| (r.applied_at, r.level));
     Ok(out)
 }

@@ -1,29 +1,79 @@
-//! Making a stopped thread of the target run a system call or a function for us.
+//! Making a stopped thread of the target run a system call or a function for us, in a way that
+//! survives our own death at any instant.
 //!
-//! The thread's registers are saved, pointed at a `syscall` instruction that already exists in
-//! the target (so nothing is written into its code), single-stepped, and restored. `orig_rax`
-//! is set to -1 while we drive it so that the kernel does not "restart" the system call the
-//! thread was sleeping in on our behalf; restoring the saved registers restores that restart.
+//! A tracer can be killed (`kill -9`, the OOM killer) between any two of its steps, and the
+//! kernel then simply lets the target's threads run on from whatever registers they hold. So
+//! the registers we give a thread are never a state it could not run on by itself:
+//!
+//! - Below the thread's stack (past the red zone, memory the ABI gives to whoever comes next)
+//!   we write a signal frame (`ucontext`) holding the thread's own state, as the kernel would
+//!   to deliver a signal, with the frame's return slot pointing at an `rt_sigreturn` that
+//!   already exists in the target (libc's signal restorer).
+//! - A system call runs at an existing `syscall; ret` in the target, with the stack pointer at
+//!   that return slot. We stop the thread at the call's entry and exit (`PTRACE_SYSCALL`).
+//!   Left alone at any point, the thread finishes the call, returns into `rt_sigreturn`, and
+//!   the kernel restores its exact state (general, floating-point and vector registers, signal
+//!   mask; an interrupted system call restarts).
+//! - A function call returns into a landing stub in the patch's own code page that keeps the
+//!   result and does the same `rt_sigreturn`.
+//! - While we live, we never let the thread reach that `rt_sigreturn`: we put the saved
+//!   registers back from an interrupt stop, where the kernel restarts an interrupted system call
+//!   exactly as it would have without us.
+//!
+//! Nothing is single-stepped (a trap flag outlives a dead tracer) and no signal is held: one
+//! that arrives is delivered at once in the thread's own state (see [`crate::stop`]).
 
+use std::collections::HashMap;
+use std::sync::{Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use libc::user_regs_struct;
 use nix::errno::Errno;
 use nix::sys::ptrace;
-use nix::sys::signal::Signal;
-use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
 use nix::unistd::Pid;
 
 use crate::procfs::{Mapping, Memory};
 use crate::seccomp::{self, SeccompData, SockFilter};
-use crate::stop::{gone, pause, Session};
+use crate::stop::{gone, ptrace_req, Injected, Session};
 
-/// Bytes below the stack pointer we leave alone: the x86-64 red zone plus a margin.
-const STACK_SKIP: u64 = 128 + 1024;
-/// Dead stack below the red zone that our scratch data and remote calls may use; saved first
-/// and put back by [`Remote::finish`] so the target's memory ends byte-identical.
-const STACK_USE: u64 = 16 << 10;
+/// The x86-64 red zone: the thread may hold data there.
+const RED_ZONE: u64 = 128;
+/// Room for data the caller puts in the target (e.g. a memfd name), above the frame.
+const SCRATCH: u64 = 512;
+/// Room below the frame for the stack of a function we call.
+const CALL_STACK: u64 = 12 << 10;
+/// `struct ucontext` as the x86-64 kernel reads it in `rt_sigreturn`, and the `siginfo` after
+/// it that the kernel checks is addressable.
+const UCONTEXT: u64 = 304;
+const SIGINFO: u64 = 128;
+/// Where the 64-byte aligned fpstate sits in the frame (after the return slot, the ucontext
+/// and the siginfo).
+const FPSTATE_AT: u64 = 448;
+
+const NT_PRFPREG: libc::c_int = 2;
+const NT_X86_XSTATE: libc::c_int = 0x202;
+const FP_XSTATE_MAGIC1: u32 = 0x4650_5853;
+const FP_XSTATE_MAGIC2: u32 = 0x4650_5845;
+const UC_FP_XSTATE: u64 = 0x1;
+const UC_SIGCONTEXT_SS: u64 = 0x2;
+const UC_STRICT_RESTORE_SS: u64 = 0x4;
+
+/// `mov [rsp-0x10], rax; again: mov eax, 15; syscall; jmp again`: keeps a called function's
+/// result below the frame, then restores the thread's state (`rt_sigreturn`). Placed by the
+/// engine in the patch's code page.
+pub const LANDING: [u8; 14] = [
+    0x48, 0x89, 0x44, 0x24, 0xf0, 0xb8, 0x0f, 0x00, 0x00, 0x00, 0x0f, 0x05, 0xeb, 0xf7,
+];
+/// Offset of the end of the landing stub's `syscall`.
+const LANDING_SYSCALL_END: u64 = 12;
+
+const SYSCALL_RET: &[u8] = &[0x0f, 0x05, 0xc3];
+/// glibc's and musl's signal restorer: `mov $15, %rax; syscall` (or `mov $15, %eax`).
+const SIGRETURN: [&[u8]; 2] = [
+    &[0x48, 0xc7, 0xc0, 0x0f, 0x00, 0x00, 0x00, 0x0f, 0x05],
+    &[0xb8, 0x0f, 0x00, 0x00, 0x00, 0x0f, 0x05],
+];
 
 /// The target's seccomp filter would stop a system call the engine needs.
 #[derive(Debug, thiserror::Error)]
@@ -33,62 +83,370 @@ pub struct SeccompBlocks {
     pub syscall: &'static str,
 }
 
+/// Code that already exists in the target and that injection runs through.
+#[derive(Debug, Clone, Copy)]
+pub struct Gadgets {
+    /// `syscall; ret`
+    pub syscall_ret: u64,
+    /// `mov $15, %rax; syscall` (`rt_sigreturn`), the way back to the thread's own state.
+    pub sigreturn: Option<u64>,
+}
+
+type GadgetKey = (String, u64, u64, u64);
+
+fn gadget_cache() -> &'static Mutex<HashMap<GadgetKey, (Option<u64>, Option<u64>)>> {
+    static CACHE: OnceLock<Mutex<HashMap<GadgetKey, (Option<u64>, Option<u64>)>>> = OnceLock::new();
+    CACHE.get_or_init(Default::default)
+}
+
+fn find_in(bytes: &[u8], pattern: &[u8]) -> Option<u64> {
+    bytes
+        .windows(pattern.len())
+        .position(|w| w == pattern)
+        .map(|i| i as u64)
+}
+
+/// Finds the gadgets in the target's executable memory: the vDSO first (small, always there),
+/// then the files it maps (offsets cached per file, and checked in this process before use).
+pub fn find_gadgets(mem: &Memory, maps: &[Mapping]) -> Result<Gadgets> {
+    let mut syscall_ret = None;
+    let mut sigreturn = None;
+    let mut candidates: Vec<&Mapping> = maps
+        .iter()
+        .filter(|m| m.executable && m.path != "[vsyscall]")
+        .collect();
+    candidates.sort_by_key(|m| if m.path == "[vdso]" { 0 } else { 1 });
+    for m in candidates {
+        if syscall_ret.is_some() && sigreturn.is_some() {
+            break;
+        }
+        let len = (m.end - m.start).min(8 << 20);
+        let key = m.is_file().then(|| (m.dev.clone(), m.inode, m.offset, len));
+        let cached = key
+            .as_ref()
+            .and_then(|k| gadget_cache().lock().ok()?.get(k).copied());
+        let (sr, sg) = match cached {
+            Some(found) => found,
+            None => {
+                let Ok(bytes) = mem.read(m.start, len as usize) else {
+                    continue;
+                };
+                let found = (
+                    find_in(&bytes, SYSCALL_RET),
+                    SIGRETURN.iter().find_map(|p| find_in(&bytes, p)),
+                );
+                if let (Some(k), Ok(mut c)) = (key, gadget_cache().lock()) {
+                    c.insert(k, found);
+                }
+                found
+            }
+        };
+        // The file's bytes are what we searched; check the process's own copy.
+        if syscall_ret.is_none() {
+            syscall_ret = sr
+                .map(|o| m.start + o)
+                .filter(|&a| mem.read(a, 3).is_ok_and(|b| b == SYSCALL_RET));
+        }
+        if sigreturn.is_none() {
+            sigreturn = sg.map(|o| m.start + o).filter(|&a| {
+                SIGRETURN
+                    .iter()
+                    .any(|p| mem.read(a, p.len()).is_ok_and(|b| b == *p))
+            });
+        }
+    }
+    Ok(Gadgets {
+        syscall_ret: syscall_ret
+            .context("no `syscall; ret` instruction found in the target's executable memory")?,
+        sigreturn,
+    })
+}
+
 /// A stopped thread we use to act inside the target.
 pub struct Remote {
     pid: i32,
     tid: i32,
+    /// The thread's own registers, as the interrupt stop found them.
     saved: user_regs_struct,
-    syscall_insn: u64,
-    /// (address, bytes) of the dead stack we may scribble on.
+    gadgets: Gadgets,
+    /// Our return slot; the signal frame follows it.
+    frame: u64,
+    scratch: u64,
+    /// (address, bytes) of the dead stack we use, put back by [`Remote::finish`].
     stack: (u64, Vec<u8>),
+    /// Signals delivered by the session when the dead stack was saved: if more were delivered
+    /// since, a live signal frame may lie there and the old bytes must not come back.
+    delivered: u64,
+    /// What the return slot holds now.
+    slot: u64,
+    /// The landing stub for function calls, once the patch's code page exists.
+    landing: Option<u64>,
+    /// The thread sits in a system-call stop of ours (not an interrupt stop).
+    in_syscall: bool,
     /// The thread's seccomp filters: every injected call is checked against them first.
     filters: Vec<Vec<SockFilter>>,
 }
 
+fn getregs(pid: i32, tid: i32) -> Result<user_regs_struct> {
+    ptrace::getregs(Pid::from_raw(tid)).map_err(|_| gone(pid))
+}
+
+fn setregs(pid: i32, tid: i32, regs: user_regs_struct) -> Result<()> {
+    ptrace::setregs(Pid::from_raw(tid), regs).map_err(|_| gone(pid))
+}
+
+/// The thread's floating-point and vector state in the layout of a signal frame's fpstate
+/// (XSAVE with its software-reserved bytes filled in, plus the trailing magic).
+fn fpstate(tid: i32) -> Result<Vec<u8>> {
+    let mut buf = vec![0u8; 16 << 10];
+    let read = |note: libc::c_int, buf: &mut Vec<u8>| -> Result<usize, Errno> {
+        let mut iov = libc::iovec {
+            iov_base: buf.as_mut_ptr().cast(),
+            iov_len: buf.len(),
+        };
+        // SAFETY: PTRACE_GETREGSET writes at most iov_len bytes into the buffer the iovec
+        // describes, which lives for the call, and updates iov_len.
+        let r = unsafe {
+            libc::ptrace(
+                libc::PTRACE_GETREGSET,
+                tid,
+                note as usize as *mut libc::c_void,
+                &mut iov as *mut libc::iovec as *mut libc::c_void,
+            )
+        };
+        if r < 0 {
+            Err(Errno::last())
+        } else {
+            Ok(iov.iov_len)
+        }
+    };
+    match read(NT_X86_XSTATE, &mut buf) {
+        Ok(len) if len >= 576 => {
+            buf.truncate(len);
+            // The XSAVE header's XSTATE_BV says which components hold state; restoring those
+            // (plus x87/SSE) and leaving the rest in their initial state is exact.
+            let bv = u64::from_le_bytes(buf[512..520].try_into().unwrap_or_default()) | 0x3;
+            buf[464..468].copy_from_slice(&FP_XSTATE_MAGIC1.to_le_bytes());
+            buf[468..472].copy_from_slice(&((len + 4) as u32).to_le_bytes());
+            buf[472..480].copy_from_slice(&bv.to_le_bytes());
+            buf[480..484].copy_from_slice(&(len as u32).to_le_bytes());
+            buf[484..512].fill(0);
+            buf.extend_from_slice(&FP_XSTATE_MAGIC2.to_le_bytes());
+            Ok(buf)
+        }
+        _ => {
+            // No XSAVE: the legacy 512-byte FXSAVE area, which the kernel restores as such.
+            let len = read(NT_PRFPREG, &mut buf)
+                .map_err(|e| anyhow::anyhow!("thread {tid}: cannot read its FPU state: {e}"))?;
+            buf.truncate(len.min(512));
+            buf[464..512].fill(0);
+            Ok(buf)
+        }
+    }
+}
+
+/// The thread's blocked-signal mask.
+fn blocked_mask(pid: i32, tid: i32) -> Result<u64> {
+    const PTRACE_GETSIGMASK: libc::c_uint = 0x420a;
+    let mut mask: u64 = 0;
+    // SAFETY: PTRACE_GETSIGMASK writes `addr` (8) bytes of signal mask to the pointer we pass.
+    let r = unsafe {
+        libc::ptrace(
+            PTRACE_GETSIGMASK,
+            tid,
+            8usize as *mut libc::c_void,
+            &mut mask as *mut u64 as *mut libc::c_void,
+        )
+    };
+    if r < 0 {
+        return Err(gone(pid));
+    }
+    Ok(mask)
+}
+
+/// The registers the thread resumes with if the kernel restarts the system call it was
+/// interrupted in (what happens on return from an interrupt stop when no handler runs).
+pub fn restarted(regs: &user_regs_struct) -> user_regs_struct {
+    let mut r = *regs;
+    if (regs.orig_rax as i64) >= 0 {
+        match regs.rax as i64 {
+            // ERESTARTSYS, ERESTARTNOINTR, ERESTARTNOHAND; ERESTART_RESTARTBLOCK is re-issued
+            // as the original call (rt_sigreturn resets the restart block).
+            -512 | -513 | -514 | -516 => {
+                r.rax = regs.orig_rax;
+                r.rip = regs.rip.wrapping_sub(2);
+            }
+            _ => {}
+        }
+    }
+    r.orig_rax = u64::MAX;
+    r
+}
+
+/// A signal frame (`struct ucontext` after an 8-byte return slot) that restores `regs`.
+fn signal_frame(regs: &user_regs_struct, mask: u64, fp: &[u8], frame: u64, ret: u64) -> Vec<u8> {
+    let r = restarted(regs);
+    let mut out = Vec::with_capacity((FPSTATE_AT as usize) + fp.len());
+    let mut put = |v: u64| out.extend_from_slice(&v.to_le_bytes());
+    put(ret); // return slot
+    put(UC_FP_XSTATE | UC_SIGCONTEXT_SS | UC_STRICT_RESTORE_SS); // uc_flags
+    put(0); // uc_link
+    put(0); // uc_stack.ss_sp
+            // An invalid ss_flags makes the kernel leave the thread's alternate stack as it is
+            // (sigaltstack's error is ignored by rt_sigreturn).
+    put(0xffff_ffff); // uc_stack.ss_flags
+    put(0); // uc_stack.ss_size
+    for v in [
+        r.r8, r.r9, r.r10, r.r11, r.r12, r.r13, r.r14, r.r15, r.rdi, r.rsi, r.rbp, r.rbx, r.rdx,
+        r.rax, r.rcx, r.rsp, r.rip, r.eflags,
+    ] {
+        put(v);
+    }
+    // cs, gs, fs, ss (16 bits each)
+    put((r.cs & 0xffff) | (r.gs & 0xffff) << 16 | (r.fs & 0xffff) << 32 | (r.ss & 0xffff) << 48);
+    put(0); // err
+    put(0); // trapno
+    put(mask); // oldmask
+    put(0); // cr2
+    put(frame + FPSTATE_AT); // fpstate
+    for _ in 0..8 {
+        put(0); // reserved1
+    }
+    put(mask); // uc_sigmask
+    out.resize(FPSTATE_AT as usize, 0); // siginfo and alignment
+    out.extend_from_slice(fp);
+    out
+}
+
 impl Remote {
-    /// Takes over `tid`, which must be stopped in `session`.
-    pub fn new(session: &Session, tid: i32, mem: &Memory, maps: &[Mapping]) -> Result<Remote> {
-        let saved = ptrace::getregs(Pid::from_raw(tid)).map_err(|_| gone(session.pid()))?;
-        let syscall_insn = find_syscall_insn(mem, maps)?;
-        let top = saved.rsp - 128;
-        let floor = maps
-            .iter()
-            .find(|m| m.contains(saved.rsp))
-            .map(|m| m.start)
-            .unwrap_or(top - STACK_USE);
-        let low = top.saturating_sub(STACK_USE).max(floor);
-        if top - low < STACK_USE / 2 {
-            bail!("thread {tid}: too little stack left below its stack pointer to work with");
+    /// Takes over `tid`, which must be in an interrupt stop of `session`.
+    pub fn new(
+        session: &Session,
+        tid: i32,
+        mem: &Memory,
+        maps: &[Mapping],
+        gadgets: Gadgets,
+    ) -> Result<Remote> {
+        let pid = session.pid();
+        let filters = seccomp::filters(pid, tid)?;
+        if let Err(name) = seccomp::check_injected(&filters, gadgets.syscall_ret)? {
+            return Err(anyhow::Error::new(SeccompBlocks { pid, syscall: name }));
         }
-        let stack = (low, mem.read(low, (top - low) as usize)?);
-        let filters = seccomp::filters(session.pid(), tid)?;
-        if let Err(name) = seccomp::check_injected(&filters, syscall_insn)? {
-            return Err(anyhow::Error::new(SeccompBlocks {
-                pid: session.pid(),
-                syscall: name,
-            }));
+        if gadgets.sigreturn.is_none() {
+            tracing::warn!(
+                pid,
+                "no rt_sigreturn in the process: if suture is killed mid-operation the thread cannot recover"
+            );
         }
-        Ok(Remote {
-            pid: session.pid(),
+        let saved = getregs(pid, tid)?;
+        let mut r = Remote {
+            pid,
             tid,
             saved,
-            syscall_insn,
-            stack,
+            gadgets,
+            frame: 0,
+            scratch: 0,
+            stack: (0, Vec::new()),
+            delivered: session.delivered,
+            slot: 0,
+            landing: None,
+            in_syscall: false,
             filters,
-        })
+        };
+        r.lay_frame(session, mem, maps)?;
+        Ok(r)
+    }
+
+    /// Saves the dead stack below the thread's stack pointer and writes the signal frame there.
+    fn lay_frame(&mut self, session: &Session, mem: &Memory, maps: &[Mapping]) -> Result<()> {
+        let fp = fpstate(self.tid).map_err(|e| {
+            if crate::procfs::exists(self.pid) {
+                e
+            } else {
+                gone(self.pid)
+            }
+        })?;
+        let mask = blocked_mask(self.pid, self.tid)?;
+        let top = self.saved.rsp.wrapping_sub(RED_ZONE) & !63;
+        let scratch = top - SCRATCH;
+        let frame_len = (FPSTATE_AT + fp.len() as u64 + UCONTEXT + SIGINFO).div_ceil(64) * 64;
+        let frame = (scratch - frame_len) & !63;
+        let low = frame - CALL_STACK;
+        let floor = maps
+            .iter()
+            .find(|m| m.contains(self.saved.rsp.wrapping_sub(1)))
+            .map(|m| m.start)
+            .unwrap_or(u64::MAX);
+        if low < floor || floor == u64::MAX {
+            bail!(
+                "thread {}: too little stack left below its stack pointer to work with",
+                self.tid
+            );
+        }
+        self.stack = (low, mem.read(low, (top - low) as usize)?);
+        self.delivered = session.delivered;
+        self.frame = frame;
+        self.scratch = scratch;
+        let ret = self.gadgets.sigreturn.unwrap_or(0);
+        mem.write(frame, &signal_frame(&self.saved, mask, &fp, frame, ret))?;
+        self.slot = ret;
+        Ok(())
     }
 
     pub fn tid(&self) -> i32 {
         self.tid
     }
 
-    /// Scratch memory on the thread's own stack, below anything it uses.
+    /// 512 bytes of scratch memory in the target for the caller's data (names, arguments).
     pub fn scratch(&self) -> u64 {
-        (self.saved.rsp - STACK_SKIP) & !0xf
+        self.scratch
+    }
+
+    /// From now on, function calls return through the landing stub at `addr` (a copy of
+    /// [`LANDING`] in executable memory of ours).
+    pub fn set_landing(&mut self, addr: u64) {
+        self.landing = Some(addr);
+    }
+
+    fn set_slot(&mut self, mem: &Memory, value: u64) -> Result<()> {
+        if self.slot != value {
+            mem.write(self.frame, &value.to_le_bytes())?;
+            self.slot = value;
+        }
+        Ok(())
+    }
+
+    /// A signal came for the thread before our call began: put its own state back, deliver the
+    /// signal in it, and start over from wherever the thread stops next.
+    fn deliver(
+        &mut self,
+        session: &mut Session,
+        mem: &Memory,
+        maps: &[Mapping],
+        sig: i32,
+    ) -> Result<()> {
+        let state = if self.in_syscall {
+            restarted(&self.saved)
+        } else {
+            self.saved
+        };
+        setregs(self.pid, self.tid, state)?;
+        session.deliver_and_restop(self.tid, sig)?;
+        self.in_syscall = false;
+        self.saved = getregs(self.pid, self.tid)?;
+        // The old dead-stack bytes may now lie under a live signal frame: never restore them.
+        self.lay_frame(session, mem, maps)
     }
 
     /// Runs system call `nr` in the target; returns its raw result (negative errno on failure).
-    pub fn syscall(&mut self, session: &mut Session, nr: i64, args: &[u64]) -> Result<i64> {
+    pub fn syscall(
+        &mut self,
+        session: &mut Session,
+        mem: &Memory,
+        maps: &[Mapping],
+        nr: i64,
+        args: &[u64],
+    ) -> Result<i64> {
         if !self.filters.is_empty() {
             let mut a = [0u64; 6];
             for (slot, v) in a.iter_mut().zip(args) {
@@ -97,7 +455,7 @@ impl Remote {
             let data = SeccompData {
                 nr: nr as i32,
                 arch: seccomp::AUDIT_ARCH_X86_64,
-                instruction_pointer: self.syscall_insn,
+                instruction_pointer: self.gadgets.syscall_ret,
                 args: a,
             };
             if !seccomp::allows(&self.filters, &data)? {
@@ -107,149 +465,230 @@ impl Remote {
                 );
             }
         }
-        let mut regs = self.saved;
-        regs.rax = nr as u64;
-        regs.orig_rax = u64::MAX;
-        regs.rip = self.syscall_insn;
-        let slots = [
-            &mut regs.rdi,
-            &mut regs.rsi,
-            &mut regs.rdx,
-            &mut regs.r10,
-            &mut regs.r8,
-            &mut regs.r9,
-        ];
-        for (slot, value) in slots.into_iter().zip(args) {
-            *slot = *value;
-        }
-        let pid = Pid::from_raw(self.tid);
-        ptrace::setregs(pid, regs).map_err(|_| gone(self.pid))?;
+        let ret = self.gadgets.sigreturn.unwrap_or(0);
+        self.set_slot(mem, ret)?;
         let deadline = Instant::now() + Duration::from_secs(2);
-        let mut tries = 0;
-        let out = loop {
-            ptrace::step(pid, None).map_err(|_| gone(self.pid))?;
-            match self.wait(session, deadline)? {
-                Signal::SIGTRAP => {
-                    // Done only if the thread is past our `syscall`: a single-step trap left
-                    // over from an earlier step (of a thread that was in a blocking system
-                    // call) arrives before anything executed.
-                    let out = ptrace::getregs(pid).map_err(|_| gone(self.pid))?;
-                    if out.rip == self.syscall_insn + 2 {
-                        break out;
+        for _ in 0..64 {
+            let mut regs = self.saved;
+            regs.rax = nr as u64;
+            regs.orig_rax = u64::MAX;
+            regs.rip = self.gadgets.syscall_ret;
+            regs.rsp = self.frame;
+            let slots = [
+                &mut regs.rdi,
+                &mut regs.rsi,
+                &mut regs.rdx,
+                &mut regs.r10,
+                &mut regs.r8,
+                &mut regs.r9,
+            ];
+            for (slot, value) in slots.into_iter().zip(args) {
+                *slot = *value;
+            }
+            setregs(self.pid, self.tid, regs)?;
+            ptrace_req(libc::PTRACE_SYSCALL, self.tid, 0).map_err(|_| gone(self.pid))?;
+            match session.wait_injected(self.tid, deadline)? {
+                Injected::Syscall => {
+                    let at = getregs(self.pid, self.tid)?;
+                    if at.orig_rax != nr as u64 || at.rip != self.gadgets.syscall_ret + 2 {
+                        bail!(
+                            "process {}: thread {} stopped in system call {} at {:#x}, not ours",
+                            self.pid,
+                            self.tid,
+                            at.orig_rax as i64,
+                            at.rip
+                        );
+                    }
+                    self.in_syscall = true;
+                    ptrace_req(libc::PTRACE_SYSCALL, self.tid, 0).map_err(|_| gone(self.pid))?;
+                    match session.wait_injected(self.tid, deadline)? {
+                        Injected::Syscall => {
+                            return Ok(getregs(self.pid, self.tid)?.rax as i64);
+                        }
+                        other => bail!(
+                            "process {}: injected system call {nr} did not complete ({other:?})",
+                            self.pid
+                        ),
                     }
                 }
-                other => session.defer_signal(self.tid, other), // keep it for later
+                Injected::Signal(sig) => self.deliver(session, mem, maps, sig)?,
+                Injected::Interrupted => {
+                    self.in_syscall = false;
+                }
+                Injected::TimedOut => {
+                    self.regain(session)?;
+                    bail!(
+                        "process {}: injected system call {nr} did not run in time",
+                        self.pid
+                    );
+                }
             }
-            tries += 1;
-            if tries > 16 {
-                self.restore()?;
-                bail!(
-                    "process {}: injected system call {nr} did not run",
-                    self.pid
-                );
-            }
-            ptrace::setregs(pid, regs).map_err(|_| gone(self.pid))?;
-        };
-        self.restore()?;
-        Ok(out.rax as i64)
+        }
+        bail!(
+            "process {}: injected system call {nr} kept being interrupted by signals",
+            self.pid
+        )
     }
 
     /// Calls `func(args…)` (up to six integer arguments) in the target and returns `rax`. Used
-    /// for GNU indirect function resolvers and to register unwind tables. The call returns to
-    /// address 0; the resulting fault is ours and is never delivered to the target.
+    /// for GNU indirect function resolvers and to register unwind tables. Needs the landing
+    /// stub ([`Remote::set_landing`]).
     pub fn call(
         &mut self,
         session: &mut Session,
         mem: &Memory,
+        maps: &[Mapping],
         func: u64,
         args: &[u64],
     ) -> Result<u64> {
         if args.len() > 6 {
             bail!("at most six arguments in a register call");
         }
-        let mut regs = self.saved;
-        let slots = [
-            &mut regs.rdi,
-            &mut regs.rsi,
-            &mut regs.rdx,
-            &mut regs.rcx,
-            &mut regs.r8,
-            &mut regs.r9,
-        ];
-        for (slot, v) in slots.into_iter().zip(args) {
-            *slot = *v;
-        }
-        let sp = (self.saved.rsp - STACK_SKIP - 1024) & !0xf;
-        let sp = sp - 8;
-        mem.write(sp, &0u64.to_le_bytes())?;
-        regs.rsp = sp;
-        regs.rip = func;
-        regs.rax = 0;
-        regs.orig_rax = u64::MAX;
-        let pid = Pid::from_raw(self.tid);
-        ptrace::setregs(pid, regs).map_err(|_| gone(self.pid))?;
+        let landing = self
+            .landing
+            .context("no landing stub mapped for a call in the target")?;
         let deadline = Instant::now() + Duration::from_secs(2);
-        let mut deliver = None;
-        loop {
-            ptrace::cont(pid, deliver.take()).map_err(|_| gone(self.pid))?;
-            match self.wait(session, deadline)? {
-                Signal::SIGSEGV => break,
-                Signal::SIGTRAP => {}
-                other => session.defer_signal(self.tid, other),
+        for _ in 0..64 {
+            self.set_slot(mem, landing)?;
+            let mut regs = self.saved;
+            let slots = [
+                &mut regs.rdi,
+                &mut regs.rsi,
+                &mut regs.rdx,
+                &mut regs.rcx,
+                &mut regs.r8,
+                &mut regs.r9,
+            ];
+            for (slot, v) in slots.into_iter().zip(args) {
+                *slot = *v;
             }
-        }
-        let out = ptrace::getregs(pid).map_err(|_| gone(self.pid))?;
-        self.restore()?;
-        if out.rip != 0 {
-            bail!(
-                "process {}: call of {func:#x} faulted at {:#x}",
-                self.pid,
-                out.rip
-            );
-        }
-        Ok(out.rax)
-    }
-
-    fn wait(&self, session: &mut Session, deadline: Instant) -> Result<Signal> {
-        let pid = Pid::from_raw(self.tid);
-        let mut spins = 0u32;
-        loop {
-            match waitpid(pid, Some(WaitPidFlag::__WALL | WaitPidFlag::WNOHANG)) {
-                Ok(WaitStatus::Stopped(_, sig)) => return Ok(sig),
-                Ok(WaitStatus::PtraceEvent(_, sig, _)) => return Ok(sig),
-                Ok(WaitStatus::StillAlive) => {
-                    if Instant::now() > deadline {
-                        // Bring it back to a stop so the session can restore and detach it.
-                        let _ = ptrace::interrupt(pid);
-                        let _ = waitpid(pid, Some(WaitPidFlag::__WALL));
-                        let _ = self.restore();
+            regs.rsp = self.frame;
+            regs.rip = func;
+            regs.rax = 0;
+            regs.orig_rax = u64::MAX;
+            setregs(self.pid, self.tid, regs)?;
+            ptrace_req(libc::PTRACE_SYSCALL, self.tid, 0).map_err(|_| gone(self.pid))?;
+            let mut started = false;
+            loop {
+                match session.wait_injected(self.tid, deadline)? {
+                    Injected::Syscall => {
+                        started = true;
+                        let mut at = getregs(self.pid, self.tid)?;
+                        if at.orig_rax == libc::SYS_rt_sigreturn as u64
+                            && at.rip == landing + LANDING_SYSCALL_END
+                        {
+                            let result = mem.read_u64(self.frame - 8)?;
+                            // Our own rt_sigreturn: skip it (the state comes back from an
+                            // interrupt stop instead), and let the thread reach its exit stop.
+                            at.orig_rax = u64::MAX;
+                            setregs(self.pid, self.tid, at)?;
+                            ptrace_req(libc::PTRACE_SYSCALL, self.tid, 0)
+                                .map_err(|_| gone(self.pid))?;
+                            match session.wait_injected(self.tid, deadline)? {
+                                Injected::Syscall => {}
+                                other => bail!(
+                                    "process {}: call of {func:#x} did not return cleanly ({other:?})",
+                                    self.pid
+                                ),
+                            }
+                            self.in_syscall = true;
+                            let ret = self.gadgets.sigreturn.unwrap_or(0);
+                            self.set_slot(mem, ret)?;
+                            return Ok(result);
+                        }
+                        // A system call of the function itself: let it run.
+                        ptrace_req(libc::PTRACE_SYSCALL, self.tid, 0)
+                            .map_err(|_| gone(self.pid))?;
+                    }
+                    Injected::Signal(sig) if !started => {
+                        self.deliver(session, mem, maps, sig)?;
+                        break; // start the call over from the new state
+                    }
+                    Injected::Signal(sig) => {
+                        // The function runs on the thread's behalf: the handler runs on top of
+                        // it, as it would if the program had made the call.
+                        session.delivered += 1;
+                        ptrace_req(libc::PTRACE_SYSCALL, self.tid, sig as usize)
+                            .map_err(|_| gone(self.pid))?;
+                    }
+                    Injected::Interrupted => {
+                        ptrace_req(libc::PTRACE_SYSCALL, self.tid, 0)
+                            .map_err(|_| gone(self.pid))?;
+                    }
+                    Injected::TimedOut => {
+                        self.regain(session)?;
                         bail!(
-                            "process {}: injected operation did not finish in time",
+                            "process {}: call of {func:#x} did not finish in time",
                             self.pid
                         );
                     }
-                    pause(&mut spins);
                 }
-                Ok(WaitStatus::Exited(..)) | Ok(WaitStatus::Signaled(..)) | Err(Errno::ECHILD) => {
-                    session.forget(self.tid);
-                    bail!(gone(self.pid));
-                }
-                Ok(_) | Err(Errno::EINTR) => {}
-                Err(e) => bail!("process {}: waiting for thread {}: {e}", self.pid, self.tid),
             }
         }
+        bail!(
+            "process {}: call of {func:#x} kept being interrupted by signals",
+            self.pid
+        )
     }
 
-    /// Puts the dead stack and the registers back exactly as they were. Must be called while
-    /// the thread is still stopped.
-    pub fn finish(self, mem: &Memory) -> Result<()> {
-        mem.write(self.stack.0, &self.stack.1)?;
-        self.restore()
+    /// Brings a thread that did not come back in time to a stop, in its own state.
+    fn regain(&mut self, session: &mut Session) -> Result<()> {
+        let _ = ptrace_req(libc::PTRACE_INTERRUPT, self.tid, 0);
+        let until = Instant::now() + Duration::from_secs(1);
+        loop {
+            match session.wait_injected(self.tid, until)? {
+                Injected::TimedOut => bail!(
+                    "process {}: thread {} does not stop (it is left to finish on its own)",
+                    self.pid,
+                    self.tid
+                ),
+                Injected::Signal(sig) => {
+                    session.delivered += 1;
+                    let _ = ptrace_req(libc::PTRACE_CONT, self.tid, sig as usize);
+                    let _ = ptrace_req(libc::PTRACE_INTERRUPT, self.tid, 0);
+                }
+                Injected::Syscall => {
+                    self.in_syscall = true;
+                    break;
+                }
+                Injected::Interrupted => {
+                    self.in_syscall = false;
+                    break;
+                }
+            }
+        }
+        self.restore(session)
     }
 
-    /// Puts the thread's registers back exactly as they were.
-    pub fn restore(&self) -> Result<()> {
-        ptrace::setregs(Pid::from_raw(self.tid), self.saved).map_err(|_| gone(self.pid))
+    /// Puts the thread back in its own state, in an interrupt stop.
+    fn restore(&mut self, session: &mut Session) -> Result<()> {
+        if self.in_syscall {
+            // Leave the system-call stop through an interrupt stop, so that the kernel
+            // restarts an interrupted call from the registers we put back. Until then the
+            // thread holds the restarted form of its state, which is what it would run if we
+            // died now.
+            setregs(self.pid, self.tid, restarted(&self.saved))?;
+            self.in_syscall = false;
+            let before = session.delivered;
+            session.to_interrupt_stop(self.tid)?;
+            if session.delivered != before {
+                // A signal was delivered on the way out: the thread now stands at its handler,
+                // in a state of its own that must be kept.
+                self.saved = getregs(self.pid, self.tid)?;
+                return Ok(());
+            }
+        }
+        setregs(self.pid, self.tid, self.saved)
+    }
+
+    /// Puts the registers and the dead stack back exactly as they were. The thread stays
+    /// stopped.
+    pub fn finish(mut self, session: &mut Session, mem: &Memory) -> Result<()> {
+        self.restore(session)?;
+        if session.delivered == self.delivered {
+            mem.write(self.stack.0, &self.stack.1)?;
+        }
+        Ok(())
     }
 
     pub fn check(&self, what: &str, ret: i64) -> Result<u64> {
@@ -259,23 +698,4 @@ impl Remote {
         }
         Ok(ret as u64)
     }
-}
-
-/// Finds a `syscall` instruction (`0f 05`) in the target's executable memory, the vDSO first.
-fn find_syscall_insn(mem: &Memory, maps: &[Mapping]) -> Result<u64> {
-    let mut candidates: Vec<&Mapping> = maps.iter().filter(|m| m.executable).collect();
-    candidates.sort_by_key(|m| if m.path == "[vdso]" { 0 } else { 1 });
-    for m in candidates {
-        if m.path == "[vsyscall]" {
-            continue;
-        }
-        let len = (m.end - m.start).min(1 << 20) as usize;
-        let Ok(bytes) = mem.read(m.start, len) else {
-            continue;
-        };
-        if let Some(i) = bytes.windows(2).position(|w| w == [0x0f, 0x05]) {
-            return Ok(m.start + i as u64);
-        }
-    }
-    None.context("no syscall instruction found in the target's executable memory")
 }

@@ -22,7 +22,7 @@ use crate::unwind::{Frame, Step, Walker};
 
 /// Upper bound on the stack bytes read per thread.
 const MAX_STACK: u64 = 8 << 20;
-/// How long one thread may be single-stepped to leave a replaced function.
+/// How long one thread may run alone to leave a replaced function.
 const STEP_BUDGET: Duration = Duration::from_millis(2);
 const MAX_FRAMES: usize = 1024;
 
@@ -196,17 +196,21 @@ impl<'a> Checker<'a> {
     fn step_out(&mut self, session: &mut Session, tid: i32) -> Result<Option<Busy>> {
         let deadline = Instant::now() + STEP_BUDGET;
         let mut busy = self.thread(session, tid)?;
-        // A thread stopped inside a system call would only block again when stepped, and an
-        // interrupted step leaves a trap queued: leave such threads to the back-off.
+        // A thread stopped inside a system call would only block again: leave such threads to
+        // the back-off.
         let regs = ptrace::getregs(Pid::from_raw(tid)).map_err(|_| gone(session.pid()))?;
         if (regs.orig_rax as i64) >= 0 {
             return Ok(busy);
         }
+        // Let it run alone in short slices (never single-stepped: a trap flag would outlive us
+        // if we died) until it is out.
+        let mut slice = Duration::from_micros(20);
         while busy.is_some() && Instant::now() < deadline {
-            if !session.step(tid, deadline)? {
-                break;
+            if !session.nudge(tid, slice)? {
+                return Ok(None); // it exited
             }
             busy = self.thread(session, tid)?;
+            slice = (slice * 2).min(Duration::from_micros(200));
         }
         Ok(busy)
     }

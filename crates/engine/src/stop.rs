@@ -4,8 +4,19 @@
 //! Threads are seized first (which does not stop them) and interrupted only when the world must
 //! stand still, so the pause covers only the work that needs it. `PTRACE_O_TRACECLONE` makes
 //! any thread created meanwhile a tracee of ours, and the thread list is re-read until no new
-//! thread shows up: no thread escapes the stop. Signals that arrive while a thread is stopped
-//! are remembered and delivered when it is resumed, so the target loses none.
+//! thread shows up: no thread escapes the stop.
+//!
+//! Rules that keep the target safe whatever happens to us:
+//! - **No signal is ever held.** A signal that arrives while a thread is ours is delivered at
+//!   once, in the thread's own state, and the thread is interrupted again afterwards: nothing
+//!   sits in our memory that our death would lose (real-time signals included: glibc's
+//!   `SIGSETXID` waits for every thread to take it).
+//! - **No wait without a deadline**, and every wait understands every status the kernel can
+//!   report (exits, `exec`, clone events, group stops, syscall stops, any signal number).
+//! - **No single-step trap, no breakpoint.** The kernel does not clear a trap flag when a
+//!   tracer dies, so an armed single-step outlives a killed tracer and kills the target with
+//!   `SIGTRAP`. Every stop we make is an interrupt or a system-call stop, which a dying tracer
+//!   simply releases.
 //!
 //! A ptrace tracer is a thread, not a process: a [`Session`] must be used from the thread that
 //! created it.
@@ -15,44 +26,125 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Result};
 use nix::errno::Errno;
-use nix::sys::ptrace;
-use nix::sys::signal::Signal;
-use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
-use nix::unistd::Pid;
 use tracing::debug;
 
 use crate::procfs;
 
-#[derive(Debug, Default)]
-struct Tracee {
-    stopped: bool,
-    /// A signal that was being delivered when the thread stopped; handed back on resume.
-    pending: Option<Signal>,
+/// The process went away while we worked on it.
+#[derive(Debug, thiserror::Error)]
+#[error("process {pid} exited during the operation; nothing was left changed in it")]
+pub struct ProcessGone {
+    pub pid: i32,
 }
 
-/// The threads of one process, seized by us.
-pub struct Session {
-    pid: i32,
-    tracees: BTreeMap<i32, Tracee>,
-    /// How long a thread may take to reach a stop (one in uninterruptible sleep takes longer).
-    pub stop_timeout: Duration,
+/// The process replaced its program (`execve`) while we worked on it.
+#[derive(Debug, thiserror::Error)]
+#[error("process {pid} replaced its program (exec) during the operation; the new program was not touched")]
+pub struct ProcessExeced {
+    pub pid: i32,
 }
 
 /// Errors that mean the whole process went away.
 pub fn gone(pid: i32) -> anyhow::Error {
-    anyhow::anyhow!("process {pid} exited during the operation; nothing was left changed in it")
+    anyhow::Error::new(ProcessGone { pid })
+}
+
+/// What `waitpid` reported for one thread.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Stop {
+    /// `PTRACE_EVENT_STOP`: our interrupt (or a new thread's first stop), or a group stop
+    /// (job control) when `group` is set.
+    Interrupt { group: bool },
+    /// A system-call entry or exit stop (`PTRACE_O_TRACESYSGOOD`).
+    Syscall,
+    /// A signal is about to be delivered to the thread.
+    Signal(i32),
+    /// The thread created a thread (`PTRACE_EVENT_CLONE`).
+    Clone(i32),
+    /// The thread called `execve`.
+    Exec,
+    /// The thread exited or was killed.
+    Gone,
+}
+
+/// Waits (without blocking) for a status change of `tid`; `None` if it is still running.
+pub(crate) fn poll(tid: i32) -> Result<Option<Stop>> {
+    let mut status = 0;
+    // SAFETY: waitpid only writes the status integer we pass.
+    let r = unsafe { libc::waitpid(tid, &mut status, libc::__WALL | libc::WNOHANG) };
+    if r == 0 {
+        return Ok(None);
+    }
+    if r < 0 {
+        return match Errno::last() {
+            Errno::ECHILD => Ok(Some(Stop::Gone)),
+            Errno::EINTR => Ok(None),
+            e => bail!("waiting for thread {tid}: {e}"),
+        };
+    }
+    if libc::WIFEXITED(status) || libc::WIFSIGNALED(status) {
+        return Ok(Some(Stop::Gone));
+    }
+    if !libc::WIFSTOPPED(status) {
+        return Ok(None); // WIFCONTINUED: not a stop
+    }
+    let sig = libc::WSTOPSIG(status);
+    let event = (status >> 16) & 0xff;
+    Ok(Some(match event {
+        0 if sig == libc::SIGTRAP | 0x80 => Stop::Syscall,
+        0 => Stop::Signal(sig),
+        libc::PTRACE_EVENT_STOP => Stop::Interrupt {
+            group: sig != libc::SIGTRAP,
+        },
+        libc::PTRACE_EVENT_CLONE => {
+            let mut child: libc::c_ulong = 0;
+            // SAFETY: PTRACE_GETEVENTMSG writes one unsigned long to the pointer we pass.
+            unsafe {
+                libc::ptrace(
+                    libc::PTRACE_GETEVENTMSG,
+                    tid,
+                    std::ptr::null_mut::<libc::c_void>(),
+                    &mut child as *mut libc::c_ulong,
+                )
+            };
+            Stop::Clone(child as i32)
+        }
+        libc::PTRACE_EVENT_EXEC => Stop::Exec,
+        _ => Stop::Interrupt { group: false },
+    }))
+}
+
+/// Raw ptrace requests on one thread; errors only mean the thread is gone.
+pub(crate) fn ptrace_req(req: libc::c_uint, tid: i32, data: usize) -> Result<(), Errno> {
+    // SAFETY: these requests (CONT, SYSCALL, INTERRUPT, DETACH, LISTEN) take no pointers;
+    // `data` is a signal number or 0.
+    let r = unsafe {
+        libc::ptrace(
+            req,
+            tid,
+            std::ptr::null_mut::<libc::c_void>(),
+            data as *mut libc::c_void,
+        )
+    };
+    if r < 0 {
+        Err(Errno::last())
+    } else {
+        Ok(())
+    }
 }
 
 /// Is thread `tid` gone or on its way out (zombie/dead)?
 fn thread_exiting(pid: i32, tid: i32) -> bool {
-    match std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/stat")) {
-        // The state follows the command name in parentheses, which may itself hold spaces.
-        Ok(stat) => stat
-            .rsplit_once(')')
-            .and_then(|(_, rest)| rest.split_whitespace().next())
-            .is_some_and(|state| matches!(state, "Z" | "X" | "x")),
-        Err(_) => true,
-    }
+    matches!(thread_state(pid, tid), None | Some('Z' | 'X' | 'x'))
+}
+
+/// The scheduler state letter of a thread (`R`, `S`, `D`, `Z`, `T`, `t`, …).
+pub(crate) fn thread_state(pid: i32, tid: i32) -> Option<char> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/stat")).ok()?;
+    // The state follows the command name in parentheses, which may itself hold spaces.
+    stat.rsplit_once(')')
+        .and_then(|(_, rest)| rest.split_whitespace().next())
+        .and_then(|s| s.chars().next())
 }
 
 /// One wait between polls for a tracee: yield at first (a stop usually comes within
@@ -68,15 +160,58 @@ pub(crate) fn pause(spins: &mut u32) {
 
 /// Whether the calling thread (ptrace tracers are threads) already traces `tid`.
 fn traced_by_us(pid: i32, tid: i32) -> bool {
-    let Ok(status) = std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/status")) else {
-        return false;
-    };
+    tracer_of(pid, tid) == Some(nix::unistd::gettid().as_raw())
+}
+
+/// The tracer of a thread (`TracerPid`), if any.
+pub(crate) fn tracer_of(pid: i32, tid: i32) -> Option<i32> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/status")).ok()?;
     status
         .lines()
         .find_map(|l| l.strip_prefix("TracerPid:"))
-        .and_then(|v| v.trim().parse::<u32>().ok())
-        .is_some_and(|tracer| tracer == nix::unistd::gettid().as_raw() as u32)
+        .and_then(|v| v.trim().parse::<i32>().ok())
+        .filter(|&t| t != 0)
 }
+
+/// Says who holds the process when seizing it is refused.
+fn seize_refused(pid: i32, tid: i32) -> anyhow::Error {
+    match tracer_of(pid, tid) {
+        Some(t) if procfs::command_name(t) == "suture" => {
+            anyhow::anyhow!("another suture operation is in progress on pid {pid} (suture pid {t})")
+        }
+        Some(t) => anyhow::anyhow!(
+            "process {pid} is already traced by pid {t} ({}); only one tracer may attach",
+            procfs::command_name(t)
+        ),
+        None if nix::unistd::geteuid().is_root() => {
+            anyhow::anyhow!(
+                "process {pid}: the kernel does not permit ptrace (an LSM or lockdown?)"
+            )
+        }
+        None => anyhow::anyhow!("process {pid}: ptrace not permitted (run as root)"),
+    }
+}
+
+#[derive(Debug, Default)]
+struct Tracee {
+    stopped: bool,
+    /// Stopped by job control (SIGSTOP & co.), not by us: resume with LISTEN, not CONT.
+    group: bool,
+}
+
+/// The threads of one process, seized by us.
+pub struct Session {
+    pid: i32,
+    tracees: BTreeMap<i32, Tracee>,
+    /// How long a thread may take to reach a stop (one in uninterruptible sleep takes longer).
+    pub stop_timeout: Duration,
+    /// Signals delivered while the session ran (the memory below a thread's stack may then
+    /// hold a live signal frame).
+    pub(crate) delivered: u64,
+}
+
+const OPTIONS: usize =
+    (libc::PTRACE_O_TRACECLONE | libc::PTRACE_O_TRACESYSGOOD | libc::PTRACE_O_TRACEEXEC) as usize;
 
 impl Session {
     /// Seizes every thread of `pid` without stopping any.
@@ -85,6 +220,7 @@ impl Session {
             pid,
             tracees: BTreeMap::new(),
             stop_timeout: Duration::from_secs(2),
+            delivered: 0,
         };
         // Converge before anything stops: once every listed thread is seized, any thread created
         // later is born traced (TRACECLONE), so the stop itself need not list /proc again.
@@ -119,13 +255,22 @@ impl Session {
             if self.tracees.contains_key(&tid) {
                 continue;
             }
-            match ptrace::seize(Pid::from_raw(tid), ptrace::Options::PTRACE_O_TRACECLONE) {
+            // SAFETY: PTRACE_SEIZE takes the options as data and no pointer.
+            let r = unsafe {
+                libc::ptrace(
+                    libc::PTRACE_SEIZE,
+                    tid,
+                    std::ptr::null_mut::<libc::c_void>(),
+                    OPTIONS as *mut libc::c_void,
+                )
+            };
+            match if r < 0 { Err(Errno::last()) } else { Ok(()) } {
                 Ok(()) => {
                     self.tracees.insert(tid, Tracee::default());
                     new += 1;
                 }
                 Err(Errno::ESRCH) => {} // the thread exited meanwhile
-                // The kernel also says EPERM for a thread that is exiting.
+                // The kernel also says EPERM for a thread that is exiting (a zombie leader).
                 Err(Errno::EPERM) if thread_exiting(self.pid, tid) => {}
                 // ... and for one a seized thread just created: TRACECLONE already attached it
                 // to us, and its clone event is still to be read.
@@ -133,10 +278,12 @@ impl Session {
                     self.tracees.insert(tid, Tracee::default());
                     new += 1;
                 }
-                Err(Errno::EPERM) => bail!(
-                    "process {}: ptrace not permitted (already traced by another debugger, or not root)",
-                    self.pid
-                ),
+                Err(Errno::EPERM) => {
+                    if self.tracees.is_empty() && !procfs::exists(self.pid) {
+                        bail!(gone(self.pid));
+                    }
+                    return Err(seize_refused(self.pid, tid));
+                }
                 Err(e) => bail!("process {}: cannot seize thread {tid}: {e}", self.pid),
             }
         }
@@ -155,14 +302,14 @@ impl Session {
     /// The thread to act through: the main thread if it lives, else any.
     pub fn injection_thread(&self) -> Option<i32> {
         self.threads()
-            .find(|&t| t == self.pid)
-            .or_else(|| self.threads().next())
+            .find(|&t| t == self.pid && !self.tracees[&t].group)
+            .or_else(|| self.tracees.iter().find(|(_, t)| !t.group).map(|(k, _)| *k))
     }
 
     /// Stops one thread.
     pub fn stop_thread(&mut self, tid: i32) -> Result<()> {
         if self.tracees.get(&tid).is_some_and(|t| !t.stopped) {
-            let _ = ptrace::interrupt(Pid::from_raw(tid));
+            let _ = ptrace_req(libc::PTRACE_INTERRUPT, tid, 0);
             self.wait_stopped(tid)?;
         }
         Ok(())
@@ -173,7 +320,7 @@ impl Session {
         loop {
             let running = self.running();
             for &tid in &running {
-                let _ = ptrace::interrupt(Pid::from_raw(tid));
+                let _ = ptrace_req(libc::PTRACE_INTERRUPT, tid, 0);
             }
             for &tid in &running {
                 self.wait_stopped(tid)?;
@@ -189,114 +336,169 @@ impl Session {
         }
     }
 
-    /// Waits until `tid` is in a ptrace-stop (or gone).
+    /// Handles a status that is not the stop we wait for; returns whether the thread is now in
+    /// an interrupt stop of ours.
+    fn absorb(&mut self, tid: i32, stop: Stop) -> Result<bool> {
+        match stop {
+            Stop::Interrupt { group } => {
+                let t = self.tracees.entry(tid).or_default();
+                t.stopped = true;
+                t.group = group;
+                Ok(true)
+            }
+            Stop::Clone(child) => {
+                debug!(
+                    tid,
+                    child, "thread created during the operation; now traced"
+                );
+                self.tracees.entry(child).or_default();
+                // Only interrupt stops are places we act from: let the creator finish its
+                // clone and stop it again.
+                let _ = ptrace_req(libc::PTRACE_CONT, tid, 0);
+                let _ = ptrace_req(libc::PTRACE_INTERRUPT, tid, 0);
+                Ok(false)
+            }
+            Stop::Syscall => {
+                let _ = ptrace_req(libc::PTRACE_CONT, tid, 0);
+                let _ = ptrace_req(libc::PTRACE_INTERRUPT, tid, 0);
+                Ok(false)
+            }
+            Stop::Signal(sig) => {
+                // Never hold a signal: deliver it now, in the thread's own state, and take the
+                // thread back afterwards.
+                debug!(tid, sig, "signal arrived while stopping; delivered");
+                self.delivered += 1;
+                let _ = ptrace_req(libc::PTRACE_CONT, tid, sig as usize);
+                let _ = ptrace_req(libc::PTRACE_INTERRUPT, tid, 0);
+                Ok(false)
+            }
+            Stop::Exec => {
+                self.release_after_exec(tid);
+                Err(anyhow::Error::new(ProcessExeced { pid: self.pid }))
+            }
+            Stop::Gone => {
+                self.tracees.remove(&tid);
+                if !procfs::exists(self.pid)
+                    || procfs::is_zombie(self.pid) && self.tracees.is_empty()
+                {
+                    self.reap_all();
+                    bail!(gone(self.pid));
+                }
+                Ok(false)
+            }
+        }
+    }
+
+    /// Waits until `tid` is in an interrupt stop (or gone).
     fn wait_stopped(&mut self, tid: i32) -> Result<()> {
         let deadline = Instant::now() + self.stop_timeout;
         let mut spins = 0u32;
         loop {
-            let status = waitpid(
-                Pid::from_raw(tid),
-                Some(WaitPidFlag::__WALL | WaitPidFlag::WNOHANG),
-            );
-            match status {
-                Ok(WaitStatus::StillAlive) => {
+            if !self.tracees.contains_key(&tid) {
+                return Ok(()); // exited meanwhile
+            }
+            match poll(tid).map_err(|e| e.context(format!("process {}", self.pid)))? {
+                Some(stop) => {
+                    if self.absorb(tid, stop)? {
+                        return Ok(());
+                    }
+                }
+                None => {
                     if Instant::now() > deadline {
+                        let why = match thread_state(self.pid, tid) {
+                            Some('D') => " (it is in uninterruptible sleep)",
+                            None => " (it is exiting)",
+                            _ => "",
+                        };
                         bail!(
-                            "process {}: thread {tid} did not stop within {:?} (uninterruptible sleep?)",
+                            "process {}: thread {tid} did not stop within {:?}{why}",
                             self.pid,
                             self.stop_timeout
                         );
                     }
                     pause(&mut spins);
                 }
-                Ok(WaitStatus::PtraceEvent(_, _, event)) => {
-                    if event == libc::PTRACE_EVENT_CLONE {
-                        if let Ok(child) = ptrace::getevent(Pid::from_raw(tid)) {
-                            debug!(tid, child, "thread created during stop; now traced");
-                            self.tracees.entry(child as i32).or_default();
-                        }
-                    }
-                    self.mark_stopped(tid, None);
-                    return Ok(());
-                }
-                Ok(WaitStatus::Stopped(_, sig)) => {
-                    let pending = (sig != Signal::SIGTRAP).then_some(sig);
-                    self.mark_stopped(tid, pending);
-                    return Ok(());
-                }
-                Ok(WaitStatus::Exited(..)) | Ok(WaitStatus::Signaled(..)) | Err(Errno::ECHILD) => {
-                    self.tracees.remove(&tid);
-                    if !procfs::exists(self.pid) {
-                        bail!(gone(self.pid));
-                    }
-                    return Ok(());
-                }
-                Ok(other) => {
-                    debug!(tid, ?other, "unexpected wait status; treating as stopped");
-                    self.mark_stopped(tid, None);
-                    return Ok(());
-                }
-                Err(Errno::EINTR) => {}
-                Err(e) => bail!("process {}: waiting for thread {tid}: {e}", self.pid),
             }
         }
     }
 
-    fn mark_stopped(&mut self, tid: i32, pending: Option<Signal>) {
-        let t = self.tracees.entry(tid).or_default();
-        t.stopped = true;
-        if pending.is_some() {
-            t.pending = pending;
-        }
-    }
-
-    /// Records a signal that arrived while we were driving `tid`, to deliver on resume.
-    pub fn defer_signal(&mut self, tid: i32, sig: Signal) {
-        if let Some(t) = self.tracees.get_mut(&tid) {
-            t.pending = Some(sig);
-        }
-    }
-
-    /// Forgets a thread that exited while we drove it.
-    pub fn forget(&mut self, tid: i32) {
-        self.tracees.remove(&tid);
-    }
-
-    /// Executes one instruction of stopped thread `tid`, the others staying stopped. False if
-    /// it did not come back to a stop before `deadline` (it is then stopped again by force).
-    pub fn step(&mut self, tid: i32, deadline: Instant) -> Result<bool> {
-        let pid = Pid::from_raw(tid);
-        ptrace::step(pid, None).map_err(|_| gone(self.pid))?;
+    /// Waits for the next status of `tid` after we resumed it with `PTRACE_SYSCALL` (for
+    /// [`crate::remote`]): a system-call stop, or a signal that is about to be delivered.
+    /// Other statuses are handled here.
+    pub(crate) fn wait_injected(&mut self, tid: i32, deadline: Instant) -> Result<Injected> {
+        let mut spins = 0u32;
         loop {
-            match waitpid(pid, Some(WaitPidFlag::__WALL | WaitPidFlag::WNOHANG)) {
-                Ok(WaitStatus::Stopped(_, Signal::SIGTRAP)) | Ok(WaitStatus::PtraceEvent(..)) => {
-                    return Ok(true)
-                }
-                Ok(WaitStatus::Stopped(_, sig)) => {
-                    // A signal got in first: keep it for later and take the step again.
-                    self.defer_signal(tid, sig);
-                    ptrace::step(pid, None).map_err(|_| gone(self.pid))?;
-                }
-                Ok(WaitStatus::StillAlive) | Err(Errno::EINTR) => {
-                    if Instant::now() > deadline {
-                        let _ = ptrace::interrupt(pid);
-                        if let Some(t) = self.tracees.get_mut(&tid) {
-                            t.stopped = false;
+            match poll(tid).map_err(|e| e.context(format!("process {}", self.pid)))? {
+                Some(Stop::Syscall) => return Ok(Injected::Syscall),
+                Some(Stop::Signal(sig)) => return Ok(Injected::Signal(sig)),
+                Some(Stop::Interrupt { .. }) => return Ok(Injected::Interrupted),
+                Some(other @ (Stop::Clone(_) | Stop::Exec | Stop::Gone)) => {
+                    if matches!(other, Stop::Clone(_)) {
+                        // The thread we drive cannot clone (it runs our code), but be exact.
+                        if let Stop::Clone(child) = other {
+                            self.tracees.entry(child).or_default();
                         }
-                        self.wait_stopped(tid)?;
-                        return Ok(false);
+                        let _ = ptrace_req(libc::PTRACE_SYSCALL, tid, 0);
+                        continue;
                     }
-                    std::thread::yield_now();
+                    self.absorb(tid, other)?;
+                    bail!(gone(self.pid));
                 }
-                Ok(_) | Err(_) => {
-                    self.tracees.remove(&tid);
-                    if !procfs::exists(self.pid) {
-                        bail!(gone(self.pid));
+                None => {
+                    if Instant::now() > deadline {
+                        return Ok(Injected::TimedOut);
                     }
-                    return Ok(false);
+                    pause(&mut spins);
                 }
             }
         }
+    }
+
+    /// Delivers `sig` to `tid` (in whatever state its registers hold now) and waits until it is
+    /// back in an interrupt stop.
+    pub(crate) fn deliver_and_restop(&mut self, tid: i32, sig: i32) -> Result<()> {
+        self.delivered += 1;
+        let _ = ptrace_req(libc::PTRACE_CONT, tid, sig as usize);
+        let _ = ptrace_req(libc::PTRACE_INTERRUPT, tid, 0);
+        if let Some(t) = self.tracees.get_mut(&tid) {
+            t.stopped = false;
+        }
+        self.wait_stopped(tid)?;
+        if !self.tracees.contains_key(&tid) {
+            bail!(gone(self.pid));
+        }
+        Ok(())
+    }
+
+    /// Takes a thread out of a system-call stop into an interrupt stop without running any
+    /// of its user code: the kernel then restarts an interrupted system call from the
+    /// registers we restore there, as it would have without us.
+    pub(crate) fn to_interrupt_stop(&mut self, tid: i32) -> Result<()> {
+        let _ = ptrace_req(libc::PTRACE_INTERRUPT, tid, 0);
+        let _ = ptrace_req(libc::PTRACE_CONT, tid, 0);
+        if let Some(t) = self.tracees.get_mut(&tid) {
+            t.stopped = false;
+        }
+        self.wait_stopped(tid)?;
+        if !self.tracees.contains_key(&tid) {
+            bail!(gone(self.pid));
+        }
+        Ok(())
+    }
+
+    /// Lets `tid` run alone for a moment and stops it again (to get it out of a function being
+    /// replaced without single-stepping). False if it is gone.
+    pub fn nudge(&mut self, tid: i32, run_for: Duration) -> Result<bool> {
+        if ptrace_req(libc::PTRACE_CONT, tid, 0).is_err() {
+            return Ok(false);
+        }
+        if let Some(t) = self.tracees.get_mut(&tid) {
+            t.stopped = false;
+        }
+        std::thread::sleep(run_for);
+        let _ = ptrace_req(libc::PTRACE_INTERRUPT, tid, 0);
+        self.wait_stopped(tid)?;
+        Ok(self.tracees.contains_key(&tid))
     }
 
     /// Lets every thread but `keep` run again, keeping them seized (for a retry, or while
@@ -304,7 +506,13 @@ impl Session {
     pub fn resume(&mut self, keep: Option<i32>) {
         for (&tid, t) in self.tracees.iter_mut() {
             if t.stopped && Some(tid) != keep {
-                let _ = ptrace::cont(Pid::from_raw(tid), t.pending.take());
+                // A thread stopped by job control stays stopped (LISTEN); ours run.
+                let req = if t.group {
+                    libc::PTRACE_LISTEN
+                } else {
+                    libc::PTRACE_CONT
+                };
+                let _ = ptrace_req(req, tid, 0);
                 t.stopped = false;
             }
         }
@@ -318,14 +526,50 @@ impl Session {
     /// Same as [`Session::detach`], leaving an empty session behind.
     pub fn detach_inner(&mut self) {
         let running = self.running();
-        for tid in running {
-            let _ = ptrace::interrupt(Pid::from_raw(tid));
-            let _ = self.wait_stopped(tid);
+        for &tid in &running {
+            let _ = ptrace_req(libc::PTRACE_INTERRUPT, tid, 0);
         }
-        for (tid, t) in std::mem::take(&mut self.tracees) {
-            let _ = ptrace::detach(Pid::from_raw(tid), t.pending);
+        for tid in running {
+            if self.wait_stopped(tid).is_err() {
+                // Gone, exec'ed or stuck: the kernel releases it when we exit; forget it.
+                self.tracees.remove(&tid);
+            }
+        }
+        for (tid, _) in std::mem::take(&mut self.tracees) {
+            let _ = ptrace_req(libc::PTRACE_DETACH, tid, 0);
         }
     }
+
+    /// After an exec the other threads are gone and the exec'ing thread holds the new
+    /// program: let it go and reap the rest.
+    fn release_after_exec(&mut self, tid: i32) {
+        let _ = ptrace_req(libc::PTRACE_DETACH, tid, 0);
+        self.tracees.remove(&tid);
+        let others: Vec<i32> = self.tracees.keys().copied().collect();
+        for t in others {
+            let _ = ptrace_req(libc::PTRACE_DETACH, t, 0);
+        }
+        self.reap_all();
+    }
+
+    /// Collects the exit statuses of threads that died while ours (a zombie thread stays until
+    /// its tracer reaps it, and its process cannot be reaped before).
+    fn reap_all(&mut self) {
+        for (tid, _) in std::mem::take(&mut self.tracees) {
+            let mut status = 0;
+            // SAFETY: waitpid only writes the status integer.
+            unsafe { libc::waitpid(tid, &mut status, libc::__WALL | libc::WNOHANG) };
+        }
+    }
+}
+
+/// What became of a thread resumed with `PTRACE_SYSCALL`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Injected {
+    Syscall,
+    Signal(i32),
+    Interrupted,
+    TimedOut,
 }
 
 impl Drop for Session {

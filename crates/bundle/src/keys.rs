@@ -1,7 +1,7 @@
 //! Ed25519 keys in one-line text files, and the set of keys a host trusts.
 
-use std::io::Write;
-use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::io::{Read, Write};
+use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 use ed25519_dalek::{SigningKey, VerifyingKey};
@@ -11,6 +11,8 @@ use crate::BundleError;
 
 const SECRET_TAG: &str = "suture-secret-key";
 const PUBLIC_TAG: &str = "suture-public-key";
+/// A public key file is one line of about 110 bytes; anything much larger is not one.
+pub const MAX_KEY_FILE: u64 = 4096;
 
 fn key_err(msg: impl Into<String>) -> BundleError {
     BundleError::Key(msg.into())
@@ -61,6 +63,125 @@ fn parse_line(text: &str, tag: &str, path: &Path) -> Result<([u8; 32], String), 
     Ok((arr, name))
 }
 
+fn trust_err(msg: impl Into<String>) -> BundleError {
+    BundleError::Trust(msg.into())
+}
+
+fn effective_uid() -> u32 {
+    // SAFETY: geteuid has no preconditions, cannot fail and touches no memory of ours.
+    unsafe { libc::geteuid() }
+}
+
+/// Refuses `path` (a trust directory or key file, `meta` its status) when someone other than
+/// root or us can change it: then whoever that is decides which patches root applies.
+fn check_owner_and_mode(path: &Path, meta: &std::fs::Metadata) -> Result<(), BundleError> {
+    let mode = meta.mode() & 0o7777;
+    let uid = meta.uid();
+    let me = effective_uid();
+    if uid != 0 && uid != me {
+        let who = if me == 0 {
+            "root".to_string()
+        } else {
+            format!("root or uid {me}")
+        };
+        return Err(trust_err(format!(
+            "{} is owned by uid {uid}, not {who} (mode {mode:04o}): its owner could make us trust any key",
+            path.display()
+        )));
+    }
+    if mode & 0o022 != 0 {
+        return Err(trust_err(format!(
+            "{} is writable by {} (mode {mode:04o}, owner uid {uid}); chmod go-w it",
+            path.display(),
+            match (mode & 0o020 != 0, mode & 0o002 != 0) {
+                (true, true) => "group and others",
+                (true, false) => "its group",
+                _ => "others",
+            }
+        )));
+    }
+    Ok(())
+}
+
+/// Opens and reads a key file with every check made on the opened file itself. In a trust
+/// directory (`in_dir`) a symbolic link is refused: it would lead out of the directory whose
+/// permissions were checked. A path given explicitly may be a link to a key file.
+fn read_trusted_file(path: &Path, in_dir: bool) -> Result<Vec<u8>, BundleError> {
+    let io = |source| BundleError::Io {
+        path: path.display().to_string(),
+        source,
+    };
+    if in_dir {
+        let lmeta = std::fs::symlink_metadata(path).map_err(io)?;
+        if lmeta.file_type().is_symlink() {
+            return Err(trust_err(format!(
+                "{} is a symbolic link; a trusted key must be a regular file in the trust directory",
+                path.display()
+            )));
+        }
+    }
+    // O_NONBLOCK: opening a FIFO must not wait for a writer; O_NOFOLLOW: in a trust directory,
+    // a link swapped in after the check above fails here instead of being followed.
+    let mut flags = libc::O_NONBLOCK | libc::O_NOCTTY | libc::O_CLOEXEC;
+    if in_dir {
+        flags |= libc::O_NOFOLLOW;
+    }
+    let mut file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(flags)
+        .open(path)
+        .map_err(io)?;
+    let meta = file.metadata().map_err(io)?;
+    let ft = meta.file_type();
+    if !ft.is_file() {
+        let what = if ft.is_fifo() {
+            "a FIFO"
+        } else if ft.is_char_device() || ft.is_block_device() {
+            "a device"
+        } else if ft.is_socket() {
+            "a socket"
+        } else if ft.is_dir() {
+            "a directory"
+        } else {
+            "not a regular file"
+        };
+        return Err(trust_err(format!(
+            "{} is {what}; a key must be a regular file",
+            path.display()
+        )));
+    }
+    if meta.len() > MAX_KEY_FILE {
+        return Err(trust_err(format!(
+            "{} is {} bytes; a key file is one line of at most {MAX_KEY_FILE} bytes",
+            path.display(),
+            meta.len()
+        )));
+    }
+    check_owner_and_mode(path, &meta)?;
+    // The file may grow after fstat: never read more than the limit.
+    let mut bytes = Vec::with_capacity(256);
+    (&mut file)
+        .take(MAX_KEY_FILE + 1)
+        .read_to_end(&mut bytes)
+        .map_err(io)?;
+    if bytes.len() as u64 > MAX_KEY_FILE {
+        return Err(trust_err(format!(
+            "{} grew past {MAX_KEY_FILE} bytes while being read",
+            path.display()
+        )));
+    }
+    Ok(bytes)
+}
+
+/// A public key file's contents (text that is not one is a `Key` error, never fatal in a
+/// trust directory).
+fn parse_public(bytes: &[u8], path: &Path) -> Result<PublicKey, BundleError> {
+    let text = std::str::from_utf8(bytes)
+        .map_err(|_| key_err(format!("{}: not a {PUBLIC_TAG} file", path.display())))?;
+    let (key, name) = parse_line(text, PUBLIC_TAG, path)?;
+    PublicKey::from_bytes(key, &name)
+}
+
 impl SecretKey {
     pub fn load(path: &Path) -> Result<SecretKey, BundleError> {
         let meta = std::fs::metadata(path).map_err(|source| BundleError::Io {
@@ -103,13 +224,11 @@ impl PublicKey {
         })
     }
 
+    /// Reads a public key file. Only a regular file of at most [`MAX_KEY_FILE`] bytes that
+    /// nobody but root (or the invoking user) can write is read; the checks are made on the
+    /// opened file, so a FIFO, a device or a file swapped in after the check is never read.
     pub fn load(path: &Path) -> Result<PublicKey, BundleError> {
-        let text = std::fs::read_to_string(path).map_err(|source| BundleError::Io {
-            path: path.display().to_string(),
-            source,
-        })?;
-        let (bytes, name) = parse_line(&text, PUBLIC_TAG, path)?;
-        PublicKey::from_bytes(bytes, &name)
+        parse_public(&read_trusted_file(path, false)?, path)
     }
 
     pub fn to_bytes(&self) -> [u8; 32] {
@@ -194,6 +313,7 @@ impl TrustStore {
         }
     }
 
+    /// The keys in `paths` (given explicitly, so any of them that cannot be used is an error).
     pub fn load_files(paths: &[PathBuf]) -> Result<Self, BundleError> {
         let mut s = Self::new();
         for p in paths {
@@ -203,25 +323,42 @@ impl TrustStore {
     }
 
     /// Every `*.pub` in `dir`; a missing folder is an empty store.
+    ///
+    /// The directory and each key file must be writable by nobody but root (or the invoking
+    /// user), and each key must be a small regular file: anything else is refused with the
+    /// reason, since it would let someone else choose what root trusts. A file that is simply
+    /// not a key (wrong format) is skipped with a warning, so one stray file does not stop
+    /// every patch.
     pub fn load_dir(dir: &Path) -> Result<Self, BundleError> {
         let mut s = Self::new();
-        let entries = match std::fs::read_dir(dir) {
-            Ok(e) => e,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(s),
-            Err(source) => {
-                return Err(BundleError::Io {
-                    path: dir.display().to_string(),
-                    source,
-                })
-            }
+        let io = |source| BundleError::Io {
+            path: dir.display().to_string(),
+            source,
         };
-        let mut paths: Vec<PathBuf> = entries
-            .filter_map(|e| e.ok().map(|e| e.path()))
-            .filter(|p| p.extension().is_some_and(|x| x == "pub"))
-            .collect();
+        let meta = match std::fs::metadata(dir) {
+            Ok(m) => m,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(s),
+            Err(e) => return Err(io(e)),
+        };
+        if !meta.is_dir() {
+            return Err(trust_err(format!("{} is not a directory", dir.display())));
+        }
+        check_owner_and_mode(dir, &meta)?;
+        let mut paths = Vec::new();
+        for entry in std::fs::read_dir(dir).map_err(io)? {
+            let p = entry.map_err(io)?.path();
+            if p.extension().is_some_and(|x| x == "pub") {
+                paths.push(p);
+            }
+        }
         paths.sort();
         for p in paths {
-            s.add(PublicKey::load(&p)?);
+            match parse_public(&read_trusted_file(&p, true)?, &p) {
+                Ok(k) => s.add(k),
+                Err(e) => {
+                    tracing::warn!(path = %p.display(), "skipping a file that is not a public key: {e}")
+                }
+            }
         }
         Ok(s)
     }

@@ -63,6 +63,10 @@ pub enum BundleError {
     BadSignature,
     #[error("key: {0}")]
     Key(String),
+    /// A trust directory or key file that is unsafe to read or to trust (not a regular file,
+    /// too large, or writable by someone other than its owner, root).
+    #[error("trust store refused: {0}")]
+    Trust(String),
     #[error("{path}: {source}")]
     Io {
         path: String,

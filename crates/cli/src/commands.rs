@@ -8,11 +8,11 @@ use std::time::Duration;
 use anyhow::{anyhow, bail, Context, Result};
 use serde_json::json;
 use suture_build::{handmade_manifest, Handmade};
-use suture_bundle::{Bundle, SecretKey, TrustStore};
+use suture_bundle::{BindTarget, Bundle, SecretKey, TrustStore};
 use suture_engine::{ApplyOptions, ApplyReport, EngineError};
 
 use crate::cli::{Args, Command};
-use crate::output;
+use crate::output::{self, clean};
 
 pub fn run(args: Args) -> Result<i32> {
     let j = args.json;
@@ -159,8 +159,8 @@ pub fn run(args: Args) -> Result<i32> {
             } else {
                 println!(
                     "OK: {} is signed by trusted key {} ({})",
-                    bundle.display(),
-                    signer.name(),
+                    clean(&bundle.display().to_string()),
+                    clean(signer.name()),
                     signer.fingerprint()
                 );
             }
@@ -279,26 +279,32 @@ fn keygen(j: bool, name: &str, out: &Path) -> Result<i32> {
     Ok(0)
 }
 
+/// What a bundle claims, every field from it [`clean`]ed: its text is the signer's to choose,
+/// and nothing here has checked who the signer is.
 fn inspect(j: bool, path: &Path) -> Result<i32> {
     let b = Bundle::read_file(path)?;
     let m = &b.manifest;
     if j {
         output::json(
-            &json!({"ok": true, "manifest": m, "signer": b.signer.fingerprint(),
+            &json!({"ok": true, "verified": false, "manifest": m, "signer": b.signer.fingerprint(),
             "object_bytes": b.object.len(), "sha256": b.content_address()}),
         );
         return Ok(0);
     }
-    println!("patch       {} (level {})", m.id, m.level);
+    println!(
+        "NOT VERIFIED: this shows what the bundle claims; run 'suture verify' to check its signature against trusted keys"
+    );
+    println!("patch       {} (level {})", clean(&m.id), m.level);
     println!(
         "module      {} build-id {}",
-        m.module.name, m.module.build_id
+        clean(&m.module.name),
+        clean(&m.module.build_id)
     );
     if !m.cves.is_empty() {
-        println!("fixes       {}", m.cves.join(", "));
+        println!("fixes       {}", clean(&m.cves.join(", ")));
     }
     if !m.description.is_empty() {
-        println!("description {}", m.description);
+        println!("description {}", clean(&m.description));
     }
     println!(
         "signed by   key {} (not checked here: use `suture verify`)",
@@ -309,15 +315,21 @@ fn inspect(j: bool, path: &Path) -> Result<i32> {
     for f in &m.functions {
         println!(
             "replaces    {} at {:#x} ({} bytes, sha256 {}…) with {}",
-            f.symbol,
+            clean(&f.symbol),
             f.address,
             f.size,
-            &f.expected_sha256[..16.min(f.expected_sha256.len())],
-            f.replacement
+            clean(f.expected_sha256.get(..16).unwrap_or(&f.expected_sha256)),
+            clean(&f.replacement)
         );
     }
     for bnd in &m.bindings {
-        println!("binds       {} -> {:?}", bnd.symbol, bnd.target);
+        let target = match &bnd.target {
+            BindTarget::Module { address } => format!("module address {address:#x}"),
+            BindTarget::ModuleIfunc { address } => format!("module ifunc at {address:#x}"),
+            BindTarget::ModuleTls { offset } => format!("module TLS offset {offset:#x}"),
+            BindTarget::External { name } => format!("external {}", clean(name)),
+        };
+        println!("binds       {} -> {target}", clean(&bnd.symbol));
     }
     Ok(0)
 }

@@ -111,13 +111,21 @@ pub enum Command {
         #[arg(long)]
         jobs: Option<usize>,
     },
-    /// Take a patch back out of a process (default: the newest it carries).
+    /// Take a patch back out of a process (default: the newest it carries), or with --all out
+    /// of every process that carries it (without PATCH_ID: every patch of every process).
+    /// Patch memory left partly applied or orphaned by an interrupted operation is cleaned up
+    /// the same way (name it by its id).
     Revert {
+        #[arg(long, conflicts_with = "all", required_unless_present = "all")]
+        pid: Option<i32>,
         #[arg(long)]
-        pid: i32,
+        all: bool,
         patch_id: Option<String>,
         #[arg(long, default_value_t = 5000)]
         timeout_ms: u64,
+        /// Processes reverted at once with --all (default: number of CPUs).
+        #[arg(long)]
+        jobs: Option<usize>,
     },
     /// Which patches processes carry, read from the processes themselves.
     Status {

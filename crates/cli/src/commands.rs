@@ -9,7 +9,7 @@ use anyhow::{anyhow, bail, Context, Result};
 use serde_json::json;
 use suture_build::{handmade_manifest, Handmade};
 use suture_bundle::{BindTarget, Bundle, SecretKey, TrustStore};
-use suture_engine::{ApplyOptions, ApplyReport, EngineError};
+use suture_engine::{ApplyOptions, ApplyReport, EngineError, PatchState, RevertReport};
 
 use crate::cli::{Args, Command};
 use crate::output::{self, clean};
@@ -194,22 +194,26 @@ pub fn run(args: Args) -> Result<i32> {
         }
         Command::Revert {
             pid,
+            all,
             patch_id,
             timeout_ms,
+            jobs,
         } => {
             let opts = ApplyOptions {
                 timeout: Duration::from_millis(timeout_ms),
             };
-            let r = suture_engine::revert(pid, patch_id.as_deref(), &opts)?;
-            if j {
-                output::json(&json!({"ok": true, "result": r}));
-            } else {
-                println!(
-                    "reverted {} (level {}) in pid {}: {} function(s) restored, stopped {} µs",
-                    r.patch, r.level, r.pid, r.functions, r.stopped_us
-                );
+            match (pid, all) {
+                (Some(pid), _) => {
+                    let r = suture_engine::revert(pid, patch_id.as_deref(), &opts)?;
+                    if j {
+                        output::json(&json!({"ok": true, "result": r}));
+                    } else {
+                        print_reverted(&r);
+                    }
+                    Ok(0)
+                }
+                (None, _) => revert_all(j, patch_id.as_deref(), &opts, jobs),
             }
-            Ok(0)
         }
         Command::Status { pid } => status(j, pid),
         Command::Check { pid, bundle } => {
@@ -338,11 +342,17 @@ fn print_applied(r: &ApplyReport) {
     let replaced = r
         .replaced
         .as_ref()
-        .map(|p| format!(", superseding {p}"))
+        .map(|p| format!(", superseding {}", output::clean(p)))
         .unwrap_or_default();
     println!(
         "applied {} (level {}) to pid {}: {} function(s), {} thread(s) stopped {} µs{}",
-        r.patch, r.level, r.pid, r.functions, r.threads, r.stopped_us, replaced
+        output::clean(&r.patch),
+        r.level,
+        r.pid,
+        r.functions,
+        r.threads,
+        r.stopped_us,
+        replaced
     );
 }
 
@@ -359,7 +369,8 @@ fn apply_all(j: bool, b: &Bundle, opts: &ApplyOptions, jobs: Option<usize>) -> R
     });
     if pids.is_empty() {
         if j {
-            output::json(&json!({"ok": true, "results": [], "failures": [], "skipped": skipped}));
+            output::json(&json!({"ok": true, "results": [], "failures": [],
+                "skipped": skipped.iter().map(|p| json!({"pid": p, "reason": "already carries this patch"})).collect::<Vec<_>>()}));
         } else if skipped.is_empty() {
             println!(
                 "no running process maps {} ({})",
@@ -374,42 +385,9 @@ fn apply_all(j: bool, b: &Bundle, opts: &ApplyOptions, jobs: Option<usize>) -> R
         }
         return Ok(0);
     }
-    let jobs = jobs
-        .unwrap_or_else(|| {
-            std::thread::available_parallelism()
-                .map(|n| n.get())
-                .unwrap_or(1)
-        })
-        .clamp(1, 64)
-        .min(pids.len());
-    let bar = if j || pids.len() < 8 {
-        indicatif::ProgressBar::hidden()
-    } else {
-        indicatif::ProgressBar::new(pids.len() as u64)
-    };
-    let next = AtomicUsize::new(0);
-    let results: Mutex<Vec<(i32, std::result::Result<ApplyReport, EngineError>)>> =
-        Mutex::new(Vec::new());
     let started = std::time::Instant::now();
-    // One tracer thread per worker: ptrace belongs to the thread that attached.
-    std::thread::scope(|s| {
-        for _ in 0..jobs {
-            s.spawn(|| loop {
-                let i = next.fetch_add(1, Ordering::Relaxed);
-                let Some(&pid) = pids.get(i) else { break };
-                let r = suture_engine::apply(pid, b, opts);
-                bar.inc(1);
-                if let Ok(mut v) = results.lock() {
-                    v.push((pid, r));
-                }
-            });
-        }
-    });
-    bar.finish_and_clear();
+    let mut results = for_all(&pids, jobs, j, |pid| suture_engine::apply(pid, b, opts));
     let elapsed = started.elapsed();
-    let mut results = results
-        .into_inner()
-        .map_err(|_| anyhow!("worker panicked"))?;
     results.sort_by_key(|(pid, _)| *pid);
     let ok: Vec<&ApplyReport> = results
         .iter()
@@ -424,7 +402,7 @@ fn apply_all(j: bool, b: &Bundle, opts: &ApplyOptions, jobs: Option<usize>) -> R
             "ok": failed.is_empty(),
             "elapsed_ms": elapsed.as_millis() as u64,
             "results": ok,
-            "skipped": skipped,
+            "skipped": skipped.iter().map(|p| json!({"pid": p, "reason": "already carries this patch"})).collect::<Vec<_>>(),
             "failures": failed.iter().map(|(p, e)| json!({"pid": p, "kind": e.kind(), "error": e.to_string()})).collect::<Vec<_>>(),
         }));
     } else {
@@ -434,7 +412,11 @@ fn apply_all(j: bool, b: &Bundle, opts: &ApplyOptions, jobs: Option<usize>) -> R
             }
         }
         for (p, e) in &failed {
-            println!("pid {p}: FAILED: {e}");
+            println!(
+                "pid {p}: FAILED ({}): {}",
+                e.kind(),
+                output::clean(&e.to_string())
+            );
         }
         println!(
             "{} of {} process(es) patched in {:.2} s{}",
@@ -457,38 +439,186 @@ fn status(j: bool, pid: Option<i32>) -> Result<i32> {
         None => suture_engine::procfs::all_pids()?,
     };
     let mut rows = Vec::new();
+    let mut unreadable = 0usize;
     for p in pids {
-        match suture_engine::status(p) {
-            Ok(patches) if !patches.is_empty() || pid.is_some() => rows.push((p, patches)),
+        match suture_engine::inspect(p) {
+            Ok(found) if !found.is_empty() || pid.is_some() => rows.push((p, found)),
             Ok(_) => {}
             Err(e) if pid.is_some() => return Err(e),
-            Err(_) => {}
+            Err(_) => unreadable += 1,
         }
     }
+    let me_root = nix::unistd::geteuid().is_root();
     if j {
         output::json(
-            &json!({"ok": true, "processes": rows.iter().map(|(p, v)| json!({"pid": p, "patches": v})).collect::<Vec<_>>()}),
+            &json!({"ok": true, "unreadable": unreadable, "processes": rows.iter().map(|(p, found)| json!({
+            "pid": p,
+            "patches": found.iter().filter(|f| f.state == PatchState::Applied).filter_map(|f| f.record.as_ref()).collect::<Vec<_>>(),
+            "other": found.iter().filter(|f| f.state != PatchState::Applied).collect::<Vec<_>>(),
+        })).collect::<Vec<_>>()}),
         );
         return Ok(0);
     }
     if rows.iter().all(|(_, v)| v.is_empty()) {
         println!("no patched processes");
     }
-    for (p, patches) in &rows {
-        for r in patches {
-            let cves = if r.cves.is_empty() {
-                String::new()
-            } else {
-                format!(" fixes {}", r.cves.join(","))
-            };
-            println!(
-                "pid {p}: {} level {} in {} ({} function(s)){cves}",
-                r.id,
-                r.level,
-                r.module,
-                r.functions.len()
-            );
+    for (p, found) in &rows {
+        for f in found {
+            match (&f.record, f.state) {
+                (Some(r), PatchState::Applied) => {
+                    let cves = if r.cves.is_empty() {
+                        String::new()
+                    } else {
+                        format!(" fixes {}", r.cves.join(","))
+                    };
+                    println!(
+                        "pid {p}: {} level {} in {} ({} function(s)){}",
+                        output::clean(&r.id),
+                        r.level,
+                        output::clean(&r.module),
+                        r.functions.len(),
+                        output::clean(&cves)
+                    );
+                }
+                _ => println!(
+                    "pid {p}: {} is {} (not applied): {}",
+                    output::clean(&f.name),
+                    f.state.as_str(),
+                    output::clean(f.reason.as_deref().unwrap_or(""))
+                ),
+            }
         }
     }
+    if unreadable > 0 && !me_root {
+        println!(
+            "{unreadable} process(es) could not be read (not root): run as root to see every process"
+        );
+    }
     Ok(0)
+}
+
+fn print_reverted(r: &RevertReport) {
+    println!(
+        "reverted {} (level {}, was {}) in pid {}: {} function(s) restored, stopped {} µs",
+        output::clean(&r.patch),
+        r.level,
+        r.was,
+        r.pid,
+        r.functions,
+        r.stopped_us
+    );
+}
+
+/// Runs `op` on every pid, `jobs` at a time, each on its own thread (a ptrace session belongs
+/// to the thread that made it). After an interrupt (SIGINT/SIGTERM/SIGHUP) no new process is
+/// started; those in progress finish or undo.
+fn for_all<T: Send>(
+    pids: &[i32],
+    jobs: Option<usize>,
+    quiet: bool,
+    op: impl Fn(i32) -> std::result::Result<T, EngineError> + Sync,
+) -> Vec<(i32, std::result::Result<T, EngineError>)> {
+    let jobs = jobs
+        .unwrap_or_else(|| {
+            std::thread::available_parallelism()
+                .map(|n| n.get())
+                .unwrap_or(1)
+        })
+        .clamp(1, 64)
+        .min(pids.len().max(1));
+    let bar = if quiet || pids.len() < 8 {
+        indicatif::ProgressBar::hidden()
+    } else {
+        indicatif::ProgressBar::new(pids.len() as u64)
+    };
+    let next = AtomicUsize::new(0);
+    let results = Mutex::new(Vec::new());
+    std::thread::scope(|s| {
+        for _ in 0..jobs {
+            s.spawn(|| loop {
+                if suture_engine::interrupt::requested() {
+                    break;
+                }
+                let i = next.fetch_add(1, Ordering::Relaxed);
+                let Some(&pid) = pids.get(i) else { break };
+                let r = op(pid);
+                bar.inc(1);
+                if let Ok(mut v) = results.lock() {
+                    v.push((pid, r));
+                }
+            });
+        }
+    });
+    bar.finish_and_clear();
+    results.into_inner().unwrap_or_else(|p| p.into_inner())
+}
+
+fn revert_all(j: bool, id: Option<&str>, opts: &ApplyOptions, jobs: Option<usize>) -> Result<i32> {
+    // Every (process, patch) pair to take out: the named patch, or every patch.
+    let mut work: Vec<(i32, String)> = Vec::new();
+    for pid in suture_engine::procfs::all_pids()? {
+        let Ok(found) = suture_engine::inspect(pid) else {
+            continue;
+        };
+        for f in found {
+            if f.state == PatchState::Invalid {
+                continue;
+            }
+            if id.is_none_or(|want| f.name == want) {
+                work.push((pid, f.name));
+            }
+        }
+    }
+    let pids: Vec<i32> = {
+        let mut v: Vec<i32> = work.iter().map(|(p, _)| *p).collect();
+        v.dedup();
+        v
+    };
+    let started = std::time::Instant::now();
+    let mut results = for_all(&pids, jobs, j, |pid| {
+        let mut done = Vec::new();
+        // Newest first: a lower level under a higher one is not reachable anyway.
+        for (_, name) in work.iter().filter(|(p, _)| *p == pid).rev() {
+            done.push(suture_engine::revert(pid, Some(name), opts)?);
+        }
+        Ok(done)
+    });
+    results.sort_by_key(|(pid, _)| *pid);
+    let failed: Vec<(i32, &EngineError)> = results
+        .iter()
+        .filter_map(|(p, r)| r.as_ref().err().map(|e| (*p, e)))
+        .collect();
+    let ok: Vec<&RevertReport> = results
+        .iter()
+        .filter_map(|(_, r)| r.as_ref().ok())
+        .flatten()
+        .collect();
+    if j {
+        output::json(&json!({
+            "ok": failed.is_empty(),
+            "elapsed_ms": started.elapsed().as_millis() as u64,
+            "results": ok,
+            "failures": failed.iter().map(|(p, e)| json!({"pid": p, "kind": e.kind(), "error": e.to_string()})).collect::<Vec<_>>(),
+        }));
+    } else {
+        if ok.len() <= 20 {
+            for r in &ok {
+                print_reverted(r);
+            }
+        }
+        for (p, e) in &failed {
+            println!(
+                "pid {p}: FAILED ({}): {}",
+                e.kind(),
+                output::clean(&e.to_string())
+            );
+        }
+        println!(
+            "{} patch(es) reverted in {} process(es) in {:.2} s",
+            ok.len(),
+            pids.len() - failed.len(),
+            started.elapsed().as_secs_f64()
+        );
+    }
+    Ok(if failed.is_empty() { 0 } else { 1 })
 }

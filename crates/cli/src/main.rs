@@ -17,6 +17,13 @@ fn main() {
     // SAFETY: restoring a signal's default disposition at start, before any thread exists.
     unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
     let args = cli::Args::parse();
+    // SIGINT, SIGTERM and SIGHUP ask the engine to stop at its next phase boundary: what has
+    // not committed is undone, what has is finished, and we exit with one line.
+    for sig in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP] {
+        if let Err(e) = signal_hook::flag::register(sig, suture_engine::interrupt::flag()) {
+            eprintln!("warning: cannot handle signal {sig}: {e}");
+        }
+    }
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("SUTURE_LOG")
@@ -29,7 +36,10 @@ fn main() {
         Ok(code) => code,
         Err(e) => {
             output::error(json, &e);
-            1
+            match e.downcast_ref::<suture_engine::EngineError>() {
+                Some(suture_engine::EngineError::Interrupted(_)) => 130,
+                _ => 1,
+            }
         }
     };
     std::process::exit(code);

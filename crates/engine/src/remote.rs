@@ -92,10 +92,14 @@ pub struct Gadgets {
     pub sigreturn: Option<u64>,
 }
 
+/// A mapped file's code: (device, inode, offset, length).
 type GadgetKey = (String, u64, u64, u64);
+/// Offsets of `syscall; ret` and of the signal restorer in it.
+type GadgetOffsets = (Option<u64>, Option<u64>);
+type GadgetCache = Mutex<HashMap<GadgetKey, GadgetOffsets>>;
 
-fn gadget_cache() -> &'static Mutex<HashMap<GadgetKey, (Option<u64>, Option<u64>)>> {
-    static CACHE: OnceLock<Mutex<HashMap<GadgetKey, (Option<u64>, Option<u64>)>>> = OnceLock::new();
+fn gadget_cache() -> &'static GadgetCache {
+    static CACHE: OnceLock<GadgetCache> = OnceLock::new();
     CACHE.get_or_init(Default::default)
 }
 
@@ -500,10 +504,13 @@ impl Remote {
                         );
                     }
                     self.in_syscall = true;
+                    crate::fault::point("inject:entered");
                     ptrace_req(libc::PTRACE_SYSCALL, self.tid, 0).map_err(|_| gone(self.pid))?;
                     match session.wait_injected(self.tid, deadline)? {
                         Injected::Syscall => {
-                            return Ok(getregs(self.pid, self.tid)?.rax as i64);
+                            let ret = getregs(self.pid, self.tid)?.rax as i64;
+                            crate::fault::point("inject:exited");
+                            return Ok(ret);
                         }
                         other => bail!(
                             "process {}: injected system call {nr} did not complete ({other:?})",
@@ -670,7 +677,7 @@ impl Remote {
             setregs(self.pid, self.tid, restarted(&self.saved))?;
             self.in_syscall = false;
             let before = session.delivered;
-            session.to_interrupt_stop(self.tid)?;
+            session.leave_syscall_stop(self.tid)?;
             if session.delivered != before {
                 // A signal was delivered on the way out: the thread now stands at its handler,
                 // in a state of its own that must be kept.

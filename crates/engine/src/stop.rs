@@ -473,7 +473,7 @@ impl Session {
     /// Takes a thread out of a system-call stop into an interrupt stop without running any
     /// of its user code: the kernel then restarts an interrupted system call from the
     /// registers we restore there, as it would have without us.
-    pub(crate) fn to_interrupt_stop(&mut self, tid: i32) -> Result<()> {
+    pub(crate) fn leave_syscall_stop(&mut self, tid: i32) -> Result<()> {
         let _ = ptrace_req(libc::PTRACE_INTERRUPT, tid, 0);
         let _ = ptrace_req(libc::PTRACE_CONT, tid, 0);
         if let Some(t) = self.tracees.get_mut(&tid) {

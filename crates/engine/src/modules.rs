@@ -149,13 +149,13 @@ fn slot<T>(cache: &Cache<T>, key: FileKey) -> Slot<T> {
 
 fn fill<T>(
     cache: &Cache<T>,
-    opened: &Opened,
+    found: &Found,
     read: impl FnOnce(&File) -> Result<T>,
 ) -> Result<Arc<T>> {
-    let slot = slot(cache, opened.key);
+    let slot = slot(cache, found.key);
     let result = slot.get_or_init(|| {
-        opened
-            .reopen()
+        found
+            .open()
             .and_then(|file| read(&file))
             .map(Arc::new)
             .map_err(|e| format!("{e:#}"))
@@ -198,29 +198,44 @@ enum Route {
     Root,
 }
 
-/// A mapped file, found and checked but not opened for reading yet.
-struct Opened {
-    /// An `O_PATH` handle: it pins the file without opening it (no FIFO wait, no device
-    /// driver's open).
-    handle: File,
+/// A mapped file, found and checked by name (a `stat`, which never opens it), but not opened:
+/// a scan that finds the file in the cache costs one system call.
+struct Found {
+    path: PathBuf,
     key: FileKey,
 }
 
-impl Opened {
-    /// Opens the checked file itself for reading, through the handle (so what is read is
-    /// what was checked, whatever happens to the name meanwhile).
-    fn reopen(&self) -> Result<File> {
-        let path = format!("/proc/self/fd/{}", self.handle.as_raw_fd());
+impl Found {
+    /// Opens the checked file for reading. An `O_PATH` handle pins the file without opening
+    /// it (no FIFO wait, no device driver's open); once it is the file that was checked, it is
+    /// reopened for reading through itself, so what is read is what was checked whatever
+    /// happens to the name meanwhile.
+    fn open(&self) -> Result<File> {
+        let handle = std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_PATH)
+            .open(&self.path)
+            .with_context(|| format!("cannot open {}", self.path.display()))?;
+        let meta = handle.metadata()?;
+        if !meta.file_type().is_file() || key_of(&meta) != self.key {
+            bail!("{} changed since it was checked", self.path.display());
+        }
         let file = std::fs::OpenOptions::new()
             .read(true)
             .custom_flags(libc::O_NONBLOCK)
-            .open(&path)
-            .context("cannot reopen a checked module file")?;
-        let meta = file.metadata()?;
-        if (meta.dev(), meta.ino()) != (self.key.dev, self.key.ino) {
-            bail!("module file changed while being opened");
-        }
+            .open(format!("/proc/self/fd/{}", handle.as_raw_fd()))
+            .with_context(|| format!("cannot reopen {}", self.path.display()))?;
         Ok(file)
+    }
+}
+
+fn key_of(meta: &std::fs::Metadata) -> FileKey {
+    FileKey {
+        dev: meta.dev(),
+        ino: meta.ino(),
+        size: meta.size(),
+        mtime: meta.mtime(),
+        mtime_nsec: meta.mtime_nsec(),
     }
 }
 
@@ -235,31 +250,28 @@ fn device_of(mapping: &Mapping) -> Option<(u32, u32)> {
 
 /// Before Linux 6.8, `/proc/PID/maps` gives an overlayfs file's real (lower or upper layer)
 /// device and inode while opening it gives the overlay's: containers' files never match.
-fn on_overlayfs(file: &File) -> bool {
+fn on_overlayfs(path: &std::path::Path) -> bool {
     const OVERLAYFS_SUPER_MAGIC: libc::c_long = 0x794c_7630;
-    // SAFETY: `statfs` is plain data, valid when zeroed; `fstatfs` only writes into it and the
-    // descriptor is open for the duration of the call.
+    let Ok(path) = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()) else {
+        return false;
+    };
+    // SAFETY: `statfs` is plain data, valid when zeroed; `statfs()` reads the NUL-terminated
+    // path and only writes into the struct.
     unsafe {
         let mut fs: libc::statfs = std::mem::zeroed();
-        libc::fstatfs(file.as_raw_fd(), &mut fs) == 0
+        libc::statfs(path.as_ptr(), &mut fs) == 0
             && fs.f_type as libc::c_long == OVERLAYFS_SUPER_MAGIC
     }
 }
 
 /// Finds the file behind `mapping` by `route` and checks that it is a regular file and the
 /// one the mapping names.
-fn open_via(pid: i32, mapping: &Mapping, route: Route) -> Result<Opened> {
+fn find_via(pid: i32, mapping: &Mapping, route: Route) -> Result<Found> {
     let path: PathBuf = match route {
         Route::MapFiles => mapping.map_file(pid),
         Route::Root => format!("/proc/{pid}/root{}", mapping.path).into(),
     };
-    let handle = std::fs::OpenOptions::new()
-        .read(true)
-        .custom_flags(libc::O_PATH)
-        .open(&path)
-        .with_context(|| format!("process {pid}: cannot open {}", path.display()))?;
-    let meta = handle
-        .metadata()
+    let meta = std::fs::metadata(&path)
         .with_context(|| format!("process {pid}: cannot stat {}", path.display()))?;
     if !meta.file_type().is_file() {
         bail!(
@@ -275,7 +287,7 @@ fn open_via(pid: i32, mapping: &Mapping, route: Route) -> Result<Opened> {
     if !same {
         // map_files is resolved by the kernel from the mapping itself; only overlayfs's
         // two identities (see `on_overlayfs`) excuse a difference there.
-        if route == Route::MapFiles && on_overlayfs(&handle) {
+        if route == Route::MapFiles && on_overlayfs(&path) {
             tracing::debug!(pid, path = %mapping.path, "overlayfs file: maps names the layer's inode");
         } else {
             bail!(
@@ -285,26 +297,20 @@ fn open_via(pid: i32, mapping: &Mapping, route: Route) -> Result<Opened> {
             );
         }
     }
-    Ok(Opened {
-        handle,
-        key: FileKey {
-            dev: meta.dev(),
-            ino: meta.ino(),
-            size: meta.size(),
-            mtime: meta.mtime(),
-            mtime_nsec: meta.mtime_nsec(),
-        },
+    Ok(Found {
+        path,
+        key: key_of(&meta),
     })
 }
 
 /// The file behind `mapping`, through map_files, or through the process's root if map_files
-/// cannot be opened (no CAP_SYS_ADMIN, or the mapping is gone).
-fn open_mapped(pid: i32, mapping: &Mapping) -> Result<Opened> {
-    match open_via(pid, mapping, Route::MapFiles) {
+/// cannot be used (no CAP_SYS_ADMIN, or the mapping is gone).
+fn find_mapped(pid: i32, mapping: &Mapping) -> Result<Found> {
+    match find_via(pid, mapping, Route::MapFiles) {
         // Only a failure to reach the file falls back; a file that fails the checks is skipped.
         Err(e) if e.root_cause().is::<std::io::Error>() => {
             tracing::debug!(pid, error = %format!("{e:#}"), "map_files unusable; trying the process's root");
-            open_via(pid, mapping, Route::Root)
+            find_via(pid, mapping, Route::Root)
         }
         other => other,
     }
@@ -313,11 +319,11 @@ fn open_mapped(pid: i32, mapping: &Mapping) -> Result<Opened> {
 /// The identity (build-id, kind, segments) of the file behind `mapping` in process `pid`:
 /// its headers, a few KB, read once per file.
 pub fn identity(pid: i32, mapping: &Mapping) -> Result<Arc<Identity>> {
-    let opened = open_mapped(pid, mapping)?;
-    fill(identities(), &opened, |file| {
+    let found = find_mapped(pid, mapping)?;
+    fill(identities(), &found, |file| {
         let id = suture_module::identify(
             &|offset, buf: &mut [u8]| file.read_exact_at(buf, offset),
-            opened.key.size,
+            found.key.size,
         )
         .with_context(|| format!("{}: not a usable ELF module", mapping.path))?;
         Ok(id)
@@ -327,9 +333,9 @@ pub fn identity(pid: i32, mapping: &Mapping) -> Result<Arc<Identity>> {
 /// Reads (or recalls) the facts of the file behind `mapping` in process `pid`: the whole file,
 /// once per file.
 pub fn facts(pid: i32, mapping: &Mapping) -> Result<Arc<ModuleFacts>> {
-    let opened = open_mapped(pid, mapping)?;
-    fill(full_facts(), &opened, |file| {
-        let size = opened.key.size;
+    let found = find_mapped(pid, mapping)?;
+    fill(full_facts(), &found, |file| {
+        let size = found.key.size;
         if size > MAX_MODULE_BYTES {
             bail!("{}: {size} bytes is too large for a module", mapping.path);
         }

@@ -248,19 +248,35 @@ fn device_of(mapping: &Mapping) -> Option<(u32, u32)> {
     ))
 }
 
-/// Before Linux 6.8, `/proc/PID/maps` gives an overlayfs file's real (lower or upper layer)
-/// device and inode while opening it gives the overlay's: containers' files never match.
-fn on_overlayfs(path: &std::path::Path) -> bool {
-    const OVERLAYFS_SUPER_MAGIC: libc::c_long = 0x794c_7630;
-    let Ok(path) = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()) else {
-        return false;
-    };
+/// Filesystems on which `stat` and `/proc/PID/maps` disagree about a file's identity.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Disagreement {
+    /// btrfs and bcachefs give each subvolume its own device number in `stat`; maps prints
+    /// the filesystem's. The inode numbers agree.
+    Device,
+    /// Before Linux 6.8, maps gives an overlayfs file's real (layer) device and inode, `stat`
+    /// the overlay's.
+    DeviceAndInode,
+}
+
+fn disagreement(path: &std::path::Path) -> Option<Disagreement> {
+    const BTRFS_SUPER_MAGIC: i64 = 0x9123_683e;
+    const BCACHEFS_SUPER_MAGIC: i64 = 0xca45_1a4e;
+    const OVERLAYFS_SUPER_MAGIC: i64 = 0x794c_7630;
+    let path = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).ok()?;
     // SAFETY: `statfs` is plain data, valid when zeroed; `statfs()` reads the NUL-terminated
     // path and only writes into the struct.
-    unsafe {
+    let f_type = unsafe {
         let mut fs: libc::statfs = std::mem::zeroed();
-        libc::statfs(path.as_ptr(), &mut fs) == 0
-            && fs.f_type as libc::c_long == OVERLAYFS_SUPER_MAGIC
+        if libc::statfs(path.as_ptr(), &mut fs) != 0 {
+            return None;
+        }
+        fs.f_type as i64
+    };
+    match f_type {
+        BTRFS_SUPER_MAGIC | BCACHEFS_SUPER_MAGIC => Some(Disagreement::Device),
+        OVERLAYFS_SUPER_MAGIC => Some(Disagreement::DeviceAndInode),
+        _ => None,
     }
 }
 
@@ -281,21 +297,26 @@ fn find_via(pid: i32, mapping: &Mapping, route: Route) -> Result<Found> {
     }
     let (major, minor) = device_of(mapping)
         .with_context(|| format!("process {pid}: bad device {:?} in maps", mapping.dev))?;
-    let same = libc::major(meta.dev()) == major
-        && libc::minor(meta.dev()) == minor
-        && meta.ino() == mapping.inode;
+    let same_inode = meta.ino() == mapping.inode;
+    let same = same_inode && libc::major(meta.dev()) == major && libc::minor(meta.dev()) == minor;
     if !same {
-        // map_files is resolved by the kernel from the mapping itself; only overlayfs's
-        // two identities (see `on_overlayfs`) excuse a difference there.
-        if route == Route::MapFiles && on_overlayfs(&path) {
-            tracing::debug!(pid, path = %mapping.path, "overlayfs file: maps names the layer's inode");
-        } else {
+        // map_files is resolved by the kernel from the mapping itself, so a filesystem that
+        // shows stat and maps different numbers for one file is no sign of a swap there. By
+        // name, it would be: another subvolume can hold another file with the same inode.
+        let excused = route == Route::MapFiles
+            && match disagreement(&path) {
+                Some(Disagreement::Device) => same_inode,
+                Some(Disagreement::DeviceAndInode) => true,
+                None => false,
+            };
+        if !excused {
             bail!(
                 "process {pid}: {} is not the file it mapped (device and inode differ): \
                  not reading it",
                 mapping.path
             );
         }
+        tracing::debug!(pid, path = %mapping.path, "maps and stat number this filesystem's files differently");
     }
     Ok(Found {
         path,

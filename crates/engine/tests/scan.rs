@@ -281,3 +281,77 @@ fn a_mapped_file_replaced_by_a_fifo_or_another_file_is_not_taken_for_the_module(
         "a swapped file taken for the module"
     );
 }
+
+/// A loop-mounted filesystem image, unmounted on drop.
+struct Mounted(PathBuf);
+
+impl Drop for Mounted {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg(&self.0).status();
+    }
+}
+
+/// btrfs gives each subvolume its own device number in `stat`, while `/proc/PID/maps` prints
+/// the filesystem's: a module in a subvolume (Fedora's default layout) must still be found.
+#[test]
+fn a_module_in_a_btrfs_subvolume_is_found() {
+    if Command::new("mkfs.btrfs")
+        .arg("--version")
+        .output()
+        .is_err()
+    {
+        eprintln!("SKIPPED: mkfs.btrfs is not installed (apt-get install btrfs-progs)");
+        return;
+    }
+    let dir = TempDir::new("scan-btrfs");
+    let img = dir.0.join("img");
+    std::fs::File::create(&img)
+        .unwrap()
+        .set_len(300 << 20)
+        .unwrap();
+    let run = |cmd: &str, args: &[&str]| {
+        let st = Command::new(cmd)
+            .args(args)
+            .stdout(Stdio::null())
+            .status()
+            .unwrap();
+        assert!(st.success(), "{cmd} {args:?}");
+    };
+    run("mkfs.btrfs", &["-q", img.to_str().unwrap()]);
+    let mnt = dir.0.join("m");
+    std::fs::create_dir(&mnt).unwrap();
+    run(
+        "mount",
+        &["-o", "loop", img.to_str().unwrap(), mnt.to_str().unwrap()],
+    );
+    let mounted = Mounted(mnt.clone());
+    let sub = mnt.join("sub");
+    run("btrfs", &["subvolume", "create", sub.to_str().unwrap()]);
+    build_service(&sub);
+    let lib_id = build_id(&sub.join("libt.so"));
+    let svc = Running::start(&sub.join("svc"));
+
+    // The disagreement this test is about.
+    let maps = suture_engine::procfs::read_maps(svc.pid()).unwrap();
+    let line = maps.iter().find(|m| m.path.ends_with("/libt.so")).unwrap();
+    let meta = std::fs::metadata(sub.join("libt.so")).unwrap();
+    let stat_dev = format!(
+        "{:02x}:{:02x}",
+        libc::major(meta.dev()),
+        libc::minor(meta.dev())
+    );
+    assert_ne!(line.dev, stat_dev);
+    assert_eq!(line.inode, meta.ino());
+
+    assert!(suture_engine::processes_mapping(&lib_id)
+        .unwrap()
+        .contains(&svc.pid()));
+    let module = suture_engine::modules::find_by_build_id(svc.pid(), &maps, &lib_id).unwrap();
+    assert!(module.facts.function("lib_fn").is_some());
+    // By name (no map_files), the device cannot be checked: skipped rather than trusted.
+    let id = lib_id.clone();
+    let found = without_map_files(move || suture_engine::processes_mapping(&id).unwrap());
+    assert!(!found.contains(&svc.pid()));
+    drop(svc);
+    drop(mounted);
+}

@@ -153,13 +153,12 @@ fn fill<T>(
     read: impl FnOnce(&File) -> Result<T>,
 ) -> Result<Arc<T>> {
     let slot = slot(cache, found.key);
-    let result = slot.get_or_init(|| {
-        found
-            .open()
-            .and_then(|file| read(&file))
-            .map(Arc::new)
-            .map_err(|e| format!("{e:#}"))
-    });
+    if let Some(done) = slot.get() {
+        return done.clone().map_err(|e| anyhow!(e));
+    }
+    // Not remembered if it fails: the process may just have exited, others map the file too.
+    let file = found.open()?;
+    let result = slot.get_or_init(|| read(&file).map(Arc::new).map_err(|e| format!("{e:#}")));
     result.clone().map_err(|e| anyhow!(e))
 }
 
@@ -393,14 +392,20 @@ impl LoadedModule {
 /// inode), the one the load bias is computed from.
 fn mapped_files(maps: &[Mapping]) -> Vec<&Mapping> {
     let mut firsts: Vec<&Mapping> = Vec::new();
+    // (A JIT or a database can map thousands of ranges.)
+    let mut index: HashMap<(&str, u64), usize> = HashMap::new();
     for m in maps.iter().filter(|m| m.is_file()) {
-        match firsts
-            .iter_mut()
-            .find(|f| f.dev == m.dev && f.inode == m.inode)
-        {
-            Some(f) if m.offset < f.offset => *f = m,
-            Some(_) => {}
-            None => firsts.push(m),
+        match index.entry((m.dev.as_str(), m.inode)) {
+            std::collections::hash_map::Entry::Occupied(i) => {
+                let first = &mut firsts[*i.get()];
+                if m.offset < first.offset {
+                    *first = m;
+                }
+            }
+            std::collections::hash_map::Entry::Vacant(v) => {
+                v.insert(firsts.len());
+                firsts.push(m);
+            }
         }
     }
     firsts
@@ -499,4 +504,43 @@ pub fn executable_tp_offset(tls: &TlsSegment, offset: u64) -> Option<i64> {
     let align = tls.align.max(1);
     let block = tls.memsz.div_ceil(align) * align;
     Some(offset as i64 - block as i64)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::procfs::parse_maps;
+
+    #[test]
+    fn maps_devices_are_hexadecimal_major_minor() {
+        let maps = parse_maps(
+            "1000-2000 r--p 00000000 fe:01 7 /a\n\
+             2000-3000 r--p 00000000 103:1f 7 /b\n\
+             3000-4000 r--p 00000000 zz:01 7 /c\n",
+        )
+        .expect("maps");
+        assert_eq!(device_of(&maps[0]), Some((0xfe, 1)));
+        assert_eq!(device_of(&maps[1]), Some((0x103, 0x1f)));
+        assert_eq!(device_of(&maps[2]), None);
+    }
+
+    #[test]
+    fn one_mapping_per_file_the_lowest_offset() {
+        let maps = parse_maps(
+            "2000-3000 r-xp 00001000 fe:01 7 /lib/a.so\n\
+             1000-2000 r--p 00000000 fe:01 7 /lib/a.so\n\
+             3000-4000 rw-p 00000000 00:00 0\n\
+             4000-5000 r--p 00000000 fe:02 7 /lib/b.so\n\
+             5000-6000 rw-p 00000000 00:00 0 [heap]\n",
+        )
+        .expect("maps");
+        let files = mapped_files(&maps);
+        assert_eq!(
+            files.len(),
+            2,
+            "same inode on another device is another file"
+        );
+        assert_eq!((files[0].start, files[0].offset), (0x1000, 0));
+        assert_eq!(files[1].path, "/lib/b.so");
+    }
 }

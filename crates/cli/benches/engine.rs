@@ -130,6 +130,12 @@ fn main() {
         .and_then(|s| s.parse().ok())
         .unwrap_or(30);
 
+    // SUTURE_BENCH_ONLY=scan: only the host scan (the other scenarios take minutes).
+    if std::env::var("SUTURE_BENCH_ONLY").as_deref() == Ok("scan") {
+        host_scan(d, reps);
+        return;
+    }
+
     println!(
         "## Pause (median of {reps}; floor = bare seize+interrupt+detach of the same threads)\n"
     );
@@ -233,6 +239,85 @@ fn main() {
         scan.as_secs_f64(),
         total.as_secs_f64(),
         pids.len() as f64 / total.as_secs_f64()
+    );
+    for k in &mut kids {
+        let _ = k.kill();
+    }
+    for k in &mut kids {
+        let _ = k.wait();
+    }
+    host_scan(d, reps);
+}
+
+/// Finding the processes that map a module by build-id, with N copies of a small service and
+/// one unrelated process whose binary is 200 MB. "Whole files" is how every mapped file used to
+/// be read to learn its build-id (`loaded_modules`, still what a patched process gets); "headers"
+/// is what the scan does now. Both cold (caches emptied), on the same processes in the same run.
+fn host_scan(d: &Path, reps: usize) {
+    use suture_engine::{modules, procfs};
+    let n: usize = std::env::var("SUTURE_BENCH_SCAN_PROCS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(20);
+    let reps = reps.clamp(1, 5);
+    gcc(d, &["-O2", &format!("{C}/big.c"), "-o", "big"]);
+    let big_mb = std::fs::metadata(d.join("big")).expect("big").len() >> 20;
+    let spawn = |exe: &str| {
+        Command::new(d.join(exe))
+            .stdin(Stdio::null())
+            .spawn()
+            .expect("spawn")
+    };
+    let mut kids: Vec<Child> = vec![spawn("big")];
+    kids.extend((0..n).map(|_| spawn("idle")));
+    std::thread::sleep(Duration::from_millis(500));
+    let pids: Vec<i32> = kids.iter().map(|k| k.id() as i32).collect();
+    let id = suture_module::read_build_id(&std::fs::read(d.join("idle")).expect("idle"))
+        .expect("elf")
+        .expect("build-id");
+    let time = |find: &dyn Fn(i32, &[procfs::Mapping]) -> bool| {
+        let runs: Vec<u64> = (0..reps)
+            .map(|_| {
+                modules::forget_cached_files();
+                let t = Instant::now();
+                let found = pids
+                    .iter()
+                    .filter(|&&pid| {
+                        let maps = procfs::read_maps(pid).expect("maps");
+                        find(pid, &maps)
+                    })
+                    .count();
+                assert_eq!(found, n, "the idle copies, not the big one");
+                t.elapsed().as_micros() as u64
+            })
+            .collect();
+        median(runs)
+    };
+    let whole = time(&|pid, maps| {
+        modules::loaded_modules(pid, maps)
+            .iter()
+            .any(|m| m.facts.build_id.as_deref() == Some(&id[..]))
+    });
+    let headers = time(&|pid, maps| modules::maps_build_id(pid, maps, &id));
+    modules::forget_cached_files();
+    let t = Instant::now();
+    let found = suture_engine::processes_mapping(&id).expect("scan");
+    let host_cold = t.elapsed().as_micros();
+    let t = Instant::now();
+    suture_engine::processes_mapping(&id).expect("scan");
+    let host_warm = t.elapsed().as_micros();
+    assert_eq!(found.len(), n);
+    println!(
+        "\n## Host scan by build-id: {n} processes + 1 unrelated {big_mb} MB ELF mapped (cold, median of {reps})\n"
+    );
+    println!("| whole files ms | headers ms | ratio | whole host, cold ms | whole host, warm ms |\n|---:|---:|---:|---:|---:|");
+    println!(
+        "| {:.1} | {:.1} | {:.0}× | {:.1} | {:.1} |",
+        whole as f64 / 1000.0,
+        headers as f64 / 1000.0,
+        whole as f64 / headers.max(1) as f64,
+        host_cold as f64 / 1000.0,
+        host_warm as f64 / 1000.0
     );
     for k in &mut kids {
         let _ = k.kill();

@@ -162,7 +162,8 @@ pub fn processes_mapping(build_id: &[u8]) -> Result<Vec<i32>> {
         let Ok(maps) = procfs::read_maps(pid) else {
             continue; // exited, or a kernel thread
         };
-        if modules::find_by_build_id(pid, &maps, build_id).is_some() {
+        // Headers only: the files of unrelated processes are never read whole.
+        if modules::maps_build_id(pid, &maps, build_id) {
             out.push(pid);
         }
     }

@@ -1,19 +1,35 @@
 //! The modules (ELF executables and shared libraries) a process has mapped, identified by
 //! GNU build-id, with the load bias that turns link-time addresses into runtime addresses.
 //!
-//! Facts about a file are cached by (device, inode, size, mtime): patching a thousand copies of
-//! one service reads its binary once.
+//! Two levels of knowledge about a file, each read at most once and cached by (device, inode,
+//! size, mtime), shared by every process that maps the file:
+//! - its **identity** (build-id, kind, segments: [`suture_module::identify`]), a few KB read
+//!   from its headers: enough to find a module by build-id, so scanning a host costs what its
+//!   build-ids cost, however big the binaries of unrelated processes are;
+//! - its **facts** (the whole file: symbols, exports, unwind tables), read only for modules of
+//!   a process being patched.
+//!
+//! The files belong to processes we do not trust, and we read them as root. A mapped file is
+//! opened through `/proc/PID/map_files` (the process's own view), and read only if it is a
+//! regular file whose device and inode are the ones `/proc/PID/maps` gives for the mapping: a
+//! process that replaced the file with a FIFO, a device or another file gets it skipped.
 
 use std::collections::HashMap;
-use std::os::unix::fs::MetadataExt;
-use std::sync::{Arc, Mutex, OnceLock};
+use std::fs::File;
+use std::io::Read;
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 
-use anyhow::{Context, Result};
-use suture_module::{LoadSegment, Module, ModuleKind, SymbolBinding, SymbolKind, TlsSegment};
+use anyhow::{anyhow, bail, Context, Result};
+use suture_module::{
+    Identity, LoadSegment, Module, ModuleKind, Symbol, SymbolBinding, SymbolKind, TlsSegment,
+};
 
-use crate::procfs::{self, Mapping};
+use crate::procfs::Mapping;
 
-/// Modules larger than this are not read (a sanity bound on someone else's file).
+/// Modules larger than this are not read whole (a sanity bound on someone else's file).
 const MAX_MODULE_BYTES: u64 = 2 << 30;
 
 /// What we need to know about one ELF file, read once.
@@ -25,6 +41,8 @@ pub struct ModuleFacts {
     /// `.eh_frame` tables, for walking stacks precisely.
     pub unwind: Option<crate::unwind::UnwindTables>,
     data: Vec<u8>,
+    /// The symbols of the one parse, so lookups never parse the file again.
+    symbols: Vec<Symbol>,
     exports: OnceLock<HashMap<String, Export>>,
 }
 
@@ -39,14 +57,21 @@ pub struct Export {
 impl ModuleFacts {
     fn read(data: Vec<u8>) -> Result<ModuleFacts> {
         let module = Module::parse(&data)?;
+        let build_id = module.build_id().map(<[u8]>::to_vec);
+        let kind = module.kind();
+        let segments = module.load_segments().to_vec();
+        let tls = module.tls_segment();
+        let unwind = crate::unwind::tables(&module, &data);
+        let symbols = module.into_symbols();
         Ok(ModuleFacts {
-            build_id: module.build_id().map(<[u8]>::to_vec),
-            kind: module.kind(),
-            segments: module.load_segments().to_vec(),
-            tls: module.tls_segment(),
-            unwind: crate::unwind::tables(&module, &data),
-            exports: OnceLock::new(),
+            build_id,
+            kind,
+            segments,
+            tls,
+            unwind,
             data,
+            symbols,
+            exports: OnceLock::new(),
         })
     }
 
@@ -57,8 +82,7 @@ impl ModuleFacts {
     /// The one function named `name` in the module's full symbol table (exported or not), for
     /// what a static executable links in but exports nowhere.
     pub fn function(&self, name: &str) -> Option<u64> {
-        let module = Module::parse(&self.data).ok()?;
-        match module.lookup(name) {
+        match suture_module::lookup_in(&self.symbols, name) {
             suture_module::Lookup::Unique(s) if matches!(s.kind, SymbolKind::Function) => {
                 Some(s.address)
             }
@@ -69,75 +93,279 @@ impl ModuleFacts {
     /// The exported definition of `name`, if this module has one.
     pub fn export(&self, name: &str) -> Option<Export> {
         let exports = self.exports.get_or_init(|| {
-            let mut map = HashMap::new();
-            if let Ok(module) = Module::parse(&self.data) {
-                for (name, found) in module.dynamic_exports() {
-                    map.insert(
-                        name.to_string(),
-                        Export {
-                            address: found.address,
-                            ifunc: matches!(found.kind, SymbolKind::Ifunc),
-                            weak: matches!(found.binding, SymbolBinding::Weak),
-                        },
-                    );
-                }
-            }
-            map
+            suture_module::dynamic_exports_in(&self.symbols)
+                .into_iter()
+                .map(|(name, found)| {
+                    let export = Export {
+                        address: found.address,
+                        ifunc: matches!(found.kind, SymbolKind::Ifunc),
+                        weak: matches!(found.binding, SymbolBinding::Weak),
+                    };
+                    (name.to_string(), export)
+                })
+                .collect()
         });
         exports.get(name).copied()
     }
-
-    /// The lowest and highest link-time address the module occupies.
-    fn vaddr_range(&self) -> (u64, u64) {
-        let lo = self.segments.iter().map(|s| s.vaddr & !0xfff).min();
-        let hi = self.segments.iter().map(|s| s.vaddr + s.memsz).max();
-        (lo.unwrap_or(0), hi.unwrap_or(0))
-    }
 }
 
-#[derive(Clone, PartialEq, Eq, Hash)]
+/// The lowest and highest link-time address the module occupies.
+fn vaddr_range(segments: &[LoadSegment]) -> (u64, u64) {
+    let lo = segments.iter().map(|s| s.vaddr & !0xfff).min();
+    let hi = segments.iter().map(|s| s.vaddr.wrapping_add(s.memsz)).max();
+    (lo.unwrap_or(0), hi.unwrap_or(0))
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 struct FileKey {
     dev: u64,
     ino: u64,
     size: u64,
     mtime: i64,
+    mtime_nsec: i64,
 }
 
-fn cache() -> &'static Mutex<HashMap<FileKey, Arc<ModuleFacts>>> {
-    static CACHE: OnceLock<Mutex<HashMap<FileKey, Arc<ModuleFacts>>>> = OnceLock::new();
+/// A cache entry, filled once even when several threads ask at the same time (`apply --all`
+/// works on several processes at once); a failure is remembered too (a font or a locale
+/// archive is not ELF, whoever maps it).
+type Slot<T> = Arc<OnceLock<Result<Arc<T>, String>>>;
+type Cache<T> = Mutex<HashMap<FileKey, Slot<T>>>;
+
+fn identities() -> &'static Cache<Identity> {
+    static CACHE: OnceLock<Cache<Identity>> = OnceLock::new();
     CACHE.get_or_init(Default::default)
 }
 
-/// Reads (or recalls) the facts of the file behind `mapping` in process `pid`.
-pub fn facts(pid: i32, mapping: &Mapping) -> Result<Arc<ModuleFacts>> {
-    let mut path = mapping.map_file(pid);
-    let meta = match std::fs::metadata(&path) {
-        Ok(m) => m,
-        Err(_) => {
-            // map_files needs CAP_SYS_ADMIN; the process's root view is the fallback.
-            path = format!("/proc/{pid}/root{}", mapping.path).into();
-            std::fs::metadata(&path)
-                .with_context(|| format!("process {pid}: cannot open {}", mapping.path))?
+fn full_facts() -> &'static Cache<ModuleFacts> {
+    static CACHE: OnceLock<Cache<ModuleFacts>> = OnceLock::new();
+    CACHE.get_or_init(Default::default)
+}
+
+fn slot<T>(cache: &Cache<T>, key: FileKey) -> Slot<T> {
+    // A panic while holding the lock cannot leave the map half-changed: recover it.
+    let mut map = cache.lock().unwrap_or_else(PoisonError::into_inner);
+    map.entry(key).or_default().clone()
+}
+
+fn fill<T>(
+    cache: &Cache<T>,
+    found: &Found,
+    read: impl FnOnce(&File) -> Result<T>,
+) -> Result<Arc<T>> {
+    let slot = slot(cache, found.key);
+    if let Some(done) = slot.get() {
+        return done.clone().map_err(|e| anyhow!(e));
+    }
+    // Not remembered if it fails: the process may just have exited, others map the file too.
+    let file = found.open()?;
+    let result = slot.get_or_init(|| read(&file).map(Arc::new).map_err(|e| format!("{e:#}")));
+    result.clone().map_err(|e| anyhow!(e))
+}
+
+/// Forgets every file read so far (benchmarks measure cold scans with it).
+#[doc(hidden)]
+pub fn forget_cached_files() {
+    identities()
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .clear();
+    full_facts()
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .clear();
+}
+
+/// Whether the file with this device and inode has been read whole (parsed for symbols and
+/// unwind tables). Lets tests check that a scan did not.
+#[doc(hidden)]
+pub fn fully_read(dev: u64, ino: u64) -> bool {
+    full_facts()
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .keys()
+        .any(|k| k.dev == dev && k.ino == ino)
+}
+
+/// How a mapped file is reached.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Route {
+    /// `/proc/PID/map_files/START-END`: the kernel's own reference to the mapped file (needs
+    /// CAP_SYS_ADMIN).
+    MapFiles,
+    /// `/proc/PID/root/PATH`: the name in the process's mount namespace, which the process may
+    /// have pointed at something else since it mapped the file.
+    Root,
+}
+
+/// A mapped file, found and checked by name (a `stat`, which never opens it), but not opened:
+/// a scan that finds the file in the cache costs one system call.
+struct Found {
+    path: PathBuf,
+    key: FileKey,
+}
+
+impl Found {
+    /// Opens the checked file for reading. An `O_PATH` handle pins the file without opening
+    /// it (no FIFO wait, no device driver's open); once it is the file that was checked, it is
+    /// reopened for reading through itself, so what is read is what was checked whatever
+    /// happens to the name meanwhile.
+    fn open(&self) -> Result<File> {
+        let handle = std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_PATH)
+            .open(&self.path)
+            .with_context(|| format!("cannot open {}", self.path.display()))?;
+        let meta = handle.metadata()?;
+        if !meta.file_type().is_file() || key_of(&meta) != self.key {
+            bail!("{} changed since it was checked", self.path.display());
         }
-    };
-    let key = FileKey {
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NONBLOCK)
+            .open(format!("/proc/self/fd/{}", handle.as_raw_fd()))
+            .with_context(|| format!("cannot reopen {}", self.path.display()))?;
+        Ok(file)
+    }
+}
+
+fn key_of(meta: &std::fs::Metadata) -> FileKey {
+    FileKey {
         dev: meta.dev(),
         ino: meta.ino(),
         size: meta.size(),
         mtime: meta.mtime(),
+        mtime_nsec: meta.mtime_nsec(),
+    }
+}
+
+/// The `major:minor` (hexadecimal) of a maps line.
+fn device_of(mapping: &Mapping) -> Option<(u32, u32)> {
+    let (major, minor) = mapping.dev.split_once(':')?;
+    Some((
+        u32::from_str_radix(major, 16).ok()?,
+        u32::from_str_radix(minor, 16).ok()?,
+    ))
+}
+
+/// Filesystems on which `stat` and `/proc/PID/maps` disagree about a file's identity.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Disagreement {
+    /// btrfs and bcachefs give each subvolume its own device number in `stat`; maps prints
+    /// the filesystem's. The inode numbers agree.
+    Device,
+    /// Before Linux 6.8, maps gives an overlayfs file's real (layer) device and inode, `stat`
+    /// the overlay's.
+    DeviceAndInode,
+}
+
+fn disagreement(path: &std::path::Path) -> Option<Disagreement> {
+    const BTRFS_SUPER_MAGIC: i64 = 0x9123_683e;
+    const BCACHEFS_SUPER_MAGIC: i64 = 0xca45_1a4e;
+    const OVERLAYFS_SUPER_MAGIC: i64 = 0x794c_7630;
+    let path = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).ok()?;
+    // SAFETY: `statfs` is plain data, valid when zeroed; `statfs()` reads the NUL-terminated
+    // path and only writes into the struct.
+    let f_type = unsafe {
+        let mut fs: libc::statfs = std::mem::zeroed();
+        if libc::statfs(path.as_ptr(), &mut fs) != 0 {
+            return None;
+        }
+        fs.f_type as i64
     };
-    if let Some(found) = cache().lock().ok().and_then(|c| c.get(&key).cloned()) {
-        return Ok(found);
+    match f_type {
+        BTRFS_SUPER_MAGIC | BCACHEFS_SUPER_MAGIC => Some(Disagreement::Device),
+        OVERLAYFS_SUPER_MAGIC => Some(Disagreement::DeviceAndInode),
+        _ => None,
     }
-    let data = procfs::read_bounded(&path, MAX_MODULE_BYTES)?;
-    let facts = Arc::new(
+}
+
+/// Finds the file behind `mapping` by `route` and checks that it is a regular file and the
+/// one the mapping names.
+fn find_via(pid: i32, mapping: &Mapping, route: Route) -> Result<Found> {
+    let path: PathBuf = match route {
+        Route::MapFiles => mapping.map_file(pid),
+        Route::Root => format!("/proc/{pid}/root{}", mapping.path).into(),
+    };
+    let meta = std::fs::metadata(&path)
+        .with_context(|| format!("process {pid}: cannot stat {}", path.display()))?;
+    if !meta.file_type().is_file() {
+        bail!(
+            "process {pid}: {} is not a regular file now; not reading it",
+            mapping.path
+        );
+    }
+    let (major, minor) = device_of(mapping)
+        .with_context(|| format!("process {pid}: bad device {:?} in maps", mapping.dev))?;
+    let same_inode = meta.ino() == mapping.inode;
+    let same = same_inode && libc::major(meta.dev()) == major && libc::minor(meta.dev()) == minor;
+    if !same {
+        // map_files is resolved by the kernel from the mapping itself, so a filesystem that
+        // shows stat and maps different numbers for one file is no sign of a swap there. By
+        // name, it would be: another subvolume can hold another file with the same inode.
+        let excused = route == Route::MapFiles
+            && match disagreement(&path) {
+                Some(Disagreement::Device) => same_inode,
+                Some(Disagreement::DeviceAndInode) => true,
+                None => false,
+            };
+        if !excused {
+            bail!(
+                "process {pid}: {} is not the file it mapped (device and inode differ): \
+                 not reading it",
+                mapping.path
+            );
+        }
+        tracing::debug!(pid, path = %mapping.path, "maps and stat number this filesystem's files differently");
+    }
+    Ok(Found {
+        path,
+        key: key_of(&meta),
+    })
+}
+
+/// The file behind `mapping`, through map_files, or through the process's root if map_files
+/// cannot be used (no CAP_SYS_ADMIN, or the mapping is gone).
+fn find_mapped(pid: i32, mapping: &Mapping) -> Result<Found> {
+    match find_via(pid, mapping, Route::MapFiles) {
+        // Only a failure to reach the file falls back; a file that fails the checks is skipped.
+        Err(e) if e.root_cause().is::<std::io::Error>() => {
+            tracing::debug!(pid, error = %format!("{e:#}"), "map_files unusable; trying the process's root");
+            find_via(pid, mapping, Route::Root)
+        }
+        other => other,
+    }
+}
+
+/// The identity (build-id, kind, segments) of the file behind `mapping` in process `pid`:
+/// its headers, a few KB, read once per file.
+pub fn identity(pid: i32, mapping: &Mapping) -> Result<Arc<Identity>> {
+    let found = find_mapped(pid, mapping)?;
+    fill(identities(), &found, |file| {
+        let id = suture_module::identify(
+            &|offset, buf: &mut [u8]| file.read_exact_at(buf, offset),
+            found.key.size,
+        )
+        .with_context(|| format!("{}: not a usable ELF module", mapping.path))?;
+        Ok(id)
+    })
+}
+
+/// Reads (or recalls) the facts of the file behind `mapping` in process `pid`: the whole file,
+/// once per file.
+pub fn facts(pid: i32, mapping: &Mapping) -> Result<Arc<ModuleFacts>> {
+    let found = find_mapped(pid, mapping)?;
+    fill(full_facts(), &found, |file| {
+        let size = found.key.size;
+        if size > MAX_MODULE_BYTES {
+            bail!("{}: {size} bytes is too large for a module", mapping.path);
+        }
+        let mut data = Vec::with_capacity(usize::try_from(size).unwrap_or(0));
+        file.take(MAX_MODULE_BYTES)
+            .read_to_end(&mut data)
+            .with_context(|| format!("cannot read {}", mapping.path))?;
         ModuleFacts::read(data)
-            .with_context(|| format!("{}: not a usable ELF module", mapping.path))?,
-    );
-    if let Ok(mut c) = cache().lock() {
-        c.insert(key, facts.clone());
-    }
-    Ok(facts)
+            .with_context(|| format!("{}: not a usable ELF module", mapping.path))
+    })
 }
 
 /// A module as mapped in one process.
@@ -160,53 +388,108 @@ impl LoadedModule {
     }
 }
 
-/// Every ELF module mapped in the process (files that aren't ELF are skipped).
-pub fn loaded_modules(pid: i32, maps: &[Mapping]) -> Vec<LoadedModule> {
-    let mut groups: Vec<(&str, u64, Vec<&Mapping>)> = Vec::new();
+/// The mapping with the lowest file offset of each file the process maps (by device and
+/// inode), the one the load bias is computed from.
+fn mapped_files(maps: &[Mapping]) -> Vec<&Mapping> {
+    let mut firsts: Vec<&Mapping> = Vec::new();
+    // (A JIT or a database can map thousands of ranges.)
+    let mut index: HashMap<(&str, u64), usize> = HashMap::new();
     for m in maps.iter().filter(|m| m.is_file()) {
-        match groups
-            .iter_mut()
-            .find(|(dev, ino, _)| *dev == m.dev && *ino == m.inode)
-        {
-            Some(g) => g.2.push(m),
-            None => groups.push((&m.dev, m.inode, vec![m])),
+        match index.entry((m.dev.as_str(), m.inode)) {
+            std::collections::hash_map::Entry::Occupied(i) => {
+                let first = &mut firsts[*i.get()];
+                if m.offset < first.offset {
+                    *first = m;
+                }
+            }
+            std::collections::hash_map::Entry::Vacant(v) => {
+                v.insert(firsts.len());
+                firsts.push(m);
+            }
         }
     }
+    firsts
+}
+
+fn loaded(first: &Mapping, facts: Arc<ModuleFacts>, bias: u64) -> LoadedModule {
+    let (lo, hi) = vaddr_range(&facts.segments);
+    LoadedModule {
+        path: first.path.trim_end_matches(" (deleted)").to_string(),
+        bias,
+        lo: bias.wrapping_add(lo),
+        hi: bias.wrapping_add(hi),
+        dev: first.dev.clone(),
+        inode: first.inode,
+        facts,
+    }
+}
+
+/// Every ELF module mapped in the process (files that aren't ELF are skipped), each read
+/// whole: for a process being patched.
+pub fn loaded_modules(pid: i32, maps: &[Mapping]) -> Vec<LoadedModule> {
     let mut modules = Vec::new();
-    for (_, _, group) in groups {
-        let Some(first) = group.iter().min_by_key(|m| m.offset) else {
+    for first in mapped_files(maps) {
+        let facts = match facts(pid, first) {
+            Ok(f) => f,
+            Err(e) => {
+                tracing::debug!(pid, error = %format!("{e:#}"), "skipping a mapped file");
+                continue;
+            }
+        };
+        let Some(bias) = bias_of(&facts.segments, first) else {
             continue;
         };
-        let Ok(facts) = facts(pid, first) else {
-            continue;
-        };
-        let Some(bias) = bias_of(&facts, first) else {
-            continue;
-        };
-        let (lo, hi) = facts.vaddr_range();
-        modules.push(LoadedModule {
-            path: first.path.trim_end_matches(" (deleted)").to_string(),
-            bias,
-            lo: bias.wrapping_add(lo),
-            hi: bias.wrapping_add(hi),
-            dev: first.dev.clone(),
-            inode: first.inode,
-            facts,
-        });
+        modules.push(loaded(first, facts, bias));
     }
     modules
 }
 
-/// Cheap test for `--all`: does any file mapped by `pid` carry this build-id?
-pub fn find_by_build_id(pid: i32, maps: &[Mapping], build_id: &[u8]) -> Option<LoadedModule> {
-    loaded_modules(pid, maps)
-        .into_iter()
-        .find(|m| m.facts.build_id.as_deref() == Some(build_id))
+/// The mapping (and load bias) of the module with `build_id` in the process, from the files'
+/// identities alone.
+fn locate<'m>(pid: i32, maps: &'m [Mapping], build_id: &[u8]) -> Option<(&'m Mapping, u64)> {
+    mapped_files(maps).into_iter().find_map(|first| {
+        let id = match identity(pid, first) {
+            Ok(id) => id,
+            Err(e) => {
+                tracing::debug!(pid, error = %format!("{e:#}"), "skipping a mapped file");
+                return None;
+            }
+        };
+        if id.build_id.as_deref() != Some(build_id) {
+            return None;
+        }
+        Some((first, bias_of(&id.segments, first)?))
+    })
 }
 
-fn bias_of(facts: &ModuleFacts, mapping: &Mapping) -> Option<u64> {
-    let seg = facts
-        .segments
+/// Whether the process maps a module with `build_id`: reads only the headers of the files it
+/// maps (and each file once for all processes), for scanning a whole host.
+pub fn maps_build_id(pid: i32, maps: &[Mapping], build_id: &[u8]) -> bool {
+    locate(pid, maps, build_id).is_some()
+}
+
+/// The module with `build_id` in the process, read whole (the process is about to be
+/// patched); the other files it maps are only identified.
+pub fn find_by_build_id(pid: i32, maps: &[Mapping], build_id: &[u8]) -> Option<LoadedModule> {
+    let (first, _) = locate(pid, maps, build_id)?;
+    match facts(pid, first) {
+        Ok(facts) if facts.build_id.as_deref() == Some(build_id) => {
+            let bias = bias_of(&facts.segments, first)?;
+            Some(loaded(first, facts, bias))
+        }
+        Ok(_) => {
+            tracing::warn!(pid, path = %first.path, "module changed while being read");
+            None
+        }
+        Err(e) => {
+            tracing::warn!(pid, error = %format!("{e:#}"), "the module with the build-id cannot be read");
+            None
+        }
+    }
+}
+
+fn bias_of(segments: &[LoadSegment], mapping: &Mapping) -> Option<u64> {
+    let seg = segments
         .iter()
         .find(|s| s.offset & !0xfff == mapping.offset)?;
     Some(mapping.start.wrapping_sub(seg.vaddr & !0xfff))
@@ -221,4 +504,43 @@ pub fn executable_tp_offset(tls: &TlsSegment, offset: u64) -> Option<i64> {
     let align = tls.align.max(1);
     let block = tls.memsz.div_ceil(align) * align;
     Some(offset as i64 - block as i64)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::procfs::parse_maps;
+
+    #[test]
+    fn maps_devices_are_hexadecimal_major_minor() {
+        let maps = parse_maps(
+            "1000-2000 r--p 00000000 fe:01 7 /a\n\
+             2000-3000 r--p 00000000 103:1f 7 /b\n\
+             3000-4000 r--p 00000000 zz:01 7 /c\n",
+        )
+        .expect("maps");
+        assert_eq!(device_of(&maps[0]), Some((0xfe, 1)));
+        assert_eq!(device_of(&maps[1]), Some((0x103, 0x1f)));
+        assert_eq!(device_of(&maps[2]), None);
+    }
+
+    #[test]
+    fn one_mapping_per_file_the_lowest_offset() {
+        let maps = parse_maps(
+            "2000-3000 r-xp 00001000 fe:01 7 /lib/a.so\n\
+             1000-2000 r--p 00000000 fe:01 7 /lib/a.so\n\
+             3000-4000 rw-p 00000000 00:00 0\n\
+             4000-5000 r--p 00000000 fe:02 7 /lib/b.so\n\
+             5000-6000 rw-p 00000000 00:00 0 [heap]\n",
+        )
+        .expect("maps");
+        let files = mapped_files(&maps);
+        assert_eq!(
+            files.len(),
+            2,
+            "same inode on another device is another file"
+        );
+        assert_eq!((files[0].start, files[0].offset), (0x1000, 0));
+        assert_eq!(files[1].path, "/lib/b.so");
+    }
 }

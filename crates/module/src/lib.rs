@@ -11,6 +11,7 @@ use object::read::elf::{FileHeader, ProgramHeader, SectionHeader, Sym};
 use object::{Endianness, SymbolIndex};
 
 type Header = elf::FileHeader64<Endianness>;
+type ProgramHeaderEntry = elf::ProgramHeader64<Endianness>;
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum ModuleError {
@@ -24,6 +25,9 @@ pub enum ModuleError {
     Type(u16),
     #[error("malformed ELF: {0}")]
     Malformed(String),
+    /// Reading the file failed (or it is shorter than its headers say).
+    #[error("cannot read the file: {0}")]
+    Io(String),
 }
 
 fn malformed(e: object::Error) -> ModuleError {
@@ -149,12 +153,14 @@ fn build_id_of<'d>(
     data: &'d [u8],
 ) -> Result<Option<&'d [u8]>, ModuleError> {
     for ph in h.program_headers(endian, data).map_err(malformed)? {
-        if let Some(mut notes) = ph.notes(endian, data).map_err(malformed)? {
-            while let Some(note) = notes.next().map_err(malformed)? {
-                if note.name() == elf::ELF_NOTE_GNU && note.n_type(endian) == elf::NT_GNU_BUILD_ID {
-                    return Ok(Some(note.desc()));
-                }
-            }
+        if ph.p_type(endian) != elf::PT_NOTE {
+            continue;
+        }
+        let notes = ph.data(endian, data).map_err(|()| {
+            ModuleError::Malformed("Invalid ELF note segment offset or size".into())
+        })?;
+        if let Some(id) = build_id_in_notes(ph, endian, notes)? {
+            return Ok(Some(id));
         }
     }
     Ok(None)
@@ -166,48 +172,182 @@ pub fn read_build_id(data: &[u8]) -> Result<Option<Vec<u8>>, ModuleError> {
     Ok(build_id_of(h, endian, data)?.map(<[u8]>::to_vec))
 }
 
+fn kind_of(h: &Header, endian: Endianness) -> Result<ModuleKind, ModuleError> {
+    match h.e_type(endian) {
+        elf::ET_EXEC => Ok(ModuleKind::Executable),
+        elf::ET_DYN => Ok(ModuleKind::Dynamic),
+        t => Err(ModuleError::Type(t)),
+    }
+}
+
+/// What the program headers say about where the module lies in memory.
+struct Segments {
+    load: Vec<LoadSegment>,
+    tls: Option<TlsSegment>,
+    eh_frame_hdr: Option<EhFrameHdr>,
+}
+
+/// One decoding of the program headers, shared by [`Module::parse`] and [`identify`] so that
+/// both always agree.
+fn segments_of(phdrs: &[ProgramHeaderEntry], endian: Endianness) -> Segments {
+    let mut out = Segments {
+        load: Vec::new(),
+        tls: None,
+        eh_frame_hdr: None,
+    };
+    for ph in phdrs {
+        let flags = ph.p_flags(endian);
+        match ph.p_type(endian) {
+            elf::PT_LOAD => out.load.push(LoadSegment {
+                vaddr: ph.p_vaddr(endian),
+                memsz: ph.p_memsz(endian),
+                offset: ph.p_offset(endian),
+                filesz: ph.p_filesz(endian),
+                align: ph.p_align(endian),
+                readable: flags & elf::PF_R != 0,
+                writable: flags & elf::PF_W != 0,
+                executable: flags & elf::PF_X != 0,
+            }),
+            elf::PT_GNU_EH_FRAME => {
+                out.eh_frame_hdr = Some(EhFrameHdr {
+                    vaddr: ph.p_vaddr(endian),
+                    offset: ph.p_offset(endian),
+                    size: ph.p_filesz(endian),
+                })
+            }
+            elf::PT_TLS => {
+                out.tls = Some(TlsSegment {
+                    vaddr: ph.p_vaddr(endian),
+                    memsz: ph.p_memsz(endian),
+                    filesz: ph.p_filesz(endian),
+                    align: ph.p_align(endian),
+                })
+            }
+            _ => {}
+        }
+    }
+    out
+}
+
+/// The GNU build-id among the notes of one `PT_NOTE` segment (`data` is its file bytes).
+fn build_id_in_notes<'d>(
+    ph: &ProgramHeaderEntry,
+    endian: Endianness,
+    data: &'d [u8],
+) -> Result<Option<&'d [u8]>, ModuleError> {
+    let mut notes =
+        object::read::elf::NoteIterator::<Header>::new(endian, ph.p_align(endian), data)
+            .map_err(malformed)?;
+    while let Some(note) = notes.next().map_err(malformed)? {
+        if note.name() == elf::ELF_NOTE_GNU && note.n_type(endian) == elf::NT_GNU_BUILD_ID {
+            return Ok(Some(note.desc()));
+        }
+    }
+    Ok(None)
+}
+
+/// What identifies a module and places it in memory, without its symbols or unwind tables:
+/// everything [`identify`] reads.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Identity {
+    pub build_id: Option<Vec<u8>>,
+    pub kind: ModuleKind,
+    pub segments: Vec<LoadSegment>,
+    pub tls: Option<TlsSegment>,
+}
+
+/// At most this many program headers are read ([`identify`]); real modules have about a dozen.
+pub const MAX_PROGRAM_HEADERS: usize = 128;
+/// At most this many bytes of `PT_NOTE` segments are read ([`identify`]); a build-id note is
+/// 36 bytes.
+pub const MAX_NOTE_BYTES: u64 = 64 << 10;
+
+/// Identifies a module from its ELF header, program headers and notes alone: a few KB read
+/// through `read_at(offset, buf)` (which must fill `buf` or fail), whatever the size of the
+/// file. Gives the same answer as [`Module::parse`] for every module that parser accepts and
+/// whose headers stay within [`MAX_PROGRAM_HEADERS`] and [`MAX_NOTE_BYTES`].
+pub fn identify(
+    read_at: &dyn Fn(u64, &mut [u8]) -> std::io::Result<()>,
+    file_len: u64,
+) -> Result<Identity, ModuleError> {
+    let read = |offset: u64, len: u64| -> Result<Vec<u8>, ModuleError> {
+        let end = offset
+            .checked_add(len)
+            .ok_or_else(|| ModuleError::Malformed("offset overflow".into()))?;
+        if end > file_len {
+            return Err(ModuleError::Malformed(format!(
+                "{len} bytes at {offset:#x} lie past the end of the file ({file_len} bytes)"
+            )));
+        }
+        let len = usize::try_from(len).map_err(|_| ModuleError::Malformed("size".into()))?;
+        let mut buf = vec![0u8; len];
+        read_at(offset, &mut buf).map_err(|e| ModuleError::Io(e.to_string()))?;
+        Ok(buf)
+    };
+    let head_len = file_len.min(std::mem::size_of::<Header>() as u64);
+    let head = read(0, head_len)?;
+    let (h, endian) = header(&head)?;
+    let kind = kind_of(h, endian)?;
+    let phoff = h.e_phoff(endian);
+    let phnum = h.e_phnum(endian);
+    if phoff == 0 || phnum == 0 {
+        return Ok(Identity {
+            build_id: None,
+            kind,
+            segments: Vec::new(),
+            tls: None,
+        });
+    }
+    if usize::from(phnum) > MAX_PROGRAM_HEADERS {
+        // Also catches PN_XNUM (0xffff), the escape to a count in section 0.
+        return Err(ModuleError::Malformed(format!(
+            "{phnum} program headers (at most {MAX_PROGRAM_HEADERS} are read)"
+        )));
+    }
+    let entsize = std::mem::size_of::<ProgramHeaderEntry>();
+    if usize::from(h.e_phentsize(endian)) != entsize {
+        return Err(ModuleError::Malformed(
+            "Invalid ELF program header entry size".into(),
+        ));
+    }
+    let table = read(phoff, (entsize * usize::from(phnum)) as u64)?;
+    let (phdrs, _) = object::pod::slice_from_bytes::<ProgramHeaderEntry>(&table, phnum.into())
+        .map_err(|_| ModuleError::Malformed("program header table".into()))?;
+    let Segments { load, tls, .. } = segments_of(phdrs, endian);
+    let mut budget = MAX_NOTE_BYTES;
+    let mut build_id = None;
+    for ph in phdrs.iter().filter(|ph| ph.p_type(endian) == elf::PT_NOTE) {
+        let (offset, size) = ph.file_range(endian);
+        if size > budget {
+            return Err(ModuleError::Malformed(format!(
+                "notes larger than {MAX_NOTE_BYTES} bytes"
+            )));
+        }
+        budget -= size;
+        let notes = read(offset, size)?;
+        if let Some(id) = build_id_in_notes(ph, endian, &notes)? {
+            build_id = Some(id.to_vec());
+            break;
+        }
+    }
+    Ok(Identity {
+        build_id,
+        kind,
+        segments: load,
+        tls,
+    })
+}
+
 impl<'data> Module<'data> {
     pub fn parse(data: &'data [u8]) -> Result<Self, ModuleError> {
         let (h, endian) = header(data)?;
-        let kind = match h.e_type(endian) {
-            elf::ET_EXEC => ModuleKind::Executable,
-            elf::ET_DYN => ModuleKind::Dynamic,
-            t => return Err(ModuleError::Type(t)),
-        };
-        let mut segments = Vec::new();
-        let mut tls = None;
-        let mut eh_frame_hdr = None;
-        for ph in h.program_headers(endian, data).map_err(malformed)? {
-            let flags = ph.p_flags(endian);
-            match ph.p_type(endian) {
-                elf::PT_LOAD => segments.push(LoadSegment {
-                    vaddr: ph.p_vaddr(endian),
-                    memsz: ph.p_memsz(endian),
-                    offset: ph.p_offset(endian),
-                    filesz: ph.p_filesz(endian),
-                    align: ph.p_align(endian),
-                    readable: flags & elf::PF_R != 0,
-                    writable: flags & elf::PF_W != 0,
-                    executable: flags & elf::PF_X != 0,
-                }),
-                elf::PT_GNU_EH_FRAME => {
-                    eh_frame_hdr = Some(EhFrameHdr {
-                        vaddr: ph.p_vaddr(endian),
-                        offset: ph.p_offset(endian),
-                        size: ph.p_filesz(endian),
-                    })
-                }
-                elf::PT_TLS => {
-                    tls = Some(TlsSegment {
-                        vaddr: ph.p_vaddr(endian),
-                        memsz: ph.p_memsz(endian),
-                        filesz: ph.p_filesz(endian),
-                        align: ph.p_align(endian),
-                    })
-                }
-                _ => {}
-            }
-        }
+        let kind = kind_of(h, endian)?;
+        let phdrs = h.program_headers(endian, data).map_err(malformed)?;
+        let Segments {
+            load: segments,
+            tls,
+            eh_frame_hdr,
+        } = segments_of(phdrs, endian);
         let build_id = build_id_of(h, endian, data)?;
         let mut symbols = Vec::new();
         let mut has_symtab = false;
@@ -352,69 +492,22 @@ impl<'data> Module<'data> {
         &self.symbols
     }
 
-    /// Which definition a reference to `name` means: global/weak definitions first (all at one
-    /// address, or ambiguous), then locals (static functions and variables).
+    /// The symbols, for keeping them after the file's bytes are dropped or moved.
+    pub fn into_symbols(self) -> Vec<Symbol> {
+        self.symbols
+    }
+
+    /// Which definition a reference to `name` means (see [`lookup_in`]).
     pub fn lookup(&self, name: &str) -> Lookup<'_> {
-        let named = || self.symbols.iter().filter(move |s| s.name == name);
-        let global: Vec<&Symbol> = named()
-            .filter(|s| s.binding != SymbolBinding::Local)
-            .collect();
-        if let Some(first) = global.first() {
-            if global.iter().all(|s| s.address == first.address) {
-                let best = global
-                    .iter()
-                    .find(|s| s.source == SymbolSource::Symtab)
-                    .or_else(|| global.iter().find(|s| !s.hidden_version))
-                    .unwrap_or(first);
-                return Lookup::Unique(best);
-            }
-            let defaults: Vec<&Symbol> = global
-                .iter()
-                .copied()
-                .filter(|s| !s.hidden_version)
-                .collect();
-            if defaults.len() == 1 {
-                return Lookup::Unique(defaults[0]);
-            }
-            return Lookup::Ambiguous(global);
-        }
-        let mut local: Vec<&Symbol> = named().collect();
-        local.dedup_by_key(|s| s.address);
-        match local.len() {
-            0 => Lookup::NotFound,
-            1 => Lookup::Unique(local[0]),
-            _ => {
-                let first = local[0].address;
-                if local.iter().all(|s| s.address == first) {
-                    Lookup::Unique(local[0])
-                } else {
-                    Lookup::Ambiguous(local)
-                }
-            }
-        }
+        lookup_in(&self.symbols, name)
+    }
+
+    /// Every name the module exports (see [`dynamic_exports_in`]).
+    pub fn dynamic_exports(&self) -> std::collections::HashMap<&str, &Symbol> {
+        dynamic_exports_in(&self.symbols)
     }
 
     /// The exported definition of `name` (from `.dynsym`, preferring the default version).
-    /// Every name the module exports (its dynamic symbol table), each with the definition
-    /// [`Module::lookup_dynamic`] would give: the default version where there are several.
-    /// One pass, for modules with tens of thousands of symbols.
-    pub fn dynamic_exports(&self) -> std::collections::HashMap<&str, &Symbol> {
-        let mut map: std::collections::HashMap<&str, &Symbol> = std::collections::HashMap::new();
-        for s in &self.symbols {
-            if s.source != SymbolSource::Dynsym || s.binding == SymbolBinding::Local {
-                continue;
-            }
-            map.entry(s.name.as_str())
-                .and_modify(|old| {
-                    if old.hidden_version && !s.hidden_version {
-                        *old = s;
-                    }
-                })
-                .or_insert(s);
-        }
-        map
-    }
-
     pub fn lookup_dynamic(&self, name: &str) -> Option<&Symbol> {
         let exported = || {
             self.symbols
@@ -472,4 +565,66 @@ pub fn load_bias(module: &Module, mapping_start: u64, mapping_file_offset: u64) 
         .iter()
         .find(|s| s.offset & !0xfff == mapping_file_offset)?;
     Some(mapping_start.wrapping_sub(seg.vaddr & !0xfff))
+}
+
+/// Which definition a reference to `name` means: global/weak definitions first (all at one
+/// address, or ambiguous), then locals (static functions and variables).
+pub fn lookup_in<'a>(symbols: &'a [Symbol], name: &str) -> Lookup<'a> {
+    let named = || symbols.iter().filter(move |s| s.name == name);
+    let global: Vec<&Symbol> = named()
+        .filter(|s| s.binding != SymbolBinding::Local)
+        .collect();
+    if let Some(first) = global.first() {
+        if global.iter().all(|s| s.address == first.address) {
+            let best = global
+                .iter()
+                .find(|s| s.source == SymbolSource::Symtab)
+                .or_else(|| global.iter().find(|s| !s.hidden_version))
+                .unwrap_or(first);
+            return Lookup::Unique(best);
+        }
+        let defaults: Vec<&Symbol> = global
+            .iter()
+            .copied()
+            .filter(|s| !s.hidden_version)
+            .collect();
+        if defaults.len() == 1 {
+            return Lookup::Unique(defaults[0]);
+        }
+        return Lookup::Ambiguous(global);
+    }
+    let mut local: Vec<&Symbol> = named().collect();
+    local.dedup_by_key(|s| s.address);
+    match local.len() {
+        0 => Lookup::NotFound,
+        1 => Lookup::Unique(local[0]),
+        _ => {
+            let first = local[0].address;
+            if local.iter().all(|s| s.address == first) {
+                Lookup::Unique(local[0])
+            } else {
+                Lookup::Ambiguous(local)
+            }
+        }
+    }
+}
+
+/// Every name the module exports (its dynamic symbol table), each with the definition
+/// [`Module::lookup_dynamic`] would give: the default version where there are several.
+/// One pass, for modules with tens of thousands of symbols.
+pub fn dynamic_exports_in(symbols: &[Symbol]) -> std::collections::HashMap<&str, &Symbol> {
+    let mut map: std::collections::HashMap<&str, &Symbol> = std::collections::HashMap::new();
+    for s in symbols {
+        if s.source != SymbolSource::Dynsym || s.binding == SymbolBinding::Local {
+            continue;
+        }
+        map.entry(s.name.as_str())
+            .and_modify(|old| {
+                if old.hidden_version && !s.hidden_version {
+                    *old = s;
+                }
+            })
+            .or_insert(s);
+    }
+    map
 }

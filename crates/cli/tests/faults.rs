@@ -241,6 +241,7 @@ fn killed_at_every_phase_of_apply_and_revert_the_target_survives_and_recovers() 
                 h.trust.to_str().unwrap(),
             ],
         );
+        eprintln!("apply killed at {point}");
         assert!(killed, "apply never reached fault point {point}");
         let what = format!("apply killed at {point}");
         assert_sound(&mut t, &what);
@@ -250,6 +251,7 @@ fn killed_at_every_phase_of_apply_and_revert_the_target_survives_and_recovers() 
         let (ok, v) = apply_to(&h.p1, t.pid, &h.trust);
         assert!(ok, "{v}");
         let killed = suture_with_fault(point, &["revert", "--pid", &pid]);
+        eprintln!("revert killed at {point}");
         assert!(killed, "revert never reached fault point {point}");
         let what = format!("revert killed at {point}");
         assert_sound(&mut t, &what);

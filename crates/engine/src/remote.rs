@@ -115,9 +115,12 @@ fn find_in(bytes: &[u8], pattern: &[u8]) -> Option<u64> {
 pub fn find_gadgets(mem: &Memory, maps: &[Mapping]) -> Result<Gadgets> {
     let mut syscall_ret = None;
     let mut sigreturn = None;
+    // Only code that stays: the vDSO and mapped files, never memory of ours (a patch's own
+    // landing stub holds the same bytes as a signal restorer, and goes away on revert).
     let mut candidates: Vec<&Mapping> = maps
         .iter()
-        .filter(|m| m.executable && m.path != "[vsyscall]")
+        .filter(|m| m.executable)
+        .filter(|m| m.path == "[vdso]" || (m.is_file() && !m.path.starts_with("/memfd:")))
         .collect();
     candidates.sort_by_key(|m| if m.path == "[vdso]" { 0 } else { 1 });
     for m in candidates {

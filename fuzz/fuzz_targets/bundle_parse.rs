@@ -9,7 +9,11 @@ fuzz_target!(|data: &[u8]| {
     let Ok(b) = Bundle::parse(data) else {
         return;
     };
-    assert_eq!(b.to_bytes(), data, "an accepted bundle must re-encode to its own bytes");
+    assert_eq!(
+        b.to_bytes(),
+        data,
+        "an accepted bundle must re-encode to its own bytes"
+    );
     let _ = b.content_address();
     // Untrusted signer: refused before any signature work.
     assert!(b.verify(&TrustStore::new()).is_err());

@@ -473,11 +473,13 @@ impl<'data> Module<'data> {
 
     /// The file bytes from `vaddr` to the end of the file-backed part of its `PT_LOAD`.
     pub fn bytes_from(&self, vaddr: u64) -> Option<&'data [u8]> {
-        let seg = self
+        // checked_add: a malformed segment can claim to run past the end of the address space.
+        let (_, end) = self
             .segments
             .iter()
-            .find(|s| vaddr >= s.vaddr && vaddr < s.vaddr.saturating_add(s.filesz))?;
-        self.bytes_at(vaddr, seg.vaddr + seg.filesz - vaddr)
+            .filter_map(|s| Some((s.vaddr, s.vaddr.checked_add(s.filesz)?)))
+            .find(|&(start, end)| vaddr >= start && vaddr < end)?;
+        self.bytes_at(vaddr, end - vaddr)
     }
 
     pub fn tls_segment(&self) -> Option<TlsSegment> {

@@ -13,17 +13,21 @@ fn main() {
     if let Some(argv0) = std::env::args().next() {
         suture_build::source::wrapper::maybe_run(&argv0);
     }
+    // SIGINT, SIGTERM and SIGHUP ask the engine to stop at its next phase boundary: what has
+    // not committed is undone, what has is finished, and we exit with one line. A second one
+    // ends us at once (exit 130), for commands that have nothing to undo.
+    let flag = suture_engine::interrupt::flag();
+    for sig in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP] {
+        let registered = signal_hook::flag::register_conditional_shutdown(sig, 130, flag.clone())
+            .and_then(|_| signal_hook::flag::register(sig, flag.clone()));
+        if let Err(e) = registered {
+            eprintln!("warning: cannot handle signal {sig}: {e}");
+        }
+    }
     // Output piped into `head` and closed early ends us quietly, as it does any other tool.
     // SAFETY: restoring a signal's default disposition at start, before any thread exists.
     unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
     let args = cli::Args::parse();
-    // SIGINT, SIGTERM and SIGHUP ask the engine to stop at its next phase boundary: what has
-    // not committed is undone, what has is finished, and we exit with one line.
-    for sig in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP] {
-        if let Err(e) = signal_hook::flag::register(sig, suture_engine::interrupt::flag()) {
-            eprintln!("warning: cannot handle signal {sig}: {e}");
-        }
-    }
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("SUTURE_LOG")

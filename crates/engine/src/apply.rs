@@ -823,7 +823,20 @@ pub fn revert(pid: i32, id: Option<&str>, opts: &ApplyOptions) -> Result<RevertR
     .cloned()
     .ok_or_else(|| match id {
         Some(id) => refused(format!("process {pid} does not carry patch {id}")),
-        None => refused(format!("process {pid} carries no patch")),
+        None if found.is_empty() => refused(format!("process {pid} carries no patch")),
+        None => refused(format!(
+            "process {pid} carries no applied patch ({}); name one to remove it",
+            found
+                .iter()
+                .map(|f| format!(
+                    "{} is {}: {}",
+                    f.name,
+                    f.state.as_str(),
+                    f.reason.as_deref().unwrap_or("")
+                ))
+                .collect::<Vec<_>>()
+                .join("; ")
+        )),
     })?;
     if f.state == PatchState::Invalid {
         return Err(refused(format!(

@@ -669,7 +669,10 @@ fn apply_all_again_skips_processes_that_already_carry_the_patch() {
         &b.trust(),
     ]);
     assert!(ok, "{v}");
-    assert_eq!(v["skipped"], serde_json::json!([first.pid]));
+    assert_eq!(
+        v["skipped"],
+        serde_json::json!([{"pid": first.pid, "reason": "already carries this patch"}])
+    );
     assert_eq!(v["results"][0]["pid"], second.pid);
     assert_eq!(first.ask("compute 2"), "106");
     assert_eq!(second.ask("compute 2"), "106");
@@ -697,6 +700,66 @@ fn target_in_its_own_mount_namespace_is_found_through_its_own_view() {
         !inside.join("target").exists(),
         "the host does not see the binary"
     );
+    let (ok, v) = apply(&b, &p1, t.pid);
+    assert!(ok, "{v}");
+    assert_eq!(t.ask("compute 2"), "106");
+}
+
+#[test]
+fn a_second_operation_on_the_same_process_waits_or_says_one_is_in_progress() {
+    let b = build(Kind::Pie);
+    let mut t = b.start();
+    assert_eq!(t.ask("block"), "ok");
+    let p = b.work.bundle(
+        "target",
+        "blocker.o",
+        &["blocker"],
+        1,
+        &b.key,
+        "blocker2.suture",
+    );
+    // The first one waits (busy) for 3 s while holding the process.
+    let first = std::process::Command::new(env!("CARGO_BIN_EXE_suture"))
+        .args([
+            "--json",
+            "apply",
+            p.to_str().unwrap(),
+            "--pid",
+            &t.pid_arg(),
+            "--trust",
+            &b.trust(),
+            "--timeout-ms",
+            "3000",
+        ])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    let p1 = b
+        .work
+        .bundle(&b.module, "p1.o", &["compute"], 1, &b.key, "p1-lock.suture");
+    let (ok, v) = suture_json(&[
+        "apply",
+        p1.to_str().unwrap(),
+        "--pid",
+        &t.pid_arg(),
+        "--trust",
+        &b.trust(),
+        "--timeout-ms",
+        "200",
+    ]);
+    assert!(!ok, "{v}");
+    assert!(
+        v["error"].as_str().unwrap().contains(&format!(
+            "another suture operation is in progress on pid {}",
+            t.pid
+        )),
+        "{v}"
+    );
+    let out = first.wait_with_output().unwrap();
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["kind"], "busy", "{v}");
+    // Once the first is done, the second goes through.
     let (ok, v) = apply(&b, &p1, t.pid);
     assert!(ok, "{v}");
     assert_eq!(t.ask("compute 2"), "106");

@@ -188,6 +188,23 @@ fn assert_recoverable(h: &Hostile, t: &mut Target, what: &str) {
     assert_sound(t, what);
 }
 
+/// Takes every patch (applied or left over) out of this one process (tests run side by side:
+/// `revert --all` would touch the others' targets).
+fn clean(t: &Target, what: &str) {
+    let pid = t.pid_arg();
+    for _ in 0..4 {
+        let (applied, other) = patches(t.pid);
+        if applied.is_empty() && other.is_empty() {
+            return;
+        }
+        for name in applied.into_iter().rev().chain(other.into_iter().map(|(n, _)| n)) {
+            let (ok, v) = suture_json(&["revert", "--pid", &pid, &name]);
+            assert!(ok, "{what}: cleaning {name}: {v}");
+        }
+    }
+    panic!("{what}: patches keep coming back: {:?}", patches(t.pid));
+}
+
 /// Runs suture with a fault point set; returns whether it was killed by it.
 fn suture_with_fault(fault: &str, args: &[&str]) -> bool {
     let out = Command::new(env!("CARGO_BIN_EXE_suture"))
@@ -256,15 +273,7 @@ fn killed_at_every_phase_of_apply_and_revert_the_target_survives_and_recovers() 
         let what = format!("revert killed at {point}");
         assert_sound(&mut t, &what);
         // Clean whatever is left (a partly reverted or orphaned patch), then the full cycle.
-        let (_, other) = patches(t.pid);
-        for (name, _) in other {
-            let (ok, v) = suture_json(&["revert", "--pid", &pid, &name]);
-            assert!(ok, "{what}: cleaning {name}: {v}");
-        }
-        if !patches(t.pid).0.is_empty() {
-            let (ok, v) = suture_json(&["revert", "--pid", &pid]);
-            assert!(ok, "{what}: {v}");
-        }
+        clean(&t, &what);
         assert_recoverable(&h, &mut t, &what);
     }
     // Superseding level 1 by level 2, killed in its commit and release.
@@ -285,8 +294,7 @@ fn killed_at_every_phase_of_apply_and_revert_the_target_survives_and_recovers() 
         assert!(killed, "supersede never reached {point}");
         let what = format!("supersede killed at {point}");
         assert!(assert_sound(&mut t, &what), "{what}: one level stays live");
-        let (ok, v) = suture_json(&["revert", "--all"]);
-        assert!(ok, "{what}: {v}");
+        clean(&t, &what);
         assert_eq!(t.ask("compute 2"), "7", "{what}");
         let (applied, other) = patches(t.pid);
         assert!(
@@ -394,8 +402,7 @@ fn random_trials(kind: Fault, trials: usize) {
         );
         assert_sound(&mut t, &what);
         // Clean up for the next trial; whatever is left must be removable.
-        let (ok, v) = suture_json(&["revert", "--all"]);
-        assert!(ok, "{what}: cleanup: {v}");
+        clean(&t, &what);
         let (applied, other) = patches(t.pid);
         assert!(
             applied.is_empty() && other.is_empty(),

@@ -162,10 +162,34 @@ impl Prepared<'_> {
     }
 }
 
+/// A failure that is really the process replacing its program: our handle on its memory
+/// (opened before) reads nothing any more while the process lives on.
+fn explain(pid: i32, mem: &Memory, maps: &[Mapping], e: EngineError) -> EngineError {
+    if let EngineError::Failed(_) = e {
+        let readable = maps.iter().filter(|m| m.readable).take(3);
+        let mut probed = false;
+        let mut any = false;
+        for m in readable {
+            probed = true;
+            any |= mem.read(m.start, 1).is_ok();
+        }
+        if probed && !any && procfs::exists(pid) {
+            return EngineError::Exited(ProcessExeced { pid }.to_string());
+        }
+    }
+    e
+}
+
 /// Applies a bundle (whose signature the caller has verified) to process `pid`.
 pub fn apply(pid: i32, bundle: &Bundle, opts: &ApplyOptions) -> Result<ApplyReport> {
     let _lock = take_lock(pid, opts)?;
     let p = prepare(pid, bundle)?;
+    apply_prepared(&p, opts).map_err(|e| explain(pid, &p.mem, &p.maps, e))
+}
+
+/// Phases map, commit and release of apply.
+fn apply_prepared(p: &Prepared, opts: &ApplyOptions) -> Result<ApplyReport> {
+    let (pid, bundle) = (p.pid, p.bundle);
     if interrupt::requested() {
         return Err(EngineError::Interrupted(format!(
             "interrupted before process {pid} was touched"
@@ -174,7 +198,7 @@ pub fn apply(pid: i32, bundle: &Bundle, opts: &ApplyOptions) -> Result<ApplyRepo
     let mut session = Session::seize(pid).map_err(|e| exited_or(pid, e))?;
     let threads = session.thread_count();
     let t_prep = Instant::now();
-    let mapped = map(&mut session, &p)?;
+    let mapped = map(&mut session, p)?;
     let prep_us = t_prep.elapsed().as_micros() as u64;
     debug!(
         pid,
@@ -184,15 +208,15 @@ pub fn apply(pid: i32, bundle: &Bundle, opts: &ApplyOptions) -> Result<ApplyRepo
     );
     fault::point("apply:mapped");
     if interrupt::requested() {
-        undo_map(&mut session, &p, &mapped);
+        undo_map(&mut session, p, &mapped);
         return Err(EngineError::Interrupted(format!(
             "interrupted; process {pid} was left as it was"
         )));
     }
-    let (stopped_us, attempts) = match commit(&mut session, &p, &mapped, opts) {
+    let (stopped_us, attempts) = match commit(&mut session, p, &mapped, opts) {
         Ok(v) => v,
         Err(e) => {
-            undo_map(&mut session, &p, &mapped);
+            undo_map(&mut session, p, &mapped);
             return Err(e);
         }
     };
@@ -227,7 +251,7 @@ pub fn apply(pid: i32, bundle: &Bundle, opts: &ApplyOptions) -> Result<ApplyRepo
         pid,
         patch: m.id.clone(),
         level: m.level,
-        replaced: p.prev.map(|p| p.id),
+        replaced: p.prev.as_ref().map(|p| p.id.clone()),
         functions: p.targets.len(),
         threads,
         stopped_us,
@@ -812,6 +836,17 @@ pub fn revert(pid: i32, id: Option<&str>, opts: &ApplyOptions) -> Result<RevertR
     }
     let maps = procfs::read_maps(pid).map_err(|e| exited_or(pid, e))?;
     let mem = Memory::open(pid).map_err(|e| exited_or(pid, e))?;
+    revert_in(pid, id, opts, &maps, &mem).map_err(|e| explain(pid, &mem, &maps, e))
+}
+
+fn revert_in(
+    pid: i32,
+    id: Option<&str>,
+    opts: &ApplyOptions,
+    maps: &[Mapping],
+    mem: &Memory,
+) -> Result<RevertReport> {
+    let (maps, mem) = (maps.to_vec(), mem);
     let found = record::found_patches(&mem, &maps);
     let f = match id {
         Some(id) => found.iter().find(|f| f.name == id),

@@ -29,7 +29,12 @@ fn main() {
         Ok(code) => code,
         Err(e) => {
             output::error(json, &e);
-            1
+            // A refusal is a correct answer (the fix needs a restart), not a tool failure.
+            if suture_build::source::refusal_of(&e).is_some() {
+                3
+            } else {
+                1
+            }
         }
     };
     std::process::exit(code);

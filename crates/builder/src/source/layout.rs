@@ -18,7 +18,7 @@ use gimli::{AttributeValue, DwTag, EndianSlice, LittleEndian, UnitOffset};
 use object::read::elf::ElfFile64;
 use object::{Object, ObjectSection, ObjectSymbol, RelocationTarget};
 
-use super::differ::refuse;
+use super::refusal::{refuse, RefusalKind};
 
 /// The layout of one aggregate type, as the compiler laid it out.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -80,10 +80,13 @@ pub fn check(orig: &ElfFile64<'_>, patched: &ElfFile64<'_>) -> Result<()> {
             continue;
         };
         if a != b {
-            return Err(refuse(format!(
-                "the layout of `{name}` changed ({}) and existing data has that type ({why})",
-                explain(a, b)
-            )));
+            return Err(refuse(
+                RefusalKind::Layout,
+                format!(
+                    "the layout of `{name}` changed ({}) and existing data has that type ({why})",
+                    explain(a, b)
+                ),
+            ));
         }
     }
     Ok(())

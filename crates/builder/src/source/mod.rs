@@ -19,6 +19,7 @@ pub mod eh_frame;
 pub mod emit;
 pub mod layout;
 pub mod lines;
+pub mod refusal;
 pub mod tree;
 pub mod wrapper;
 
@@ -32,8 +33,10 @@ use suture_bundle::{FunctionPatch, Manifest, ModuleRef, FORMAT_VERSION};
 use suture_detour::check_site;
 use suture_module::Module;
 
-use differ::{compare, include, ModuleSymbols, Obj};
+use differ::{compare, include, ModuleSymbols, Obj, UnitBinding};
 use emit::{emit, Unit};
+use refusal::refuse;
+pub use refusal::{refusal_of, Refusal, RefusalKind};
 
 /// `-g` gives the differ the struct layouts to check; it does not change the code gcc emits.
 /// `-mno-direct-extern-access` (gcc 12+, where accepted) makes executables reach external data
@@ -214,9 +217,9 @@ pub fn build_from_source(fix: &SourceFix, progress: &mut dyn FnMut(&str)) -> Res
     };
     let mut found = Vec::new();
     for (o, p, rel) in &parsed {
-        let mut changes = compare(o, p).with_context(|| format!("in {}", rel.display()))?;
+        let mut changes = in_file(compare(o, p), rel)?;
         if !new_files.contains(rel) {
-            layout::check(&o.file, &p.file).with_context(|| format!("in {}", rel.display()))?;
+            in_file(layout::check(&o.file, &p.file), rel)?;
         }
         let sources = sources_of(rel);
         for key in keep_line_number_only(o, p, &mut changes, &sources, &|a, b| {
@@ -230,42 +233,63 @@ pub fn build_from_source(fix: &SourceFix, progress: &mut dyn FnMut(&str)) -> Res
             continue;
         }
         let inclusion = include(p, &changes)?;
-        found.push((p, changes, inclusion, sources));
+        found.push((o, p, rel, changes, inclusion, sources));
     }
     if found.is_empty() {
-        bail!("the fix changes no code of {target_name}: nothing to patch (no bundle written)");
+        return Err(refuse(
+            RefusalKind::NoCodeChange,
+            format!("the fix changes no code of {target_name} (no bundle written)"),
+        ));
     }
+    let bindings: Vec<UnitBinding> = found
+        .iter()
+        .map(|(o, p, rel, ..)| UnitBinding {
+            module: &module_symbols,
+            orig: o,
+            patched: p,
+            placement: module_symbols.place(o, &plain_module),
+            label: rel.display().to_string(),
+        })
+        .collect();
     let units: Vec<Unit> = found
         .iter()
-        .map(|(p, changes, inclusion, _)| Unit {
+        .zip(&bindings)
+        .map(|((_, p, _, changes, inclusion, _), binding)| Unit {
             obj: p,
             changes,
             inclusion,
+            binding,
         })
         .collect();
-    let emitted = emit(&units, &module_symbols)?;
+    let emitted = emit(&units)?;
 
-    // The functions to detour: changed ones that exist in the deployed module.
-    let mut functions = Vec::new();
-    for (p, changes, _, sources) in &found {
+    // The functions to detour: changed ones that exist in the deployed module, once per
+    // address (aliases are one function).
+    let mut functions: Vec<FunctionPatch> = Vec::new();
+    for (ui, ((_, p, _, changes, _, sources), binding)) in found.iter().zip(&bindings).enumerate() {
         for key in &changes.changed {
             let Some(entity) = p.entities.get(key) else {
                 continue;
             };
-            let Some(def) = module_symbols.find(&p.source_name, &entity.name, entity.local)? else {
+            let Some(def) = binding.by_key(key)? else {
                 continue; // fully inlined in the deployed build: its callers are included instead
             };
+            if functions.iter().any(|f| f.address == def.address) {
+                continue;
+            }
             let code = deployed_module
                 .bytes_at(def.address, def.size)
                 .ok_or_else(|| anyhow!("`{}`: no code in the deployed file", entity.name))?;
             check_site(def.address, code).map_err(|e| {
-                anyhow::Error::new(differ::NotPatchable {
-                    what: format!("`{}`: {e}", entity.name),
-                })
+                let kind = match e {
+                    suture_detour::SiteError::TooShort { .. } => RefusalKind::TooShort,
+                    _ => RefusalKind::DetourSite,
+                };
+                refuse(kind, format!("`{}`: {e}", entity.name))
             })?;
             let replacement = emitted
                 .replacements
-                .get(&(p.source_name.clone(), key.clone()))
+                .get(&(ui, key.clone()))
                 .cloned()
                 .ok_or_else(|| anyhow!("`{}` missing from the patch object", entity.name))?;
             functions.push(FunctionPatch {
@@ -302,7 +326,10 @@ pub fn build_from_source(fix: &SourceFix, progress: &mut dyn FnMut(&str)) -> Res
         );
     }
     if functions.is_empty() {
-        bail!("the fix changes no function of {target_name} that can be detoured: nothing to patch (no bundle written)");
+        return Err(refuse(
+            RefusalKind::NoCodeChange,
+            format!("the fix changes no function of {target_name} that can be detoured (no bundle written)"),
+        ));
     }
     functions.sort_by_key(|f| f.address);
     summary.build_seconds = started.elapsed().as_secs_f64();
@@ -337,6 +364,18 @@ pub fn build_from_source(fix: &SourceFix, progress: &mut dyn FnMut(&str)) -> Res
         manifest,
         object: emitted.object,
         summary,
+    })
+}
+
+/// Names the file an error is about: a refusal keeps its one-line form `cannot be
+/// live-patched (reason): … in FILE`, other errors get it as context.
+fn in_file<T>(r: Result<T>, rel: &Path) -> Result<T> {
+    r.map_err(|e| match refusal_of(&e) {
+        Some(r) => anyhow::Error::new(Refusal::new(
+            r.reason,
+            format!("{} (in {})", r.message, rel.display()),
+        )),
+        None => e.context(format!("in {}", rel.display())),
     })
 }
 

@@ -36,6 +36,12 @@ struct Case<'a> {
     checks: &'a [(&'a str, &'a str, &'a str)],
 }
 
+/// Writes a project file, creating its folder.
+fn write_file(path: &Path, body: &str) {
+    std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+    std::fs::write(path, body).unwrap();
+}
+
 struct Project {
     work: Work,
     key: PathBuf,
@@ -59,11 +65,11 @@ impl Project {
                 std::fs::write(d.join("main.c"), m).unwrap();
             }
             for (name, body) in files {
-                std::fs::write(d.join(name), body).unwrap();
+                write_file(&d.join(name), body);
             }
         }
         for (name, body) in fixed {
-            std::fs::write(work.path("fixed").join(name), body).unwrap();
+            write_file(&work.path("fixed").join(name), body);
         }
         let diff = Command::new("diff")
             .args(["-ruN", "src", "fixed"])
@@ -847,4 +853,125 @@ fn changed_main_loop_is_built_but_refused_as_busy_while_it_runs() {
     assert!(v["error"].as_str().unwrap().contains("`main`"), "{v}");
     assert_same_memory(&before, &snapshot(t.pid));
     assert_eq!(t.ask("abcdef"), "big");
+}
+
+// ---------------------------------------------------------------------------------------
+// Real-world patchability: what stopped `suture build` on Debian security fixes.
+
+/// Answers `"<a_score> <b_score>"` for the input's length; `a/util.c` and `b/util.c` are two
+/// files of one name, each with an `assert` (a `__PRETTY_FUNCTION__.N` of the same number).
+const UTIL_MAIN: &str = "#include <stdio.h>\n#include <string.h>\nint a_score(int n);\nint b_score(int n);\nconst char *answer(const char *in) { static char b[64]; int n = (int)strlen(in); snprintf(b, sizeof b, \"%d %d\", a_score(n), b_score(n)); return b; }\n";
+const UTIL_MAKEFILE: &str = "CFLAGS ?= -O2 -g\napp: main.o lib.o a/util.o b/util.o\n\t$(CC) $(CFLAGS) -o app $^\n%.o: %.c\n\t$(CC) $(CFLAGS) -c $< -o $@\n";
+
+#[test]
+fn real_world_two_files_named_util_c_each_with_an_assert() {
+    let a = "#include <assert.h>\n__attribute__((noinline)) int a_score(int n) { assert(n >= 0); return n * 2; }\n__attribute__((noinline)) int a_other(int n) { assert(n < 100000); return n + 1; }\n";
+    let b = "#include <assert.h>\n__attribute__((noinline)) int b_score(int n) { assert(n >= 0); return n * 3; }\n";
+    // The fix adds a function with its own assert above `b_score`: gcc's numbers shift.
+    let b_fixed = "#include <assert.h>\n__attribute__((noinline)) int b_limit(int n) { assert(n != 12345); return n > 5 ? 5 : n; }\n__attribute__((noinline)) int b_score(int n) { assert(n >= 0); return b_limit(n) * 30; }\n";
+    let p = Project::new(
+        &[("lib.c", UTIL_MAIN), ("a/util.c", a), ("b/util.c", b)],
+        &[("b/util.c", b_fixed)],
+        None,
+        Some(UTIL_MAKEFILE),
+    );
+    let (v, _t) = live(
+        &p,
+        &[("abc", "6 9", "6 90"), ("abcdefgh", "16 24", "16 150")],
+    );
+    let s = &v["summary"];
+    assert_eq!(s["changed"], serde_json::json!(["b_score (util.c)"]), "{v}");
+    assert!(s["new_functions"].to_string().contains("b_limit"), "{v}");
+    // b_limit's own __PRETTY_FUNCTION__ is new data; b_score's is the deployed one.
+    assert!(
+        s["new_data"]
+            .to_string()
+            .contains("__PRETTY_FUNCTION__@b_limit"),
+        "{v}"
+    );
+}
+
+#[test]
+fn real_world_static_const_char_module_in_every_function() {
+    // libtiff's pattern, plus a function-local counter whose state must carry on.
+    let f = |extra: &str, sep: &str| {
+        format!("#include <stdio.h>\n#include <string.h>\n{extra}__attribute__((noinline)) const char *first(int n) {{ static const char module[] = \"first\"; static int calls; static char b[64]; calls++; snprintf(b, sizeof b, \"%s{sep}%d#%d\", module, n, calls); return b; }}\n__attribute__((noinline)) const char *second(int n) {{ static const char module[] = \"second\"; static char b[64]; snprintf(b, sizeof b, \"%s:%d\", module, n); return b; }}\nconst char *answer(const char *in) {{ int n = (int)strlen(in); return n > 3 ? first(n) : second(n); }}\n")
+    };
+    let a = f("", ":");
+    // The fix adds a function with a `module` of its own before the others, and changes
+    // `first`: every `module.N` and `calls.N` is renumbered.
+    let b = f(
+        "__attribute__((noinline)) int zero(int n) { static const char module[] = \"zero\"; static int seen; seen += n; return seen + (int)sizeof module; }\n",
+        "=",
+    );
+    let p = Project::new(&[("lib.c", &a)], &[("lib.c", &b)], None, None);
+    let (v, mut t) = live(
+        &p,
+        &[
+            ("abcd", "first:4#1", "first=4#2"),
+            ("ab", "second:2", "second:2"),
+        ],
+    );
+    assert_eq!(
+        v["summary"]["changed"],
+        serde_json::json!(["first (lib.c)"]),
+        "{v}"
+    );
+    assert_eq!(
+        t.ask("abcde"),
+        "first=5#3",
+        "the deployed counter carried on"
+    );
+}
+
+#[test]
+fn real_world_exported_function_with_an_internal_alias() {
+    // libxml2's pattern: the code is defined under a hidden `__internal_alias` name that
+    // the library's own callers use, and exported under the public name as an alias.
+    let f = |big: &str| {
+        format!("#include <string.h>\n__attribute__((visibility(\"hidden\"))) const char *answer__internal_alias(const char *in) {{ return strlen(in) > 3 ? \"{big}\" : \"small\"; }}\nextern __typeof(answer__internal_alias) answer __attribute__((alias(\"answer__internal_alias\")));\n__attribute__((noinline)) const char *twice(const char *in) {{ return answer__internal_alias(in); }}\n")
+    };
+    let p = Project::new(&[("lib.c", &f("big"))], &[("lib.c", &f("BIG"))], None, None);
+    let (v, _t) = live(&p, &[("abcdef", "big", "BIG"), ("ab", "small", "small")]);
+    assert_eq!(
+        v["summary"]["changed"],
+        serde_json::json!(["answer (lib.c)"]),
+        "{v}"
+    );
+    let (ok, m) = suture_json(&["inspect", p.work.path("fix.suture").to_str().unwrap()]);
+    assert!(ok, "{m}");
+    let functions = m["manifest"]["functions"].as_array().unwrap();
+    let answer = functions
+        .iter()
+        .filter(|f| f["symbol"].as_str().unwrap().starts_with("answer"))
+        .count();
+    assert_eq!(answer, 1, "one function, one entry: {m}");
+    let mut addresses: Vec<u64> = functions
+        .iter()
+        .map(|f| f["address"].as_u64().unwrap())
+        .collect();
+    addresses.dedup();
+    assert_eq!(addresses.len(), functions.len(), "{m}");
+}
+
+#[test]
+fn real_world_build_that_strips_at_link_time() {
+    // `-s` in the package's own LDFLAGS, and `install -s`: the deployed binary has no symbol
+    // table, the builds Suture compares keep theirs.
+    let makefile = "CFLAGS ?= -O2 -g\nLDFLAGS = -s -Wl,-z,relro,--strip-all\napp: app.tmp\n\tinstall -s -m 755 app.tmp app\napp.tmp: main.o lib.o\n\t$(CC) $(CFLAGS) $(LDFLAGS) -o app.tmp main.o lib.o\n%.o: %.c\n\t$(CC) $(CFLAGS) -c $< -o $@\n";
+    let p = Project::new(
+        &[("lib.c", SIMPLE)],
+        &[("lib.c", SIMPLE_FIXED)],
+        None,
+        Some(makefile),
+    );
+    let nm = Command::new("nm")
+        .arg(p.work.path("src/app"))
+        .output()
+        .unwrap();
+    assert!(
+        String::from_utf8_lossy(&nm.stderr).contains("no symbols"),
+        "the deployed binary should be stripped"
+    );
+    apply_and_check(&p, &p.work.path("src/app"), "app");
 }

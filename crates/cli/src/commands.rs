@@ -135,6 +135,9 @@ pub fn run(args: Args) -> Result<i32> {
                 for f in &s.changed_rodata {
                     println!("new copy of read-only data {f}");
                 }
+                for f in &s.noise {
+                    println!("noise        {f} (differs between builds of the same source; the fix cannot reach it: left as it runs)");
+                }
                 println!(
                     "wrote {} ({}, level {}, {} bytes) in {:.1} s",
                     out.display(),

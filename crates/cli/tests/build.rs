@@ -137,15 +137,26 @@ fn live(p: &Project, checks: &[(&str, &str, &str)]) -> (serde_json::Value, Targe
     (v, t)
 }
 
-/// The fix must be refused with `reason` in the message, and no bundle written.
-fn refused(files: &[(&str, &str)], fixed: &[(&str, &str)], reason: &str) {
+/// The fix must be refused with reason code `code` and `reason` in the message, and no
+/// bundle written.
+fn refused(files: &[(&str, &str)], fixed: &[(&str, &str)], code: &str, reason: &str) {
     let p = Project::new(files, fixed, None, None);
+    assert_refused(&p, code, reason);
+}
+
+/// A refusal in `--json`: kind `refused`, the reason code, exit code 3, no bundle.
+fn assert_refused(p: &Project, code: &str, reason: &str) {
     let out = p.build(&p.work.path("src/app"), "app", "fix.suture");
-    assert!(
-        !out.status.success(),
-        "a fix that cannot be live was accepted"
+    assert_eq!(
+        out.status.code(),
+        Some(3),
+        "a refusal exits with 3: {}{}",
+        stderr(&out),
+        String::from_utf8_lossy(&out.stdout)
     );
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["kind"], "refused", "{v}");
+    assert_eq!(v["reason"], code, "{v}");
     let msg = v["error"].as_str().unwrap();
     assert!(msg.contains(reason), "expected {reason:?} in {msg:?}");
     assert!(
@@ -339,7 +350,12 @@ fn functions_that_only_record_moved_line_numbers_are_kept_as_they_run() {
 fn line_moves_only_produce_no_bundle() {
     let a = "#include <string.h>\nconst char *answer(const char *in) { return strlen(in) ? \"yes\" : \"no\"; }\n";
     let b = "#include <string.h>\n\n\n/* moved down */\n\nconst char *answer(const char *in) { return strlen(in) ? \"yes\" : \"no\"; }\n";
-    refused(&[("lib.c", a)], &[("lib.c", b)], "nothing to patch");
+    refused(
+        &[("lib.c", a)],
+        &[("lib.c", b)],
+        "no-code-change",
+        "nothing to patch",
+    );
 }
 
 #[test]
@@ -348,10 +364,11 @@ fn changed_initial_value_of_existing_data_is_refused() {
         format!("#include <stdio.h>\nint limit = {v};\nconst char *answer(const char *in) {{ static char b[16]; snprintf(b, sizeof b, \"%d\", limit + in[0]); return b; }}\n")
     };
     let (a, b) = (f("8"), f("9"));
-    refused(&[("lib.c", &a)], &[("lib.c", &b)], NOT_LIVE);
+    refused(&[("lib.c", &a)], &[("lib.c", &b)], "data-init", NOT_LIVE);
     refused(
         &[("lib.c", &a)],
         &[("lib.c", &b)],
+        "data-init",
         "initial value of existing data `limit`",
     );
 }
@@ -365,6 +382,7 @@ fn changed_size_of_existing_data_is_refused() {
     refused(
         &[("lib.c", &a)],
         &[("lib.c", &b)],
+        "data-init",
         "size of existing data `table`",
     );
 }
@@ -376,10 +394,11 @@ fn changed_struct_layout_used_by_existing_data_is_refused() {
         format!("#include <stdio.h>\n#include <stdlib.h>\nstruct session {{ {fields} }};\nstatic struct session *current;\nconst char *answer(const char *in) {{ static char b[32]; if (!current) {{ current = calloc(1, sizeof *current); current->limit = 3; }} current->hits++; snprintf(b, sizeof b, \"%d/%d%c\", current->hits, current->limit, in[0]); return b; }}\n")
     };
     let (a, b) = (f("int hits; int limit;"), f("int limit; int hits;"));
-    refused(&[("lib.c", &a)], &[("lib.c", &b)], NOT_LIVE);
+    refused(&[("lib.c", &a)], &[("lib.c", &b)], "layout", NOT_LIVE);
     refused(
         &[("lib.c", &a)],
         &[("lib.c", &b)],
+        "layout",
         "layout of `struct session` changed (member `hits` moved from offset 0 to 4",
     );
 }
@@ -404,6 +423,7 @@ fn changed_thread_local_is_refused() {
     refused(
         &[("lib.c", &a)],
         &[("lib.c", &b)],
+        "tls",
         "thread-local variable `tl`",
     );
 }
@@ -417,6 +437,7 @@ fn changed_constructor_is_refused() {
     refused(
         &[("lib.c", &a)],
         &[("lib.c", &b)],
+        "constructor",
         "constructor or destructor `init` changed",
     );
 }
@@ -430,6 +451,7 @@ fn function_too_short_for_a_detour_is_refused() {
     refused(
         &[("lib.c", &a)],
         &[("lib.c", &b)],
+        "too-short",
         "shorter than the 5-byte detour",
     );
 }
@@ -714,8 +736,9 @@ fn a_failing_build_says_why_and_keeps_its_log() {
         "--out",
         p.work.path("fix.suture").to_str().unwrap(),
     ]);
-    assert!(!out.status.success());
+    assert_eq!(out.status.code(), Some(1), "a tool failure exits with 1");
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["kind"], "error", "{v}");
     let msg = v["error"].as_str().unwrap();
     assert!(msg.contains("build command failed"), "{msg}");
     assert!(msg.contains("fatal: libfoo.h: No such file"), "{msg}");
@@ -974,4 +997,67 @@ fn real_world_build_that_strips_at_link_time() {
         "the deployed binary should be stripped"
     );
     apply_and_check(&p, &p.work.path("src/app"), "app");
+}
+
+/// A project whose `version.c` embeds `__DATE__`/`__TIME__` and a header generated at every
+/// build with the time, the host, a random number and (`NLINES`) something of the tree.
+const NOISY_MAKEFILE: &str = "CFLAGS ?= -O2 -g\napp: main.o lib.o version.o\n\t$(CC) $(CFLAGS) -o app main.o lib.o version.o\nversion.o: version.c stamp.h\n\t$(CC) $(CFLAGS) -c version.c -o version.o\n%.o: %.c\n\t$(CC) $(CFLAGS) -c $< -o $@\n.PHONY: stamp.h\nstamp.h:\n\techo \"#define STAMP \\\"$$(date +%s) $$(date) $$(hostname)\\\"\" > stamp.h\n\techo \"#define RANDOM_ID \\\"$$(od -An -N4 -tx4 /dev/urandom | tr -d ' ')\\\"\" >> stamp.h\n\techo \"#define NLINES $(NLINES)\" >> stamp.h\n";
+const VERSION_C: &str = "#include \"stamp.h\"\nconst char *version(void) { return __DATE__ \" \" __TIME__ \" \" STAMP; }\n__attribute__((noinline)) const char *build_id(void) { return RANDOM_ID; }\n__attribute__((noinline)) int source_lines(void) { return NLINES + 0; }\n";
+const NOISY_LIB: &str = "#include <string.h>\nconst char *version(void);\nconst char *build_id(void);\nint source_lines(void);\nconst char *answer(const char *in) { if (!strcmp(in, \"v\")) return version(); if (!build_id()[0] && source_lines() == -1) return \"?\"; return strlen(in) > 3 ? \"big\" : \"small\"; }\n";
+
+fn noisy_project(nlines: &str, fixed_lib: &str) -> Project {
+    let makefile = format!("NLINES = {nlines}\n{NOISY_MAKEFILE}");
+    Project::new(
+        &[("lib.c", NOISY_LIB), ("version.c", VERSION_C)],
+        &[("lib.c", fixed_lib)],
+        None,
+        Some(&makefile),
+    )
+}
+
+#[test]
+fn real_world_build_time_noise_is_not_a_change() {
+    let p = noisy_project("0", &NOISY_LIB.replace("\"big\"", "\"BIG\""));
+    let deployed = p.work.path("src/app");
+    let mut t = Target::start(&deployed, None);
+    let version = t.ask("v");
+    assert_eq!(t.ask("abcdef"), "big");
+    let out = p.build(&deployed, "app", "fix.suture");
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+    assert!(out.status.success(), "{}{v}", stderr(&out));
+    let s = &v["summary"];
+    assert_eq!(s["changed"], serde_json::json!(["answer (lib.c)"]), "{v}");
+    assert_eq!(s["pulled_in"], serde_json::json!([]), "{v}");
+    // The random id differs from build to build: reported, left as it runs.
+    assert_eq!(
+        s["noise"],
+        serde_json::json!(["build_id (version.c)"]),
+        "{v}"
+    );
+    let (ok, a) = apply_to(&p.work.path("fix.suture"), t.pid, &p.public);
+    assert!(ok, "{a}");
+    assert_eq!(t.ask("abcdef"), "BIG");
+    assert_eq!(
+        t.ask("v"),
+        version,
+        "the deployed version string is untouched"
+    );
+}
+
+#[test]
+fn real_world_fix_with_only_build_noise_is_no_code_change() {
+    // The fix changes a comment: the only differences are the build's own noise.
+    let p = noisy_project("0", &format!("/* checked */\n{NOISY_LIB}"));
+    assert_refused(&p, "no-code-change", "the fix changes no code of app");
+}
+
+#[test]
+fn real_world_change_the_diff_cannot_explain_is_refused() {
+    // The generated header counts the lines of lib.c: the fix (to lib.c only) changes
+    // `source_lines` in version.c through the build, not through the code.
+    let p = noisy_project(
+        "$(shell cat lib.c | wc -l)",
+        &format!("/* BIG */\n{}", NOISY_LIB.replace("\"big\"", "\"BIG\"")),
+    );
+    assert_refused(&p, "untraceable", "`source_lines` of version.c changed");
 }

@@ -114,6 +114,24 @@ impl Entity {
         self.size == other.size && self.data == other.data && self.rels == other.rels
     }
 
+    /// [`same_as`](Self::same_as), except that anonymous constants count by content only:
+    /// a build with `-ffunction-sections` puts a function's jump table in a section of its
+    /// own name, one without in `.rodata`.
+    pub fn same_code_as(&self, other: &Entity) -> bool {
+        let unnamed = |t: &Target| match t {
+            Target::Bytes(_, b) => Target::Bytes(String::new(), b.clone()),
+            t => t.clone(),
+        };
+        self.size == other.size
+            && self.data == other.data
+            && self.rels.len() == other.rels.len()
+            && self.rels.iter().zip(&other.rels).all(|(a, b)| {
+                a.offset == b.offset
+                    && a.r_type == b.r_type
+                    && unnamed(&a.target) == unnamed(&b.target)
+            })
+    }
+
     /// Whether `other` is this function with only some instructions' immediate operands
     /// changed, each from `a` to `b` with `accept(a, b)`: same instructions, same lengths,
     /// same relocations.
@@ -571,9 +589,16 @@ impl Changes {
 }
 
 /// Correlate, compare and verify one object pair.
-pub fn compare(orig: &Obj, patched: &Obj) -> Result<Changes> {
+pub fn compare(
+    orig: &Obj,
+    patched: &Obj,
+    noise: &std::collections::BTreeSet<String>,
+) -> Result<Changes> {
     let mut c = Changes::default();
     for (key, p) in &patched.entities {
+        if noise.contains(key) {
+            continue;
+        }
         match orig.entities.get(key) {
             Some(o) if o.same_as(p) => {}
             Some(o) => match p.kind {

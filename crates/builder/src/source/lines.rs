@@ -51,6 +51,38 @@ impl LineMap {
     }
 }
 
+impl LineMap {
+    /// Whether the diff touches `file` (relative to the tree).
+    pub fn touches(&self, file: &Path) -> bool {
+        self.files.iter().any(|(path, _)| names(path, file))
+    }
+
+    /// Whether `path` (from debug info: absolute, or relative to the build folder) is a file
+    /// the diff touches.
+    pub fn touches_path(&self, path: &Path) -> bool {
+        self.files.iter().any(|(p, _)| {
+            let p = Path::new(p);
+            let without_prefix: std::path::PathBuf = p.components().skip(1).collect();
+            (p.components().count() > 0 && path.ends_with(p))
+                || (without_prefix.components().count() > 0 && path.ends_with(&without_prefix))
+        })
+    }
+
+    /// Whether every file the diff touches is a C or C++ source file (not a header, a
+    /// generator's input or a build file): then nothing the fix changes can reach an object
+    /// compiled from another file, except through an `#include` its debug info records.
+    pub fn only_sources(&self) -> bool {
+        const SOURCES: &[&str] = &["c", "cc", "cpp", "cxx", "C", "c++"];
+        !self.files.is_empty()
+            && self.files.iter().all(|(p, _)| {
+                Path::new(p)
+                    .extension()
+                    .and_then(|e| e.to_str())
+                    .is_some_and(|e| SOURCES.contains(&e))
+            })
+    }
+}
+
 /// Whether the diff's `path` (`b/src/x.c`, `src/x.c`) names `file` (`src/x.c`).
 fn names(path: &str, file: &Path) -> bool {
     let path = Path::new(path);

@@ -75,6 +75,9 @@ pub struct Summary {
     pub new_functions: Vec<String>,
     pub new_data: Vec<String>,
     pub changed_rodata: Vec<String>,
+    /// Functions and data that differ from one build of the same source to the next
+    /// (timestamps, random ids) in files the fix cannot reach: left as they run.
+    pub noise: Vec<String>,
     pub objects_compared: usize,
     pub build_seconds: f64,
 }
@@ -215,9 +218,65 @@ pub fn build_from_source(fix: &SourceFix, progress: &mut dyn FnMut(&str)) -> Res
             std::fs::read_to_string(trees[2].join(rel)).ok(),
         )
     };
+    // The plain build's objects: a second build of the original, to tell build noise from
+    // changes.
+    let plain_objects = objects_of(0).unwrap_or_default();
+    let only_sources = line_map.only_sources();
     let mut found = Vec::new();
     for (o, p, rel) in &parsed {
-        let mut changes = in_file(compare(o, p), rel)?;
+        // When the diff touches only C/C++ source files, an object built from another file
+        // that includes none of them cannot change because of the fix.
+        let untraceable = only_sources
+            && !new_files.contains(rel)
+            && !line_map.touches(rel)
+            && !includes_touched(o, p, &line_map)?;
+        let mut noise = std::collections::BTreeSet::new();
+        if untraceable {
+            if let Some(plain_obj) = plain_objects.get(rel) {
+                let bytes = std::fs::read(plain_obj)?;
+                let plain = Obj::parse(&bytes)?;
+                for (key, e) in &o.entities {
+                    if plain
+                        .entities
+                        .get(key)
+                        .is_some_and(|pe| !pe.same_code_as(e))
+                    {
+                        noise.insert(key.clone());
+                    }
+                }
+            }
+            for key in &noise {
+                if let Some(e) = p.entities.get(key) {
+                    summary
+                        .noise
+                        .push(format!("{} ({})", e.name, p.source_name));
+                }
+            }
+        }
+        let mut changes = in_file(compare(o, p, &noise), rel)?;
+        if untraceable && !changes.is_empty() {
+            let names: Vec<String> = changes
+                .changed
+                .iter()
+                .chain(&changes.new_functions)
+                .chain(&changes.new_data)
+                .chain(&changes.changed_rodata)
+                .map(|k| {
+                    format!(
+                        "`{}`",
+                        p.entities.get(k).map_or(k.as_str(), |e| e.name.as_str())
+                    )
+                })
+                .collect();
+            return Err(refuse(
+                RefusalKind::Untraceable,
+                format!(
+                    "{} of {} changed although the fix touches neither that file nor anything it includes, and a second build of the original does not reproduce the difference: make the build reproducible (generated files, embedded build ids), see --keep-work",
+                    names.join(", "),
+                    rel.display()
+                ),
+            ));
+        }
         if !new_files.contains(rel) {
             in_file(layout::check(&o.file, &p.file), rel)?;
         }
@@ -365,6 +424,20 @@ pub fn build_from_source(fix: &SourceFix, progress: &mut dyn FnMut(&str)) -> Res
         object: emitted.object,
         summary,
     })
+}
+
+/// Whether the debug info of either object names a file the diff touches (a header with
+/// declarations or code, a `.c` file included by another).
+fn includes_touched(o: &Obj, p: &Obj, line_map: &lines::LineMap) -> Result<bool> {
+    for obj in [o, p] {
+        if layout::source_files(&obj.file)?
+            .iter()
+            .any(|f| line_map.touches_path(f))
+        {
+            return Ok(true);
+        }
+    }
+    Ok(false)
 }
 
 /// Names the file an error is about: a refusal keeps its one-line form `cannot be

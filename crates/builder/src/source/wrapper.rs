@@ -395,8 +395,18 @@ mod tests {
         let a = |v: &[&str]| v.iter().map(OsString::from).collect::<Vec<_>>();
         assert_eq!(
             drop_strip_flags(a(&[
-                "-O2", "-s", "-o", "app", "-Wl,-s", "-Wl,-z,relro,--strip-all,-O1", "-Xlinker",
-                "-S", "-Wl,--strip-debug", "--strip-all", "a.o", "-S"
+                "-O2",
+                "-s",
+                "-o",
+                "app",
+                "-Wl,-s",
+                "-Wl,-z,relro,--strip-all,-O1",
+                "-Xlinker",
+                "-S",
+                "-Wl,--strip-debug",
+                "--strip-all",
+                "a.o",
+                "-S"
             ])),
             a(&["-O2", "-o", "app", "-Wl,-z,relro,-O1", "a.o", "-S"])
         );

@@ -58,9 +58,10 @@ pub enum Command {
         /// The source tree the deployed binary was built from.
         #[arg(long)]
         source: PathBuf,
-        /// The fix, as a unified diff (-p1 or -p0).
-        #[arg(long)]
-        diff: PathBuf,
+        /// The fix, as a unified diff (-p1 or -p0). Give it several times for a series
+        /// (fix 1, fix 2, …): applied in order, the bundle is the cumulative level.
+        #[arg(long, required = true)]
+        diff: Vec<PathBuf>,
         /// The deployed executable or shared library (may be stripped).
         #[arg(long)]
         target: PathBuf,

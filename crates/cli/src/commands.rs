@@ -80,7 +80,7 @@ pub fn run(args: Args) -> Result<i32> {
             let work = keep_work.clone().unwrap_or_else(|| temp.clone());
             let fix = suture_build::source::SourceFix {
                 source: &source,
-                diff: &diff,
+                diffs: &diff,
                 target: &target,
                 build_cmd: &build_cmd,
                 artifact: artifact.as_deref(),

@@ -1061,3 +1061,70 @@ fn real_world_change_the_diff_cannot_explain_is_refused() {
     );
     assert_refused(&p, "untraceable", "`source_lines` of version.c changed");
 }
+
+#[test]
+fn real_world_patch_series_gives_cumulative_levels() {
+    // Fix 1 changes the answer, fix 2 (written against fix 1) adds a check. Level 2 is built
+    // from both diffs against the same deployed binary and supersedes level 1 live.
+    let v1 = SIMPLE_FIXED;
+    let v2 = "#include <string.h>\nconst char *answer(const char *in) { if (strchr(in, '%')) return \"rejected\"; return strlen(in) > 3 ? \"BIG\" : \"small\"; }\n";
+    let p = Project::new(&[("lib.c", SIMPLE)], &[("lib.c", v1)], None, None);
+    for (dir, body) in [("l1", v1), ("l2", v2)] {
+        write_file(&p.work.path(dir).join("lib.c"), body);
+    }
+    let diff2 = Command::new("diff")
+        .args(["-ruN", "l1", "l2"])
+        .current_dir(p.work.dir.path())
+        .output()
+        .unwrap();
+    std::fs::write(p.work.path("fix2.diff"), &diff2.stdout).unwrap();
+    let deployed = p.work.path("src/app");
+    let mut t = Target::start(&deployed, None);
+    assert_eq!(t.ask("ab%cd"), "big");
+    let build = |level: &str, diffs: &[&str], out: &str| {
+        let mut args = vec![
+            "--json".to_string(),
+            "build".into(),
+            "--source".into(),
+            p.work.path("src").display().to_string(),
+            "--target".into(),
+            deployed.display().to_string(),
+            "--artifact".into(),
+            "app".into(),
+            "--build-cmd".into(),
+            "make".into(),
+            "--level".into(),
+            level.into(),
+            "--key".into(),
+            p.key.display().to_string(),
+            "--out".into(),
+            p.work.path(out).display().to_string(),
+        ];
+        for d in diffs {
+            args.push("--diff".into());
+            args.push(p.work.path(d).display().to_string());
+        }
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let o = suture(&args);
+        assert!(
+            o.status.success(),
+            "{}{}",
+            stderr(&o),
+            String::from_utf8_lossy(&o.stdout)
+        );
+        p.work.path(out)
+    };
+    let l1 = build("1", &["fix.diff"], "l1.suture");
+    let l2 = build("2", &["fix.diff", "fix2.diff"], "l2.suture");
+    let (ok, a) = apply_to(&l1, t.pid, &p.public);
+    assert!(ok, "{a}");
+    assert_eq!(t.ask("ab%cd"), "BIG");
+    let (ok, a) = apply_to(&l2, t.pid, &p.public);
+    assert!(ok, "{a}");
+    assert_eq!(t.ask("ab%cd"), "rejected");
+    assert_eq!(t.ask("abcd"), "BIG", "fix 1 is in level 2");
+    let (ok, st) = suture_json(&["status", "--pid", &t.pid_arg()]);
+    assert!(ok, "{st}");
+    assert!(st.to_string().contains("\"level\":2"), "{st}");
+    assert!(!st.to_string().contains("\"level\":1"), "{st}");
+}

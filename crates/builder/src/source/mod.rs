@@ -47,7 +47,9 @@ const SPLIT_FLAGS: &str = "-ffunction-sections -fdata-sections -g ?-mno-direct-e
 /// What the operator asked for.
 pub struct SourceFix<'a> {
     pub source: &'a Path,
-    pub diff: &'a Path,
+    /// The fix as unified diffs, applied in order: a series (fix 1, fix 2, …) gives the
+    /// cumulative patch against the deployed binary.
+    pub diffs: &'a [PathBuf],
     /// The deployed executable or library (may be stripped).
     pub target: &'a Path,
     pub build_cmd: &'a str,
@@ -115,7 +117,12 @@ pub fn build_from_source(fix: &SourceFix, progress: &mut dyn FnMut(&str)) -> Res
         progress(&format!("copying the source to {}", t.display()));
         tree::copy_clean(&source, t)?;
     }
-    tree::apply_diff(&trees[2], fix.diff)?;
+    if fix.diffs.is_empty() {
+        bail!("no diff given");
+    }
+    for diff in fix.diffs {
+        tree::apply_diff(&trees[2], diff)?;
+    }
 
     let mut records = Vec::new();
     for (t, flags, what) in [
@@ -208,9 +215,16 @@ pub fn build_from_source(fix: &SourceFix, progress: &mut dyn FnMut(&str)) -> Res
         .filter(|(o, p, _)| o != p)
         .map(|(o, p, rel)| Ok((Obj::parse(o)?, Obj::parse(p)?, rel.clone())))
         .collect::<Result<_>>()?;
-    let line_map = lines::LineMap::parse(&String::from_utf8_lossy(
-        &std::fs::read(fix.diff).with_context(|| format!("cannot read {}", fix.diff.display()))?,
-    ));
+    let line_map = lines::Series::new(
+        fix.diffs
+            .iter()
+            .map(|d| {
+                let text =
+                    std::fs::read(d).with_context(|| format!("cannot read {}", d.display()))?;
+                Ok(lines::LineMap::parse(&String::from_utf8_lossy(&text)))
+            })
+            .collect::<Result<_>>()?,
+    );
     // A source file as it is in the original and in the patched tree.
     let sources_of = |rel: &Path| {
         (
@@ -428,7 +442,7 @@ pub fn build_from_source(fix: &SourceFix, progress: &mut dyn FnMut(&str)) -> Res
 
 /// Whether the debug info of either object names a file the diff touches (a header with
 /// declarations or code, a `.c` file included by another).
-fn includes_touched(o: &Obj, p: &Obj, line_map: &lines::LineMap) -> Result<bool> {
+fn includes_touched(o: &Obj, p: &Obj, line_map: &lines::Series) -> Result<bool> {
     for obj in [o, p] {
         if layout::source_files(&obj.file)?
             .iter()

@@ -1128,3 +1128,23 @@ fn real_world_patch_series_gives_cumulative_levels() {
     assert!(st.to_string().contains("\"level\":2"), "{st}");
     assert!(!st.to_string().contains("\"level\":1"), "{st}");
 }
+
+#[test]
+fn real_world_same_static_function_fixed_in_two_files_of_one_name() {
+    // One fix to a helper copied into two files named util.c (a vendored copy): both copies
+    // are replaced, each at its own address.
+    let util = |prefix: &str, k: &str| {
+        format!("#include <assert.h>\nstatic __attribute__((noinline)) int scale(int n) {{ assert(n >= 0); return n * {k}; }}\n__attribute__((noinline)) int {prefix}_score(int n) {{ return scale(n) + 1; }}\n")
+    };
+    let (a, a2) = (util("a", "2"), util("a", "20"));
+    let (b, b2) = (util("b", "3"), util("b", "30"));
+    let p = Project::new(
+        &[("lib.c", UTIL_MAIN), ("a/util.c", &a), ("b/util.c", &b)],
+        &[("a/util.c", &a2), ("b/util.c", &b2)],
+        None,
+        Some(UTIL_MAKEFILE),
+    );
+    let (v, _t) = live(&p, &[("abc", "7 10", "61 91")]);
+    let changed = v["summary"]["changed"].to_string();
+    assert_eq!(changed.matches("scale (util.c)").count(), 2, "{v}");
+}

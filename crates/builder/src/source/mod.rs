@@ -365,8 +365,15 @@ pub fn build_from_source(fix: &SourceFix, progress: &mut dyn FnMut(&str)) -> Res
                 .get(&(ui, key.clone()))
                 .cloned()
                 .ok_or_else(|| anyhow!("`{}` missing from the patch object", entity.name))?;
+            // Two files may each have a static function of one name: the manifest names
+            // the second with its file.
+            let symbol = if functions.iter().any(|f| f.symbol == entity.name) {
+                format!("{}@{}", entity.name, binding.label)
+            } else {
+                entity.name.clone()
+            };
             functions.push(FunctionPatch {
-                symbol: entity.name.clone(),
+                symbol,
                 address: def.address,
                 size: def.size,
                 expected_sha256: hex::encode(Sha256::digest(code)),

@@ -83,6 +83,10 @@ pub enum Command {
         description: String,
         #[arg(long)]
         id: Option<String>,
+        /// Accept a kind of change knowingly (recorded in the manifest): `new-state`, new
+        /// writable state or run-time initialisation that the changed code depends on.
+        #[arg(long)]
+        accept: Vec<String>,
         /// Keep the work trees and build logs in DIR.
         #[arg(long)]
         keep_work: Option<PathBuf>,

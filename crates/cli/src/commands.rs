@@ -73,6 +73,7 @@ pub fn run(args: Args) -> Result<i32> {
             cve,
             description,
             id,
+            accept,
             keep_work,
         } => {
             let key = SecretKey::load(&key)?;
@@ -86,6 +87,7 @@ pub fn run(args: Args) -> Result<i32> {
                 artifact: artifact.as_deref(),
                 work: &work,
                 id,
+                accept,
                 level,
                 cves: cve,
                 description,
@@ -134,6 +136,12 @@ pub fn run(args: Args) -> Result<i32> {
                 }
                 for f in &s.changed_rodata {
                     println!("new copy of read-only data {f}");
+                }
+                for f in &s.new_state {
+                    println!("new state    {f} (accepted: starts when the patch is applied)");
+                }
+                for w in &s.warnings {
+                    println!("warning      {w}");
                 }
                 for f in &s.noise {
                     println!("noise        {f} (differs between builds of the same source; the fix cannot reach it: left as it runs)");

@@ -46,6 +46,8 @@ struct Project {
     work: Work,
     key: PathBuf,
     public: PathBuf,
+    /// More arguments for `suture build` (`--accept new-state`).
+    extra: Vec<&'static str>,
 }
 
 impl Project {
@@ -85,17 +87,27 @@ impl Project {
             .unwrap();
         assert!(st.success(), "deployed build failed");
         let (key, public) = work.keys("builder");
-        Project { work, key, public }
+        Project {
+            work,
+            key,
+            public,
+            extra: Vec::new(),
+        }
     }
 
     fn build(&self, target: &Path, artifact: &str, out: &str) -> std::process::Output {
-        suture(&[
+        let (src, diff, out) = (
+            self.work.path("src"),
+            self.work.path("fix.diff"),
+            self.work.path(out),
+        );
+        let mut args = vec![
             "--json",
             "build",
             "--source",
-            self.work.path("src").to_str().unwrap(),
+            src.to_str().unwrap(),
             "--diff",
-            self.work.path("fix.diff").to_str().unwrap(),
+            diff.to_str().unwrap(),
             "--target",
             target.to_str().unwrap(),
             "--artifact",
@@ -105,8 +117,10 @@ impl Project {
             "--key",
             self.key.to_str().unwrap(),
             "--out",
-            self.work.path(out).to_str().unwrap(),
-        ])
+            out.to_str().unwrap(),
+        ];
+        args.extend(&self.extra);
+        suture(&args)
     }
 }
 
@@ -114,6 +128,21 @@ impl Project {
 fn patch_live(case: &Case) -> serde_json::Value {
     let p = Project::new(case.files, case.fixed, None, None);
     live(&p, case.checks).0
+}
+
+/// [`patch_live`] for a fix that brings new state: refused as `new-state` naming `state`,
+/// then built with `--accept new-state`, which the manifest records.
+fn patch_live_accepting_new_state(case: &Case, state: &[&str]) -> serde_json::Value {
+    let mut p = Project::new(case.files, case.fixed, None, None);
+    for s in state {
+        assert_refused(&p, "new-state", s);
+    }
+    p.extra = vec!["--accept", "new-state"];
+    let v = live(&p, case.checks).0;
+    let (ok, m) = suture_json(&["inspect", p.work.path("fix.suture").to_str().unwrap()]);
+    assert!(ok, "{m}");
+    assert_eq!(m["manifest"]["accepted"], serde_json::json!(["new-state"]));
+    v
 }
 
 /// Starts the project's deployed `app`, checks the answers before, builds and applies the
@@ -214,14 +243,17 @@ fn function_inlined_into_its_caller() {
 fn new_helper_and_new_globals() {
     let before = "#include <string.h>\nconst char *answer(const char *in) { return strlen(in) > 4 ? \"long\" : \"short\"; }\n";
     let after = "#include <stdio.h>\n#include <string.h>\nint rejected;\nstatic int seen = 40;\nstatic __attribute__((noinline)) int too_long(const char *s) { return strlen(s) > 4; }\nconst char *answer(const char *in) {\n  static char b[64];\n  seen++;\n  if (too_long(in)) rejected++;\n  snprintf(b, sizeof b, \"%s %d %d\", too_long(in) ? \"long\" : \"short\", rejected, seen);\n  return b;\n}\n";
-    let v = patch_live(&Case {
-        files: &[("lib.c", before)],
-        fixed: &[("lib.c", after)],
-        checks: &[
-            ("abcdef", "long", "long 1 41"),
-            ("ab", "short", "short 1 42"),
-        ],
-    });
+    let v = patch_live_accepting_new_state(
+        &Case {
+            files: &[("lib.c", before)],
+            fixed: &[("lib.c", after)],
+            checks: &[
+                ("abcdef", "long", "long 1 41"),
+                ("ab", "short", "short 1 42"),
+            ],
+        },
+        &["rejected (lib.c)", "seen (lib.c)"],
+    );
     let s = &v["summary"];
     assert!(s["new_functions"].to_string().contains("too_long"), "{s}");
     assert!(s["new_data"].to_string().contains("rejected"), "{s}");
@@ -272,15 +304,18 @@ fn fix_that_adds_a_source_file() {
     let a = "#include <string.h>\nconst char *answer(const char *in) { return strlen(in) > 3 ? \"accepted\" : \"short\"; }\n";
     let b = "#include <string.h>\nint is_safe(const char *in);\nconst char *answer(const char *in) { if (!is_safe(in)) return \"rejected\"; return strlen(in) > 3 ? \"accepted\" : \"short\"; }\n";
     let checker = "#include <string.h>\nstatic int bad_char(char c) { return c == '<' || c == '>'; }\nint checked;\nint is_safe(const char *in) { checked++; for (; *in; in++) if (bad_char(*in)) return 0; return 1; }\n";
-    let v = patch_live(&Case {
-        files: &[("lib.c", a)],
-        fixed: &[("lib.c", b), ("check.c", checker)],
-        checks: &[
-            ("<script>", "accepted", "rejected"),
-            ("hello", "accepted", "accepted"),
-            ("hi", "short", "short"),
-        ],
-    });
+    let v = patch_live_accepting_new_state(
+        &Case {
+            files: &[("lib.c", a)],
+            fixed: &[("lib.c", b), ("check.c", checker)],
+            checks: &[
+                ("<script>", "accepted", "rejected"),
+                ("hello", "accepted", "accepted"),
+                ("hi", "short", "short"),
+            ],
+        },
+        &["checked (check.c)"],
+    );
     let s = &v["summary"];
     assert_eq!(s["changed"], serde_json::json!(["answer (lib.c)"]), "{v}");
     assert!(
@@ -697,12 +732,15 @@ fn data_the_deployed_link_discarded_is_carried_by_the_patch() {
     let f = |limit: &str| {
         format!("#include <string.h>\nint spare_limit = 7;\nconst char *answer(const char *in) {{ return strlen(in) > {limit} ? \"long\" : \"short\"; }}\n")
     };
-    let p = Project::new(
+    let mut p = Project::new(
         &[("lib.c", &f("3"))],
         &[("lib.c", &f("(size_t)spare_limit"))],
         None,
         Some(makefile),
     );
+    // The process never had it: the copy is new state.
+    assert_refused(&p, "new-state", "spare_limit (lib.c)");
+    p.extra = vec!["--accept", "new-state"];
     let nm = Command::new("nm")
         .arg(p.work.path("src/app"))
         .output()
@@ -1147,4 +1185,28 @@ fn real_world_same_static_function_fixed_in_two_files_of_one_name() {
     let (v, _t) = live(&p, &[("abc", "7 10", "61 91")]);
     let changed = v["summary"]["changed"].to_string();
     assert_eq!(changed.matches("scale (util.c)").count(), 2, "{v}");
+}
+
+#[test]
+fn real_world_new_run_time_initialisation_is_new_state_and_free_changes_warn() {
+    // The fix makes `answer` set up a table once (pthread_once) and frees a buffer it used
+    // to keep: both are about live data the running process set up without them.
+    let a = "#include <stdlib.h>\n#include <string.h>\nstatic char *last;\nconst char *answer(const char *in) { char *copy = strdup(in); if (last) free(last); last = copy; return strlen(in) > 3 ? \"big\" : \"small\"; }\n";
+    let b = "#include <pthread.h>\n#include <stdlib.h>\n#include <string.h>\nstatic char *last;\nstatic pthread_once_t once = PTHREAD_ONCE_INIT;\nstatic int limit;\nstatic void init(void) { limit = 3; }\nconst char *answer(const char *in) { pthread_once(&once, init); char *copy = strdup(in); if (last) free(last); free(copy); last = NULL; return (int)strlen(in) > limit ? \"BIG\" : \"small\"; }\n";
+    let v = patch_live_accepting_new_state(
+        &Case {
+            files: &[("lib.c", a)],
+            fixed: &[("lib.c", b)],
+            checks: &[("abcdef", "big", "BIG"), ("ab", "small", "small")],
+        },
+        &[
+            "answer (lib.c) now initialises at run time (pthread_once)",
+            "once (lib.c)",
+        ],
+    );
+    let warnings = v["summary"]["warnings"].to_string();
+    assert!(
+        warnings.contains("answer (lib.c) calls free 2 times where it called it 1 times"),
+        "{v}"
+    );
 }

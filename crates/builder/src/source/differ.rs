@@ -77,6 +77,9 @@ pub struct Entity {
     pub tls: bool,
     /// In a section without file contents (`.bss`).
     pub nobits: bool,
+    /// Writable only to be relocated (`.data.rel.ro`: vtables, typeinfo), or a `DW.ref`
+    /// pointer the unwinder reads: data, but never state.
+    pub relro: bool,
 }
 
 impl Entity {
@@ -112,6 +115,19 @@ impl Entity {
 
     fn same_as(&self, other: &Entity) -> bool {
         self.size == other.size && self.data == other.data && self.rels == other.rels
+    }
+
+    /// The names (entity keys, or symbol names) this entity refers to.
+    pub fn symbol_targets(&self) -> impl Iterator<Item = &str> {
+        self.rels.iter().filter_map(|r| match &r.target {
+            Target::Symbol(n, _) => Some(n.as_str()),
+            _ => None,
+        })
+    }
+
+    /// How many references to `name` this entity makes (calls to `free`, …).
+    pub fn references_to(&self, name: &str) -> usize {
+        self.symbol_targets().filter(|n| *n == name).count()
     }
 
     /// [`same_as`](Self::same_as), except that anonymous constants count by content only:
@@ -424,6 +440,8 @@ impl<'d> Obj<'d> {
                     writable: flags & u64::from(elf::SHF_WRITE) != 0,
                     tls: flags & u64::from(elf::SHF_TLS) != 0,
                     nobits,
+                    relro: sec.name().unwrap_or("").starts_with(".data.rel.ro")
+                        || c.name.starts_with("DW.ref."),
                 },
             );
         }

@@ -33,6 +33,8 @@ pub struct Emitted {
     pub bindings: Vec<Binding>,
     /// (unit, entity key) → the symbol that replaces it in the object.
     pub replacements: HashMap<(usize, String), String>,
+    /// Writable data the deployed module lacks, copied into the patch: `name (file)`.
+    pub carried_writable: Vec<String>,
 }
 
 struct Emitter {
@@ -42,6 +44,7 @@ struct Emitter {
     undefined: HashMap<String, SymbolId>,
     /// Data the module lacks, copied into the patch: (unit, symbol) → output symbol.
     carried: HashMap<(usize, SymbolIndex), SymbolId>,
+    carried_writable: Vec<String>,
 }
 
 fn bind_target(def: Def) -> BindTarget {
@@ -203,6 +206,12 @@ impl Emitter {
             ),
         };
         let writable = section_flags(&sec) & u64::from(elf::SHF_WRITE) != 0;
+        let relro =
+            sec.name().unwrap_or("").starts_with(".data.rel.ro") || name.starts_with("DW.ref.");
+        if writable && !relro {
+            self.carried_writable
+                .push(format!("{name} ({})", refs.binding.label));
+        }
         let kind = match (writable, sec.kind()) {
             (true, SectionKind::UninitializedData) => SectionKind::UninitializedData,
             (true, _) => SectionKind::Data,
@@ -275,6 +284,7 @@ pub fn emit(units: &[Unit]) -> Result<Emitted> {
         bindings: Vec::new(),
         undefined: HashMap::new(),
         carried: HashMap::new(),
+        carried_writable: Vec::new(),
     };
     let mut replacements = HashMap::new();
     // Pass 1: sections and the symbols defined in them, for every unit (a file's new global
@@ -404,5 +414,6 @@ pub fn emit(units: &[Unit]) -> Result<Emitted> {
         object,
         bindings: e.bindings,
         replacements,
+        carried_writable: e.carried_writable,
     })
 }

@@ -58,6 +58,8 @@ pub struct SourceFix<'a> {
     /// Work folder (kept afterwards when the operator asked for it).
     pub work: &'a Path,
     pub id: Option<String>,
+    /// Kinds of change the operator accepts knowingly (`new-state`).
+    pub accept: Vec<String>,
     pub level: u32,
     pub cves: Vec<String>,
     pub description: String,
@@ -80,6 +82,11 @@ pub struct Summary {
     /// Functions and data that differ from one build of the same source to the next
     /// (timestamps, random ids) in files the fix cannot reach: left as they run.
     pub noise: Vec<String>,
+    /// State the patch brings that the running process never initialised (accepted with
+    /// `--accept new-state`).
+    pub new_state: Vec<String>,
+    /// Changes a reviewer should look at (added or removed calls to `free`).
+    pub warnings: Vec<String>,
     pub objects_compared: usize,
     pub build_seconds: f64,
 }
@@ -119,6 +126,9 @@ pub fn build_from_source(fix: &SourceFix, progress: &mut dyn FnMut(&str)) -> Res
     }
     if fix.diffs.is_empty() {
         bail!("no diff given");
+    }
+    if let Some(k) = fix.accept.iter().find(|k| *k != "new-state") {
+        bail!("--accept {k}: only new-state can be accepted");
     }
     for diff in fix.diffs {
         tree::apply_diff(&trees[2], diff)?;
@@ -314,6 +324,9 @@ pub fn build_from_source(fix: &SourceFix, progress: &mut dyn FnMut(&str)) -> Res
             format!("the fix changes no code of {target_name} (no bundle written)"),
         ));
     }
+    // New state the changed code depends on, and changed freeing.
+    let (mut new_state, warnings) = state_changes(&found);
+    summary.warnings = warnings;
     let bindings: Vec<UnitBinding> = found
         .iter()
         .map(|(o, p, rel, ..)| UnitBinding {
@@ -335,6 +348,23 @@ pub fn build_from_source(fix: &SourceFix, progress: &mut dyn FnMut(&str)) -> Res
         })
         .collect();
     let emitted = emit(&units)?;
+    new_state.extend(emitted.carried_writable.iter().cloned());
+    new_state.sort();
+    new_state.dedup();
+    let mut accepted = Vec::new();
+    if !new_state.is_empty() {
+        if !fix.accept.iter().any(|a| a == "new-state") {
+            return Err(refuse(
+                RefusalKind::NewState,
+                format!(
+                    "the fix brings state the running process never initialised: {}; it would start at its initial value when the patch is applied, not at program start (review, then build with --accept new-state)",
+                    new_state.join(", ")
+                ),
+            ));
+        }
+        accepted.push("new-state".to_string());
+    }
+    summary.new_state = new_state;
 
     // The functions to detour: changed ones that exist in the deployed module, once per
     // address (aliases are one function).
@@ -439,12 +469,91 @@ pub fn build_from_source(fix: &SourceFix, progress: &mut dyn FnMut(&str)) -> Res
         description: fix.description.clone(),
         functions,
         bindings: emitted.bindings,
+        accepted,
     };
     Ok(Built {
         manifest,
         object: emitted.object,
         summary,
     })
+}
+
+/// Run-time initialisation a changed function may start to depend on.
+const RUNTIME_INIT: &[&str] = &["pthread_once", "call_once", "__cxa_guard_acquire"];
+
+/// What the changed code newly depends on that the running process never set up: new
+/// writable data it reaches (through new functions too, across files), new run-time
+/// initialisation (`pthread_once`); and, as warnings, changed functions that call `free` a
+/// different number of times.
+#[allow(clippy::type_complexity)]
+fn state_changes(
+    found: &[(
+        &Obj,
+        &Obj,
+        &PathBuf,
+        differ::Changes,
+        differ::Inclusion,
+        (Option<String>, Option<String>),
+    )],
+) -> (Vec<String>, Vec<String>) {
+    let (mut state, mut warnings) = (Vec::new(), Vec::new());
+    // What the changed functions reach, as (unit, key); a name another unit defines
+    // globally leads there.
+    let mut seen: std::collections::BTreeSet<(usize, String)> = Default::default();
+    let mut stack: Vec<(usize, String)> = found
+        .iter()
+        .enumerate()
+        .flat_map(|(u, f)| f.3.changed.iter().map(move |k| (u, k.clone())))
+        .collect();
+    while let Some((u, key)) = stack.pop() {
+        if !seen.insert((u, key.clone())) {
+            continue;
+        }
+        let Some(e) = found[u].1.entities.get(&key) else {
+            continue;
+        };
+        for t in e.symbol_targets() {
+            if found[u].1.entities.contains_key(t) {
+                stack.push((u, t.to_string()));
+            } else {
+                for (v, f) in found.iter().enumerate() {
+                    if f.1.entities.get(t).is_some_and(|d| !d.local) {
+                        stack.push((v, t.to_string()));
+                    }
+                }
+            }
+        }
+    }
+    for (u, (o, p, _, changes, _, _)) in found.iter().enumerate() {
+        for key in &changes.new_data {
+            if let Some(e) = p.entities.get(key) {
+                if e.writable && !e.relro && seen.contains(&(u, key.clone())) {
+                    state.push(format!("{} ({})", e.name, p.source_name));
+                }
+            }
+        }
+        for key in &changes.changed {
+            let (Some(before), Some(after)) = (o.entities.get(key), p.entities.get(key)) else {
+                continue;
+            };
+            for init in RUNTIME_INIT {
+                if after.references_to(init) > 0 && before.references_to(init) == 0 {
+                    state.push(format!(
+                        "{} ({}) now initialises at run time ({init})",
+                        after.name, p.source_name
+                    ));
+                }
+            }
+            let (was, is) = (before.references_to("free"), after.references_to("free"));
+            if was != is {
+                warnings.push(format!(
+                    "{} ({}) calls free {is} times where it called it {was} times: check that objects already live are freed once",
+                    after.name, p.source_name
+                ));
+            }
+        }
+    }
+    (state, warnings)
 }
 
 /// Whether the debug info of either object names a file the diff touches (a header with

@@ -1210,3 +1210,17 @@ fn real_world_new_run_time_initialisation_is_new_state_and_free_changes_warn() {
         "{v}"
     );
 }
+
+#[test]
+fn real_world_static_of_an_inlined_helper_keeps_its_state_when_its_callers_change() {
+    // `hits` lives in an always-inline helper: gcc sees it as referenced by the helper's
+    // callers, and the fix removes one of them. It is still the one live counter.
+    let f = |a_body: &str| {
+        format!("#include <stdio.h>\nstatic inline __attribute__((always_inline)) int bump(void) {{ static int hits; return ++hits; }}\n__attribute__((noinline)) int a_fn(void) {{ {a_body} }}\n__attribute__((noinline)) int b_fn(void) {{ return bump() * 10; }}\nconst char *answer(const char *in) {{ static char b[32]; snprintf(b, sizeof b, \"%d\", in[0] == 'a' ? a_fn() : b_fn()); return b; }}\n")
+    };
+    let (a, b) = (f("return bump();"), f("return -1;"));
+    let p = Project::new(&[("lib.c", &a)], &[("lib.c", &b)], None, None);
+    let (v, mut t) = live(&p, &[("a", "1", "-1"), ("b", "20", "30")]);
+    assert_eq!(v["summary"]["changed"], serde_json::json!(["a_fn (lib.c)"]), "{v}");
+    assert_eq!(t.ask("b"), "40", "the deployed counter carried on");
+}

@@ -449,6 +449,71 @@ impl<'d> Obj<'d> {
         Ok(obj)
     }
 
+    /// Gives a numbered static whose key has no counterpart in `orig` the key of the one
+    /// static in `orig` that has no counterpart here, has the same name and kind and size
+    /// (and contents, if read-only): the same static, whose owning function gcc saw
+    /// differently (a `static` in an inline helper whose callers changed). Without this it
+    /// would be new data, a second copy of live state.
+    pub fn adopt_keys_from(&mut self, orig: &Obj) {
+        let base = |k: &str| k.split('@').next().unwrap_or(k).to_string();
+        let numbered = |e: &Entity| e.local && e.kind != SymbolKind::Text && is_numbered(&e.name);
+        let mut renames: HashMap<String, String> = HashMap::new();
+        for (key, e) in &self.entities {
+            if orig.entities.contains_key(key) || !numbered(e) {
+                continue;
+            }
+            let candidates: Vec<&String> = orig
+                .entities
+                .iter()
+                .filter(|(k, o)| {
+                    !self.entities.contains_key(*k)
+                        && numbered(o)
+                        && base(k) == base(key)
+                        && o.kind == e.kind
+                        && o.size == e.size
+                        && o.writable == e.writable
+                        && (o.writable || o.data == e.data)
+                })
+                .map(|(k, _)| k)
+                .collect();
+            if let [one] = candidates.as_slice() {
+                renames.insert(key.clone(), (*one).clone());
+            }
+        }
+        // Two of ours may have picked the same one: then neither is sure.
+        let mut counts: HashMap<&String, usize> = HashMap::new();
+        for v in renames.values() {
+            *counts.entry(v).or_default() += 1;
+        }
+        let renames: HashMap<String, String> = renames
+            .iter()
+            .filter(|(_, v)| counts.get(v) == Some(&1))
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        if renames.is_empty() {
+            return;
+        }
+        for (from, to) in &renames {
+            if let Some(e) = self.entities.remove(from) {
+                self.entities.insert(to.clone(), e);
+            }
+        }
+        for k in self.keys.values_mut() {
+            if let Some(to) = renames.get(k) {
+                *k = to.clone();
+            }
+        }
+        for e in self.entities.values_mut() {
+            for r in &mut e.rels {
+                if let Target::Symbol(n, _) = &mut r.target {
+                    if let Some(to) = renames.get(n) {
+                        *n = to.clone();
+                    }
+                }
+            }
+        }
+    }
+
     /// The named symbol a relocation against `idx` + `addend` reaches: `idx` itself, or for
     /// a section symbol or label, the symbol covering the spot.
     fn referenced_symbol(

@@ -223,7 +223,12 @@ pub fn build_from_source(fix: &SourceFix, progress: &mut dyn FnMut(&str)) -> Res
     let parsed: Vec<(Obj, Obj, PathBuf)> = pairs
         .iter()
         .filter(|(o, p, _)| o != p)
-        .map(|(o, p, rel)| Ok((Obj::parse(o)?, Obj::parse(p)?, rel.clone())))
+        .map(|(o, p, rel)| {
+            let orig = Obj::parse(o)?;
+            let mut patched = Obj::parse(p)?;
+            patched.adopt_keys_from(&orig);
+            Ok((orig, patched, rel.clone()))
+        })
         .collect::<Result<_>>()?;
     let line_map = lines::Series::new(
         fix.diffs

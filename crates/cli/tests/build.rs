@@ -1171,9 +1171,7 @@ fn real_world_patch_series_gives_cumulative_levels() {
 fn real_world_same_static_function_fixed_in_two_files_of_one_name() {
     // One fix to a helper copied into two files named util.c (a vendored copy): both copies
     // are replaced, each at its own address.
-    let util = |prefix: &str, k: &str| {
-        format!("#include <assert.h>\nstatic __attribute__((noinline)) int scale(int n) {{ assert(n >= 0); return n * {k}; }}\n__attribute__((noinline)) int {prefix}_score(int n) {{ return scale(n) + 1; }}\n")
-    };
+    let util = vendored_util;
     let (a, a2) = (util("a", "2"), util("a", "20"));
     let (b, b2) = (util("b", "3"), util("b", "30"));
     let p = Project::new(
@@ -1221,6 +1219,51 @@ fn real_world_static_of_an_inlined_helper_keeps_its_state_when_its_callers_chang
     let (a, b) = (f("return bump();"), f("return -1;"));
     let p = Project::new(&[("lib.c", &a)], &[("lib.c", &b)], None, None);
     let (v, mut t) = live(&p, &[("a", "1", "-1"), ("b", "20", "30")]);
-    assert_eq!(v["summary"]["changed"], serde_json::json!(["a_fn (lib.c)"]), "{v}");
+    assert_eq!(
+        v["summary"]["changed"],
+        serde_json::json!(["a_fn (lib.c)"]),
+        "{v}"
+    );
     assert_eq!(t.ask("b"), "40", "the deployed counter carried on");
+}
+
+/// `util.c` as vendored twice, byte for byte: a static helper with an assert, called by one
+/// exported function named after the copy.
+fn vendored_util(prefix: &str, k: &str) -> String {
+    format!("#include <assert.h>\nstatic __attribute__((noinline)) int scale(int n) {{ assert(n >= 0); return n * {k}; }}\n__attribute__((noinline)) int {prefix}_score(int n) {{ return scale(n) + 1; }}\n")
+}
+
+#[test]
+fn real_world_identical_copies_of_a_file_are_told_apart_by_their_callers() {
+    // a/util.c and b/util.c have the same static `scale`, byte for byte: only which exported
+    // function calls which copy tells them apart. The fix changes b's copy only.
+    let (a, b) = (vendored_util("a", "2"), vendored_util("b", "2"));
+    let b2 = b.replace("n * 2", "n * 20");
+    let p = Project::new(
+        &[("lib.c", UTIL_MAIN), ("a/util.c", &a), ("b/util.c", &b)],
+        &[("b/util.c", &b2)],
+        None,
+        Some(UTIL_MAKEFILE),
+    );
+    live(&p, &[("abc", "7 7", "7 61")]);
+}
+
+#[test]
+fn real_world_indistinguishable_locals_are_refused_as_ambiguous() {
+    // Two identical files whose static is called by nothing exported (only through a
+    // constructor): nothing tells which copy is which.
+    let util = |k: &str| {
+        format!("static int level;\nstatic __attribute__((noinline, used)) int helper(int n) {{ return n * {k} + level; }}\n__attribute__((constructor)) static void init(void) {{ level = helper(1); }}\n")
+    };
+    let p = Project::new(
+        &[
+            ("lib.c", SIMPLE),
+            ("a/util.c", &util("2")),
+            ("b/util.c", &util("2")),
+        ],
+        &[("b/util.c", &util("3"))],
+        None,
+        Some(UTIL_MAKEFILE),
+    );
+    assert_refused(&p, "ambiguous-symbol", "2 files named util.c");
 }

@@ -981,6 +981,53 @@ impl ModuleSymbols {
     /// as the module) is. Two files may share a name (redis has two `sds.c`); then the one
     /// whose local symbols have this object's names, sizes and contents (relocated spots
     /// left out) in `module` is it.
+    /// How many `rip`-relative references of the object's global functions, as the deployed
+    /// code has them, land in input file `group`'s local of the referenced name: identical
+    /// copies of a file still differ in which global functions call their statics.
+    fn referenced_from_globals(
+        &self,
+        group: usize,
+        orig: &Obj,
+        module: &suture_module::Module,
+    ) -> usize {
+        let mut n = 0;
+        for f in orig
+            .entities
+            .values()
+            .filter(|e| !e.local && e.kind == SymbolKind::Text)
+        {
+            let Some(fd) = self.global(&f.name) else {
+                continue;
+            };
+            for r in &f.rels {
+                if !matches!(r.r_type, elf::R_X86_64_PC32 | elf::R_X86_64_PLT32) {
+                    continue;
+                }
+                let Target::Symbol(key, _) = &r.target else {
+                    continue;
+                };
+                let Some(l) = orig.entities.get(key).filter(|l| l.local) else {
+                    continue;
+                };
+                let [ld] = self.local_in(group, &l.name) else {
+                    continue;
+                };
+                let at = fd.address + r.offset;
+                let Some(b) = module.bytes_at(at, 4) else {
+                    continue;
+                };
+                let disp = i32::from_le_bytes([b[0], b[1], b[2], b[3]]);
+                // Where the instruction points (an immediate after the field shifts it
+                // back by up to 4 bytes).
+                let to = (at as i64 + 4 + i64::from(disp)) as u64;
+                if to + 4 >= ld.address && to < ld.address + ld.size.max(1) + 4 {
+                    n += 1;
+                }
+            }
+        }
+        n
+    }
+
     pub fn place(&self, orig: &Obj, module: &suture_module::Module) -> Placement {
         let candidates: Vec<usize> = (0..self.groups.len())
             .filter(|&g| self.groups[g].file == orig.source_name && !orig.source_name.is_empty())
@@ -1014,12 +1061,19 @@ impl ModuleSymbols {
                     None => {}
                 }
             }
-            scores.push((g, score));
+            scores.push((
+                g,
+                score.map(|s| (self.referenced_from_globals(g, orig, module), s)),
+            ));
         }
-        let best = scores.iter().filter_map(|(_, s)| *s).max().unwrap_or(0);
+        let best = scores
+            .iter()
+            .filter_map(|(_, s)| *s)
+            .max()
+            .unwrap_or((0, 0));
         let winners: Vec<usize> = scores
             .iter()
-            .filter(|(_, s)| *s == Some(best) && best > 0)
+            .filter(|(_, s)| *s == Some(best) && best != (0, 0))
             .map(|(g, _)| *g)
             .collect();
         match winners.as_slice() {

@@ -1,14 +1,21 @@
 //! The object differ, in kpatch's phases:
 //!
 //! 1. **correlate** the functions and data objects of an original and a patched object (built
-//!    with `-ffunction-sections -fdata-sections`) by name, tolerating the numbers gcc gives
-//!    clones (`.isra.N`, `.constprop.N`, `.part.N`, `.cold.N`) and static locals (`x.N`);
+//!    with `-ffunction-sections -fdata-sections`) by what they are, never by the numbers gcc
+//!    gives clones (`.isra.N`, `.constprop.N`, `.part.N`) and function-local statics
+//!    (`__PRETTY_FUNCTION__.N`, `module.N`: by name and owning function); aliases (several
+//!    symbols at one place) are one entity (see [`Obj::parse`]);
 //! 2. **compare** each pair *modulo relocations*: two functions are the same when their bytes
 //!    are equal and every relocation points at an equivalent target (the same symbol, the same
 //!    string literal, the same constant), even if literal offsets moved;
 //! 3. **include** what changed or is new, and decide the fate of everything an included
 //!    section refers to (carried along, or bound to the running module);
 //! 4. **verify** patchability: changed writable or thread-local data, or constructors, refuse.
+//!
+//! [`ModuleSymbols`] and [`UnitBinding`] then bind what the patch does not carry to the
+//! deployed module: through the original object's exact names, in the part of the module's
+//! symbol table that object contributed (its `STT_FILE` group), found by name, then by the
+//! contents of its locals and by which of them its global functions reference.
 
 use std::collections::{BTreeMap, HashMap};
 
@@ -130,7 +137,7 @@ impl Entity {
         self.symbol_targets().filter(|n| *n == name).count()
     }
 
-    /// [`same_as`](Self::same_as), except that anonymous constants count by content only:
+    /// The same code and data as `other`, except that anonymous constants count by content only:
     /// a build with `-ffunction-sections` puts a function's jump table in a section of its
     /// own name, one without in `.rodata`.
     pub fn same_code_as(&self, other: &Entity) -> bool {

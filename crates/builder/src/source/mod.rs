@@ -9,7 +9,10 @@
 //!    compiler [`wrapper`] (the work trees and builds are in [`tree`]).
 //! 3. The differ ([`differ`]) compares every object file of the two section-split builds;
 //!    [`layout`] refuses changed struct layouts that existing data uses, and [`lines`] keeps
-//!    running the functions that differ only in line numbers the fix moved.
+//!    running the functions that differ only in line numbers the fix moved. Differences in
+//!    objects the fix cannot reach are build noise (dropped) or refused; new state the
+//!    changed code depends on is refused unless accepted. Every refusal is a typed
+//!    [`Refusal`] with a stable reason code.
 //! 4. The emitter ([`emit`](mod@emit)) writes one relocatable with what changed, and the unwind records
 //!    of exactly that code ([`eh_frame`]); the manifest binds the rest to the deployed module
 //!    by address and lists the functions to detour with the deployed bytes they must find.

@@ -947,7 +947,7 @@ fn real_world_two_files_named_util_c_each_with_an_assert() {
     assert!(
         s["new_data"]
             .to_string()
-            .contains("__PRETTY_FUNCTION__@b_limit"),
+            .contains("__PRETTY_FUNCTION__=b_limit"),
         "{v}"
     );
 }

@@ -26,6 +26,7 @@ use object::{
     Object, ObjectSection, ObjectSymbol, RelocationFlags, RelocationTarget, SectionIndex,
     SymbolIndex, SymbolKind,
 };
+use sha2::{Digest, Sha256};
 
 pub(crate) use super::refusal::refuse;
 use super::refusal::RefusalKind;
@@ -388,12 +389,20 @@ impl<'d> Obj<'d> {
             }
             let mut key = normalize(&c.name);
             if numbered_data(c) {
-                let owner = owners
-                    .get(&i)
-                    .and_then(|o| o.iter().min())
-                    .cloned()
-                    .unwrap_or_default();
-                key = format!("{key}@{owner}");
+                key = match obj.read_only_identity(c)? {
+                    // Read-only: what it holds is what it is (`__PRETTY_FUNCTION__=jv_free`);
+                    // equal copies are interchangeable, a changed one is new data.
+                    Some(identity) => format!("{key}={identity}"),
+                    // State: its owning function says which one it is.
+                    None => {
+                        let owner = owners
+                            .get(&i)
+                            .and_then(|o| o.iter().min())
+                            .cloned()
+                            .unwrap_or_default();
+                        format!("{key}@{owner}")
+                    }
+                };
             }
             let n = used.entry(key.clone()).or_insert(0);
             *n += 1;
@@ -519,6 +528,47 @@ impl<'d> Obj<'d> {
                 }
             }
         }
+    }
+
+    /// What a read-only data object holds, as a key: the string itself when it is a short
+    /// printable string without relocations, else a hash of its bytes and relocations.
+    /// `None` for writable or thread-local data.
+    fn read_only_identity(&self, c: &Candidate) -> Result<Option<String>> {
+        let sec = self.file.section_by_index(c.section)?;
+        if section_flags(&sec) & u64::from(elf::SHF_WRITE | elf::SHF_TLS) != 0 {
+            return Ok(None);
+        }
+        let bytes = sec.uncompressed_data().unwrap_or_default();
+        let (start, end) = (c.address as usize, (c.address + c.size) as usize);
+        let data = bytes.get(start..end.min(bytes.len())).unwrap_or(&[]);
+        let mut rels = String::new();
+        for (off, r) in sec.relocations() {
+            if off < c.address || off >= c.address + c.size {
+                continue;
+            }
+            let target = match r.target() {
+                RelocationTarget::Symbol(i) => self
+                    .file
+                    .symbol_by_index(i)
+                    .ok()
+                    .and_then(|s| s.name().ok().map(normalize))
+                    .unwrap_or_default(),
+                _ => String::new(),
+            };
+            rels += &format!("{}:{target}{:+};", off - c.address, r.addend());
+        }
+        let text = data.strip_suffix(&[0]).unwrap_or(data);
+        let printable = !text.is_empty()
+            && text.len() <= 64
+            && text.iter().all(|b| (0x20..0x7f).contains(b))
+            && !text.contains(&0);
+        if printable && rels.is_empty() {
+            return Ok(Some(String::from_utf8_lossy(text).into_owned()));
+        }
+        let mut h = Sha256::new();
+        h.update(data);
+        h.update(rels.as_bytes());
+        Ok(Some(hex::encode(&h.finalize()[..8])))
     }
 
     /// The named symbol a relocation against `idx` + `addend` reaches: `idx` itself, or for

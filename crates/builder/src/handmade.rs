@@ -148,6 +148,7 @@ pub fn handmade_manifest(h: &Handmade) -> Result<Manifest> {
         description: h.description.clone(),
         functions,
         bindings,
+        accepted: Vec::new(),
     })
 }
 

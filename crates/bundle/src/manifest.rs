@@ -18,6 +18,10 @@ pub struct Manifest {
     pub description: String,
     pub functions: Vec<FunctionPatch>,
     pub bindings: Vec<Binding>,
+    /// Kinds of change the publisher accepted knowingly when building (`new-state`: the
+    /// patch brings state the process never initialised). Absent when empty.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub accepted: Vec<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -167,6 +171,9 @@ impl Manifest {
                     format!("`{}` is listed twice", f.symbol),
                 ));
             }
+        }
+        if self.accepted.len() > 16 || self.accepted.iter().any(|a| !is_id(a)) {
+            return Err(field("accepted", "at most 16 kinds like new-state"));
         }
         if self.bindings.len() > 65536 {
             return Err(field("bindings", "at most 65536"));

@@ -45,6 +45,7 @@ fn manifest() -> Manifest {
                 },
             },
         ],
+        accepted: Vec::new(),
     }
 }
 

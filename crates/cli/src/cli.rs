@@ -58,9 +58,10 @@ pub enum Command {
         /// The source tree the deployed binary was built from.
         #[arg(long)]
         source: PathBuf,
-        /// The fix, as a unified diff (-p1 or -p0).
-        #[arg(long)]
-        diff: PathBuf,
+        /// The fix, as a unified diff (-p1 or -p0). Give it several times for a series
+        /// (fix 1, fix 2, …): applied in order, the bundle is the cumulative level.
+        #[arg(long, required = true)]
+        diff: Vec<PathBuf>,
         /// The deployed executable or shared library (may be stripped).
         #[arg(long)]
         target: PathBuf,
@@ -82,6 +83,10 @@ pub enum Command {
         description: String,
         #[arg(long)]
         id: Option<String>,
+        /// Accept a kind of change knowingly (recorded in the manifest): `new-state`, new
+        /// writable state or run-time initialisation that the changed code depends on.
+        #[arg(long)]
+        accept: Vec<String>,
         /// Keep the work trees and build logs in DIR.
         #[arg(long)]
         keep_work: Option<PathBuf>,

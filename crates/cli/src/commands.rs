@@ -73,6 +73,7 @@ pub fn run(args: Args) -> Result<i32> {
             cve,
             description,
             id,
+            accept,
             keep_work,
         } => {
             let key = SecretKey::load(&key)?;
@@ -80,12 +81,13 @@ pub fn run(args: Args) -> Result<i32> {
             let work = keep_work.clone().unwrap_or_else(|| temp.clone());
             let fix = suture_build::source::SourceFix {
                 source: &source,
-                diff: &diff,
+                diffs: &diff,
                 target: &target,
                 build_cmd: &build_cmd,
                 artifact: artifact.as_deref(),
                 work: &work,
                 id,
+                accept,
                 level,
                 cves: cve,
                 description,
@@ -134,6 +136,15 @@ pub fn run(args: Args) -> Result<i32> {
                 }
                 for f in &s.changed_rodata {
                     println!("new copy of read-only data {f}");
+                }
+                for f in &s.new_state {
+                    println!("new state    {f} (accepted: starts when the patch is applied)");
+                }
+                for w in &s.warnings {
+                    println!("warning      {w}");
+                }
+                for f in &s.noise {
+                    println!("noise        {f} (differs between builds of the same source; the fix cannot reach it: left as it runs)");
                 }
                 println!(
                     "wrote {} ({}, level {}, {} bytes) in {:.1} s",

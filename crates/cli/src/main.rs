@@ -40,8 +40,10 @@ fn main() {
         Ok(code) => code,
         Err(e) => {
             output::error(json, &e);
+            // A refusal is a correct answer (the fix needs a restart), not a tool failure.
             match e.downcast_ref::<suture_engine::EngineError>() {
                 Some(suture_engine::EngineError::Interrupted(_)) => 130,
+                _ if suture_build::source::refusal_of(&e).is_some() => 3,
                 _ => 1,
             }
         }

@@ -59,7 +59,12 @@ pub fn error(as_json: bool, e: &anyhow::Error) {
         .map(EngineError::kind)
         .unwrap_or("error");
     let line = format!("{e:#}").replace('\n', " ");
-    if as_json {
+    let refusal = suture_build::source::refusal_of(e);
+    if let (true, Some(r)) = (as_json, refusal) {
+        json(
+            &serde_json::json!({ "ok": false, "kind": "refused", "reason": r.reason.code(), "error": line }),
+        );
+    } else if as_json {
         json(&serde_json::json!({ "ok": false, "kind": kind, "error": line }));
     } else {
         eprintln!("error: {}", clean(&line));

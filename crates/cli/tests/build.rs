@@ -36,10 +36,18 @@ struct Case<'a> {
     checks: &'a [(&'a str, &'a str, &'a str)],
 }
 
+/// Writes a project file, creating its folder.
+fn write_file(path: &Path, body: &str) {
+    std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+    std::fs::write(path, body).unwrap();
+}
+
 struct Project {
     work: Work,
     key: PathBuf,
     public: PathBuf,
+    /// More arguments for `suture build` (`--accept new-state`).
+    extra: Vec<&'static str>,
 }
 
 impl Project {
@@ -59,11 +67,11 @@ impl Project {
                 std::fs::write(d.join("main.c"), m).unwrap();
             }
             for (name, body) in files {
-                std::fs::write(d.join(name), body).unwrap();
+                write_file(&d.join(name), body);
             }
         }
         for (name, body) in fixed {
-            std::fs::write(work.path("fixed").join(name), body).unwrap();
+            write_file(&work.path("fixed").join(name), body);
         }
         let diff = Command::new("diff")
             .args(["-ruN", "src", "fixed"])
@@ -79,17 +87,27 @@ impl Project {
             .unwrap();
         assert!(st.success(), "deployed build failed");
         let (key, public) = work.keys("builder");
-        Project { work, key, public }
+        Project {
+            work,
+            key,
+            public,
+            extra: Vec::new(),
+        }
     }
 
     fn build(&self, target: &Path, artifact: &str, out: &str) -> std::process::Output {
-        suture(&[
+        let (src, diff, out) = (
+            self.work.path("src"),
+            self.work.path("fix.diff"),
+            self.work.path(out),
+        );
+        let mut args = vec![
             "--json",
             "build",
             "--source",
-            self.work.path("src").to_str().unwrap(),
+            src.to_str().unwrap(),
             "--diff",
-            self.work.path("fix.diff").to_str().unwrap(),
+            diff.to_str().unwrap(),
             "--target",
             target.to_str().unwrap(),
             "--artifact",
@@ -99,8 +117,10 @@ impl Project {
             "--key",
             self.key.to_str().unwrap(),
             "--out",
-            self.work.path(out).to_str().unwrap(),
-        ])
+            out.to_str().unwrap(),
+        ];
+        args.extend(&self.extra);
+        suture(&args)
     }
 }
 
@@ -108,6 +128,21 @@ impl Project {
 fn patch_live(case: &Case) -> serde_json::Value {
     let p = Project::new(case.files, case.fixed, None, None);
     live(&p, case.checks).0
+}
+
+/// [`patch_live`] for a fix that brings new state: refused as `new-state` naming `state`,
+/// then built with `--accept new-state`, which the manifest records.
+fn patch_live_accepting_new_state(case: &Case, state: &[&str]) -> serde_json::Value {
+    let mut p = Project::new(case.files, case.fixed, None, None);
+    for s in state {
+        assert_refused(&p, "new-state", s);
+    }
+    p.extra = vec!["--accept", "new-state"];
+    let v = live(&p, case.checks).0;
+    let (ok, m) = suture_json(&["inspect", p.work.path("fix.suture").to_str().unwrap()]);
+    assert!(ok, "{m}");
+    assert_eq!(m["manifest"]["accepted"], serde_json::json!(["new-state"]));
+    v
 }
 
 /// Starts the project's deployed `app`, checks the answers before, builds and applies the
@@ -131,15 +166,26 @@ fn live(p: &Project, checks: &[(&str, &str, &str)]) -> (serde_json::Value, Targe
     (v, t)
 }
 
-/// The fix must be refused with `reason` in the message, and no bundle written.
-fn refused(files: &[(&str, &str)], fixed: &[(&str, &str)], reason: &str) {
+/// The fix must be refused with reason code `code` and `reason` in the message, and no
+/// bundle written.
+fn refused(files: &[(&str, &str)], fixed: &[(&str, &str)], code: &str, reason: &str) {
     let p = Project::new(files, fixed, None, None);
+    assert_refused(&p, code, reason);
+}
+
+/// A refusal in `--json`: kind `refused`, the reason code, exit code 3, no bundle.
+fn assert_refused(p: &Project, code: &str, reason: &str) {
     let out = p.build(&p.work.path("src/app"), "app", "fix.suture");
-    assert!(
-        !out.status.success(),
-        "a fix that cannot be live was accepted"
+    assert_eq!(
+        out.status.code(),
+        Some(3),
+        "a refusal exits with 3: {}{}",
+        stderr(&out),
+        String::from_utf8_lossy(&out.stdout)
     );
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["kind"], "refused", "{v}");
+    assert_eq!(v["reason"], code, "{v}");
     let msg = v["error"].as_str().unwrap();
     assert!(msg.contains(reason), "expected {reason:?} in {msg:?}");
     assert!(
@@ -197,14 +243,17 @@ fn function_inlined_into_its_caller() {
 fn new_helper_and_new_globals() {
     let before = "#include <string.h>\nconst char *answer(const char *in) { return strlen(in) > 4 ? \"long\" : \"short\"; }\n";
     let after = "#include <stdio.h>\n#include <string.h>\nint rejected;\nstatic int seen = 40;\nstatic __attribute__((noinline)) int too_long(const char *s) { return strlen(s) > 4; }\nconst char *answer(const char *in) {\n  static char b[64];\n  seen++;\n  if (too_long(in)) rejected++;\n  snprintf(b, sizeof b, \"%s %d %d\", too_long(in) ? \"long\" : \"short\", rejected, seen);\n  return b;\n}\n";
-    let v = patch_live(&Case {
-        files: &[("lib.c", before)],
-        fixed: &[("lib.c", after)],
-        checks: &[
-            ("abcdef", "long", "long 1 41"),
-            ("ab", "short", "short 1 42"),
-        ],
-    });
+    let v = patch_live_accepting_new_state(
+        &Case {
+            files: &[("lib.c", before)],
+            fixed: &[("lib.c", after)],
+            checks: &[
+                ("abcdef", "long", "long 1 41"),
+                ("ab", "short", "short 1 42"),
+            ],
+        },
+        &["rejected (lib.c)", "seen (lib.c)"],
+    );
     let s = &v["summary"];
     assert!(s["new_functions"].to_string().contains("too_long"), "{s}");
     assert!(s["new_data"].to_string().contains("rejected"), "{s}");
@@ -255,15 +304,18 @@ fn fix_that_adds_a_source_file() {
     let a = "#include <string.h>\nconst char *answer(const char *in) { return strlen(in) > 3 ? \"accepted\" : \"short\"; }\n";
     let b = "#include <string.h>\nint is_safe(const char *in);\nconst char *answer(const char *in) { if (!is_safe(in)) return \"rejected\"; return strlen(in) > 3 ? \"accepted\" : \"short\"; }\n";
     let checker = "#include <string.h>\nstatic int bad_char(char c) { return c == '<' || c == '>'; }\nint checked;\nint is_safe(const char *in) { checked++; for (; *in; in++) if (bad_char(*in)) return 0; return 1; }\n";
-    let v = patch_live(&Case {
-        files: &[("lib.c", a)],
-        fixed: &[("lib.c", b), ("check.c", checker)],
-        checks: &[
-            ("<script>", "accepted", "rejected"),
-            ("hello", "accepted", "accepted"),
-            ("hi", "short", "short"),
-        ],
-    });
+    let v = patch_live_accepting_new_state(
+        &Case {
+            files: &[("lib.c", a)],
+            fixed: &[("lib.c", b), ("check.c", checker)],
+            checks: &[
+                ("<script>", "accepted", "rejected"),
+                ("hello", "accepted", "accepted"),
+                ("hi", "short", "short"),
+            ],
+        },
+        &["checked (check.c)"],
+    );
     let s = &v["summary"];
     assert_eq!(s["changed"], serde_json::json!(["answer (lib.c)"]), "{v}");
     assert!(
@@ -333,7 +385,12 @@ fn functions_that_only_record_moved_line_numbers_are_kept_as_they_run() {
 fn line_moves_only_produce_no_bundle() {
     let a = "#include <string.h>\nconst char *answer(const char *in) { return strlen(in) ? \"yes\" : \"no\"; }\n";
     let b = "#include <string.h>\n\n\n/* moved down */\n\nconst char *answer(const char *in) { return strlen(in) ? \"yes\" : \"no\"; }\n";
-    refused(&[("lib.c", a)], &[("lib.c", b)], "nothing to patch");
+    refused(
+        &[("lib.c", a)],
+        &[("lib.c", b)],
+        "no-code-change",
+        "nothing to patch",
+    );
 }
 
 #[test]
@@ -342,10 +399,11 @@ fn changed_initial_value_of_existing_data_is_refused() {
         format!("#include <stdio.h>\nint limit = {v};\nconst char *answer(const char *in) {{ static char b[16]; snprintf(b, sizeof b, \"%d\", limit + in[0]); return b; }}\n")
     };
     let (a, b) = (f("8"), f("9"));
-    refused(&[("lib.c", &a)], &[("lib.c", &b)], NOT_LIVE);
+    refused(&[("lib.c", &a)], &[("lib.c", &b)], "data-init", NOT_LIVE);
     refused(
         &[("lib.c", &a)],
         &[("lib.c", &b)],
+        "data-init",
         "initial value of existing data `limit`",
     );
 }
@@ -359,6 +417,7 @@ fn changed_size_of_existing_data_is_refused() {
     refused(
         &[("lib.c", &a)],
         &[("lib.c", &b)],
+        "data-init",
         "size of existing data `table`",
     );
 }
@@ -370,10 +429,11 @@ fn changed_struct_layout_used_by_existing_data_is_refused() {
         format!("#include <stdio.h>\n#include <stdlib.h>\nstruct session {{ {fields} }};\nstatic struct session *current;\nconst char *answer(const char *in) {{ static char b[32]; if (!current) {{ current = calloc(1, sizeof *current); current->limit = 3; }} current->hits++; snprintf(b, sizeof b, \"%d/%d%c\", current->hits, current->limit, in[0]); return b; }}\n")
     };
     let (a, b) = (f("int hits; int limit;"), f("int limit; int hits;"));
-    refused(&[("lib.c", &a)], &[("lib.c", &b)], NOT_LIVE);
+    refused(&[("lib.c", &a)], &[("lib.c", &b)], "layout", NOT_LIVE);
     refused(
         &[("lib.c", &a)],
         &[("lib.c", &b)],
+        "layout",
         "layout of `struct session` changed (member `hits` moved from offset 0 to 4",
     );
 }
@@ -398,6 +458,7 @@ fn changed_thread_local_is_refused() {
     refused(
         &[("lib.c", &a)],
         &[("lib.c", &b)],
+        "tls",
         "thread-local variable `tl`",
     );
 }
@@ -411,6 +472,7 @@ fn changed_constructor_is_refused() {
     refused(
         &[("lib.c", &a)],
         &[("lib.c", &b)],
+        "constructor",
         "constructor or destructor `init` changed",
     );
 }
@@ -424,6 +486,7 @@ fn function_too_short_for_a_detour_is_refused() {
     refused(
         &[("lib.c", &a)],
         &[("lib.c", &b)],
+        "too-short",
         "shorter than the 5-byte detour",
     );
 }
@@ -669,12 +732,15 @@ fn data_the_deployed_link_discarded_is_carried_by_the_patch() {
     let f = |limit: &str| {
         format!("#include <string.h>\nint spare_limit = 7;\nconst char *answer(const char *in) {{ return strlen(in) > {limit} ? \"long\" : \"short\"; }}\n")
     };
-    let p = Project::new(
+    let mut p = Project::new(
         &[("lib.c", &f("3"))],
         &[("lib.c", &f("(size_t)spare_limit"))],
         None,
         Some(makefile),
     );
+    // The process never had it: the copy is new state.
+    assert_refused(&p, "new-state", "spare_limit (lib.c)");
+    p.extra = vec!["--accept", "new-state"];
     let nm = Command::new("nm")
         .arg(p.work.path("src/app"))
         .output()
@@ -708,8 +774,9 @@ fn a_failing_build_says_why_and_keeps_its_log() {
         "--out",
         p.work.path("fix.suture").to_str().unwrap(),
     ]);
-    assert!(!out.status.success());
+    assert_eq!(out.status.code(), Some(1), "a tool failure exits with 1");
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["kind"], "error", "{v}");
     let msg = v["error"].as_str().unwrap();
     assert!(msg.contains("build command failed"), "{msg}");
     assert!(msg.contains("fatal: libfoo.h: No such file"), "{msg}");
@@ -847,4 +914,356 @@ fn changed_main_loop_is_built_but_refused_as_busy_while_it_runs() {
     assert!(v["error"].as_str().unwrap().contains("`main`"), "{v}");
     assert_same_memory(&before, &snapshot(t.pid));
     assert_eq!(t.ask("abcdef"), "big");
+}
+
+// ---------------------------------------------------------------------------------------
+// Real-world patchability: what stopped `suture build` on Debian security fixes.
+
+/// Answers `"<a_score> <b_score>"` for the input's length; `a/util.c` and `b/util.c` are two
+/// files of one name, each with an `assert` (a `__PRETTY_FUNCTION__.N` of the same number).
+const UTIL_MAIN: &str = "#include <stdio.h>\n#include <string.h>\nint a_score(int n);\nint b_score(int n);\nconst char *answer(const char *in) { static char b[64]; int n = (int)strlen(in); snprintf(b, sizeof b, \"%d %d\", a_score(n), b_score(n)); return b; }\n";
+const UTIL_MAKEFILE: &str = "CFLAGS ?= -O2 -g\napp: main.o lib.o a/util.o b/util.o\n\t$(CC) $(CFLAGS) -o app $^\n%.o: %.c\n\t$(CC) $(CFLAGS) -c $< -o $@\n";
+
+#[test]
+fn real_world_two_files_named_util_c_each_with_an_assert() {
+    let a = "#include <assert.h>\n__attribute__((noinline)) int a_score(int n) { assert(n >= 0); return n * 2; }\n__attribute__((noinline)) int a_other(int n) { assert(n < 100000); return n + 1; }\n";
+    let b = "#include <assert.h>\n__attribute__((noinline)) int b_score(int n) { assert(n >= 0); return n * 3; }\n";
+    // The fix adds a function with its own assert above `b_score`: gcc's numbers shift.
+    let b_fixed = "#include <assert.h>\n__attribute__((noinline)) int b_limit(int n) { assert(n != 12345); return n > 5 ? 5 : n; }\n__attribute__((noinline)) int b_score(int n) { assert(n >= 0); return b_limit(n) * 30; }\n";
+    let p = Project::new(
+        &[("lib.c", UTIL_MAIN), ("a/util.c", a), ("b/util.c", b)],
+        &[("b/util.c", b_fixed)],
+        None,
+        Some(UTIL_MAKEFILE),
+    );
+    let (v, _t) = live(
+        &p,
+        &[("abc", "6 9", "6 90"), ("abcdefgh", "16 24", "16 150")],
+    );
+    let s = &v["summary"];
+    assert_eq!(s["changed"], serde_json::json!(["b_score (util.c)"]), "{v}");
+    assert!(s["new_functions"].to_string().contains("b_limit"), "{v}");
+    // b_limit's own __PRETTY_FUNCTION__ is new data; b_score's is the deployed one.
+    assert!(
+        s["new_data"]
+            .to_string()
+            .contains("__PRETTY_FUNCTION__=b_limit"),
+        "{v}"
+    );
+}
+
+#[test]
+fn real_world_static_const_char_module_in_every_function() {
+    // libtiff's pattern, plus a function-local counter whose state must carry on.
+    let f = |extra: &str, sep: &str| {
+        format!("#include <stdio.h>\n#include <string.h>\n{extra}__attribute__((noinline)) const char *first(int n) {{ static const char module[] = \"first\"; static int calls; static char b[64]; calls++; snprintf(b, sizeof b, \"%s{sep}%d#%d\", module, n, calls); return b; }}\n__attribute__((noinline)) const char *second(int n) {{ static const char module[] = \"second\"; static char b[64]; snprintf(b, sizeof b, \"%s:%d\", module, n); return b; }}\nconst char *answer(const char *in) {{ int n = (int)strlen(in); return n > 3 ? first(n) : second(n); }}\n")
+    };
+    let a = f("", ":");
+    // The fix adds a function with a `module` of its own before the others, and changes
+    // `first`: every `module.N` and `calls.N` is renumbered.
+    let b = f(
+        "__attribute__((noinline)) int zero(int n) { static const char module[] = \"zero\"; static int seen; seen += n; return seen + (int)sizeof module; }\n",
+        "=",
+    );
+    let p = Project::new(&[("lib.c", &a)], &[("lib.c", &b)], None, None);
+    let (v, mut t) = live(
+        &p,
+        &[
+            ("abcd", "first:4#1", "first=4#2"),
+            ("ab", "second:2", "second:2"),
+        ],
+    );
+    assert_eq!(
+        v["summary"]["changed"],
+        serde_json::json!(["first (lib.c)"]),
+        "{v}"
+    );
+    assert_eq!(
+        t.ask("abcde"),
+        "first=5#3",
+        "the deployed counter carried on"
+    );
+}
+
+#[test]
+fn real_world_exported_function_with_an_internal_alias() {
+    // libxml2's pattern: the code is defined under a hidden `__internal_alias` name that
+    // the library's own callers use, and exported under the public name as an alias.
+    let f = |big: &str| {
+        format!("#include <string.h>\n__attribute__((visibility(\"hidden\"))) const char *answer__internal_alias(const char *in) {{ return strlen(in) > 3 ? \"{big}\" : \"small\"; }}\nextern __typeof(answer__internal_alias) answer __attribute__((alias(\"answer__internal_alias\")));\n__attribute__((noinline)) const char *twice(const char *in) {{ return answer__internal_alias(in); }}\n")
+    };
+    let p = Project::new(&[("lib.c", &f("big"))], &[("lib.c", &f("BIG"))], None, None);
+    let (v, _t) = live(&p, &[("abcdef", "big", "BIG"), ("ab", "small", "small")]);
+    assert_eq!(
+        v["summary"]["changed"],
+        serde_json::json!(["answer (lib.c)"]),
+        "{v}"
+    );
+    let (ok, m) = suture_json(&["inspect", p.work.path("fix.suture").to_str().unwrap()]);
+    assert!(ok, "{m}");
+    let functions = m["manifest"]["functions"].as_array().unwrap();
+    let answer = functions
+        .iter()
+        .filter(|f| f["symbol"].as_str().unwrap().starts_with("answer"))
+        .count();
+    assert_eq!(answer, 1, "one function, one entry: {m}");
+    let mut addresses: Vec<u64> = functions
+        .iter()
+        .map(|f| f["address"].as_u64().unwrap())
+        .collect();
+    addresses.dedup();
+    assert_eq!(addresses.len(), functions.len(), "{m}");
+}
+
+#[test]
+fn real_world_build_that_strips_at_link_time() {
+    // `-s` in the package's own LDFLAGS, and `install -s`: the deployed binary has no symbol
+    // table, the builds Suture compares keep theirs.
+    let makefile = "CFLAGS ?= -O2 -g\nLDFLAGS = -s -Wl,-z,relro,--strip-all\napp: app.tmp\n\tinstall -s -m 755 app.tmp app\napp.tmp: main.o lib.o\n\t$(CC) $(CFLAGS) $(LDFLAGS) -o app.tmp main.o lib.o\n%.o: %.c\n\t$(CC) $(CFLAGS) -c $< -o $@\n";
+    let p = Project::new(
+        &[("lib.c", SIMPLE)],
+        &[("lib.c", SIMPLE_FIXED)],
+        None,
+        Some(makefile),
+    );
+    let nm = Command::new("nm")
+        .arg(p.work.path("src/app"))
+        .output()
+        .unwrap();
+    assert!(
+        String::from_utf8_lossy(&nm.stderr).contains("no symbols"),
+        "the deployed binary should be stripped"
+    );
+    apply_and_check(&p, &p.work.path("src/app"), "app");
+}
+
+/// A project whose `version.c` embeds `__DATE__`/`__TIME__` and a header generated at every
+/// build with the time, the host, a random number and (`NLINES`) something of the tree.
+const NOISY_MAKEFILE: &str = "CFLAGS ?= -O2 -g\napp: main.o lib.o version.o\n\t$(CC) $(CFLAGS) -o app main.o lib.o version.o\nversion.o: version.c stamp.h\n\t$(CC) $(CFLAGS) -c version.c -o version.o\n%.o: %.c\n\t$(CC) $(CFLAGS) -c $< -o $@\n.PHONY: stamp.h\nstamp.h:\n\techo \"#define STAMP \\\"$$(date +%s) $$(date) $$(hostname)\\\"\" > stamp.h\n\techo \"#define RANDOM_ID \\\"$$(od -An -N4 -tx4 /dev/urandom | tr -d ' ')\\\"\" >> stamp.h\n\techo \"#define NLINES $(NLINES)\" >> stamp.h\n";
+const VERSION_C: &str = "#include \"stamp.h\"\nconst char *version(void) { return __DATE__ \" \" __TIME__ \" \" STAMP; }\n__attribute__((noinline)) const char *build_id(void) { return RANDOM_ID; }\n__attribute__((noinline)) int source_lines(void) { return NLINES + 0; }\n";
+const NOISY_LIB: &str = "#include <string.h>\nconst char *version(void);\nconst char *build_id(void);\nint source_lines(void);\nconst char *answer(const char *in) { if (!strcmp(in, \"v\")) return version(); if (!build_id()[0] && source_lines() == -1) return \"?\"; return strlen(in) > 3 ? \"big\" : \"small\"; }\n";
+
+fn noisy_project(nlines: &str, fixed_lib: &str) -> Project {
+    let makefile = format!("NLINES = {nlines}\n{NOISY_MAKEFILE}");
+    Project::new(
+        &[("lib.c", NOISY_LIB), ("version.c", VERSION_C)],
+        &[("lib.c", fixed_lib)],
+        None,
+        Some(&makefile),
+    )
+}
+
+#[test]
+fn real_world_build_time_noise_is_not_a_change() {
+    let p = noisy_project("0", &NOISY_LIB.replace("\"big\"", "\"BIG\""));
+    let deployed = p.work.path("src/app");
+    let mut t = Target::start(&deployed, None);
+    let version = t.ask("v");
+    assert_eq!(t.ask("abcdef"), "big");
+    let out = p.build(&deployed, "app", "fix.suture");
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+    assert!(out.status.success(), "{}{v}", stderr(&out));
+    let s = &v["summary"];
+    assert_eq!(s["changed"], serde_json::json!(["answer (lib.c)"]), "{v}");
+    assert_eq!(s["pulled_in"], serde_json::json!([]), "{v}");
+    // The random id differs from build to build: reported, left as it runs.
+    assert_eq!(
+        s["noise"],
+        serde_json::json!(["build_id (version.c)"]),
+        "{v}"
+    );
+    let (ok, a) = apply_to(&p.work.path("fix.suture"), t.pid, &p.public);
+    assert!(ok, "{a}");
+    assert_eq!(t.ask("abcdef"), "BIG");
+    assert_eq!(
+        t.ask("v"),
+        version,
+        "the deployed version string is untouched"
+    );
+}
+
+#[test]
+fn real_world_fix_with_only_build_noise_is_no_code_change() {
+    // The fix changes a comment: the only differences are the build's own noise.
+    let p = noisy_project("0", &format!("/* checked */\n{NOISY_LIB}"));
+    assert_refused(&p, "no-code-change", "the fix changes no code of app");
+}
+
+#[test]
+fn real_world_change_the_diff_cannot_explain_is_refused() {
+    // The generated header counts the lines of lib.c: the fix (to lib.c only) changes
+    // `source_lines` in version.c through the build, not through the code.
+    let p = noisy_project(
+        "$(shell cat lib.c | wc -l)",
+        &format!("/* BIG */\n{}", NOISY_LIB.replace("\"big\"", "\"BIG\"")),
+    );
+    assert_refused(&p, "untraceable", "`source_lines` of version.c changed");
+}
+
+#[test]
+fn real_world_patch_series_gives_cumulative_levels() {
+    // Fix 1 changes the answer, fix 2 (written against fix 1) adds a check. Level 2 is built
+    // from both diffs against the same deployed binary and supersedes level 1 live.
+    let v1 = SIMPLE_FIXED;
+    let v2 = "#include <string.h>\nconst char *answer(const char *in) { if (strchr(in, '%')) return \"rejected\"; return strlen(in) > 3 ? \"BIG\" : \"small\"; }\n";
+    let p = Project::new(&[("lib.c", SIMPLE)], &[("lib.c", v1)], None, None);
+    for (dir, body) in [("l1", v1), ("l2", v2)] {
+        write_file(&p.work.path(dir).join("lib.c"), body);
+    }
+    let diff2 = Command::new("diff")
+        .args(["-ruN", "l1", "l2"])
+        .current_dir(p.work.dir.path())
+        .output()
+        .unwrap();
+    std::fs::write(p.work.path("fix2.diff"), &diff2.stdout).unwrap();
+    let deployed = p.work.path("src/app");
+    let mut t = Target::start(&deployed, None);
+    assert_eq!(t.ask("ab%cd"), "big");
+    let build = |level: &str, diffs: &[&str], out: &str| {
+        let mut args = vec![
+            "--json".to_string(),
+            "build".into(),
+            "--source".into(),
+            p.work.path("src").display().to_string(),
+            "--target".into(),
+            deployed.display().to_string(),
+            "--artifact".into(),
+            "app".into(),
+            "--build-cmd".into(),
+            "make".into(),
+            "--level".into(),
+            level.into(),
+            "--key".into(),
+            p.key.display().to_string(),
+            "--out".into(),
+            p.work.path(out).display().to_string(),
+        ];
+        for d in diffs {
+            args.push("--diff".into());
+            args.push(p.work.path(d).display().to_string());
+        }
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let o = suture(&args);
+        assert!(
+            o.status.success(),
+            "{}{}",
+            stderr(&o),
+            String::from_utf8_lossy(&o.stdout)
+        );
+        p.work.path(out)
+    };
+    let l1 = build("1", &["fix.diff"], "l1.suture");
+    let l2 = build("2", &["fix.diff", "fix2.diff"], "l2.suture");
+    let (ok, a) = apply_to(&l1, t.pid, &p.public);
+    assert!(ok, "{a}");
+    assert_eq!(t.ask("ab%cd"), "BIG");
+    let (ok, a) = apply_to(&l2, t.pid, &p.public);
+    assert!(ok, "{a}");
+    assert_eq!(t.ask("ab%cd"), "rejected");
+    assert_eq!(t.ask("abcd"), "BIG", "fix 1 is in level 2");
+    let (ok, st) = suture_json(&["status", "--pid", &t.pid_arg()]);
+    assert!(ok, "{st}");
+    assert!(st.to_string().contains("\"level\":2"), "{st}");
+    assert!(!st.to_string().contains("\"level\":1"), "{st}");
+}
+
+#[test]
+fn real_world_same_static_function_fixed_in_two_files_of_one_name() {
+    // One fix to a helper copied into two files named util.c (a vendored copy): both copies
+    // are replaced, each at its own address.
+    let util = vendored_util;
+    let (a, a2) = (util("a", "2"), util("a", "20"));
+    let (b, b2) = (util("b", "3"), util("b", "30"));
+    let p = Project::new(
+        &[("lib.c", UTIL_MAIN), ("a/util.c", &a), ("b/util.c", &b)],
+        &[("a/util.c", &a2), ("b/util.c", &b2)],
+        None,
+        Some(UTIL_MAKEFILE),
+    );
+    let (v, _t) = live(&p, &[("abc", "7 10", "61 91")]);
+    let changed = v["summary"]["changed"].to_string();
+    assert_eq!(changed.matches("scale (util.c)").count(), 2, "{v}");
+}
+
+#[test]
+fn real_world_new_run_time_initialisation_is_new_state_and_free_changes_warn() {
+    // The fix makes `answer` set up a table once (pthread_once) and frees a buffer it used
+    // to keep: both are about live data the running process set up without them.
+    let a = "#include <stdlib.h>\n#include <string.h>\nstatic char *last;\nconst char *answer(const char *in) { char *copy = strdup(in); if (last) free(last); last = copy; return strlen(in) > 3 ? \"big\" : \"small\"; }\n";
+    let b = "#include <pthread.h>\n#include <stdlib.h>\n#include <string.h>\nstatic char *last;\nstatic pthread_once_t once = PTHREAD_ONCE_INIT;\nstatic int limit;\nstatic void init(void) { limit = 3; }\nconst char *answer(const char *in) { pthread_once(&once, init); char *copy = strdup(in); if (last) free(last); free(copy); last = NULL; return (int)strlen(in) > limit ? \"BIG\" : \"small\"; }\n";
+    let v = patch_live_accepting_new_state(
+        &Case {
+            files: &[("lib.c", a)],
+            fixed: &[("lib.c", b)],
+            checks: &[("abcdef", "big", "BIG"), ("ab", "small", "small")],
+        },
+        &[
+            "answer (lib.c) now initialises at run time (pthread_once)",
+            "once (lib.c)",
+        ],
+    );
+    let warnings = v["summary"]["warnings"].to_string();
+    assert!(
+        warnings.contains("answer (lib.c) calls free 2 times where it called it 1 times"),
+        "{v}"
+    );
+}
+
+#[test]
+fn real_world_static_of_an_inlined_helper_keeps_its_state_when_its_callers_change() {
+    // `hits` lives in an always-inline helper: gcc sees it as referenced by the helper's
+    // callers, and the fix removes one of them. It is still the one live counter.
+    let f = |a_body: &str| {
+        format!("#include <stdio.h>\nstatic inline __attribute__((always_inline)) int bump(void) {{ static int hits; return ++hits; }}\n__attribute__((noinline)) int a_fn(void) {{ {a_body} }}\n__attribute__((noinline)) int b_fn(void) {{ return bump() * 10; }}\nconst char *answer(const char *in) {{ static char b[32]; snprintf(b, sizeof b, \"%d\", in[0] == 'a' ? a_fn() : b_fn()); return b; }}\n")
+    };
+    let (a, b) = (f("return bump();"), f("return -1;"));
+    let p = Project::new(&[("lib.c", &a)], &[("lib.c", &b)], None, None);
+    let (v, mut t) = live(&p, &[("a", "1", "-1"), ("b", "20", "30")]);
+    assert_eq!(
+        v["summary"]["changed"],
+        serde_json::json!(["a_fn (lib.c)"]),
+        "{v}"
+    );
+    assert_eq!(t.ask("b"), "40", "the deployed counter carried on");
+}
+
+/// `util.c` as vendored twice, byte for byte: a static helper with an assert, called by one
+/// exported function named after the copy.
+fn vendored_util(prefix: &str, k: &str) -> String {
+    format!("#include <assert.h>\nstatic __attribute__((noinline)) int scale(int n) {{ assert(n >= 0); return n * {k}; }}\n__attribute__((noinline)) int {prefix}_score(int n) {{ return scale(n) + 1; }}\n")
+}
+
+#[test]
+fn real_world_identical_copies_of_a_file_are_told_apart_by_their_callers() {
+    // a/util.c and b/util.c have the same static `scale`, byte for byte: only which exported
+    // function calls which copy tells them apart. The fix changes b's copy only.
+    let (a, b) = (vendored_util("a", "2"), vendored_util("b", "2"));
+    let b2 = b.replace("n * 2", "n * 20");
+    let p = Project::new(
+        &[("lib.c", UTIL_MAIN), ("a/util.c", &a), ("b/util.c", &b)],
+        &[("b/util.c", &b2)],
+        None,
+        Some(UTIL_MAKEFILE),
+    );
+    live(&p, &[("abc", "7 7", "7 61")]);
+}
+
+#[test]
+fn real_world_indistinguishable_locals_are_refused_as_ambiguous() {
+    // Two identical files whose static is called by nothing exported (only through a
+    // constructor): nothing tells which copy is which.
+    let util = |k: &str| {
+        format!("static int level;\nstatic __attribute__((noinline, used)) int helper(int n) {{ return n * {k} + level; }}\n__attribute__((constructor)) static void init(void) {{ level = helper(1); }}\n")
+    };
+    let p = Project::new(
+        &[
+            ("lib.c", SIMPLE),
+            ("a/util.c", &util("2")),
+            ("b/util.c", &util("2")),
+        ],
+        &[("b/util.c", &util("3"))],
+        None,
+        Some(UTIL_MAKEFILE),
+    );
+    assert_refused(&p, "ambiguous-symbol", "2 files named util.c");
 }

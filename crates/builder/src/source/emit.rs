@@ -16,7 +16,7 @@ use object::{
 use suture_bundle::{BindTarget, Binding};
 
 use super::differ::{
-    covering_symbol, is_anchor, section_flags, Changes, Def, Inclusion, ModuleSymbols, Obj,
+    covering_symbol, is_anchor, section_flags, Changes, Def, Inclusion, Obj, UnitBinding,
 };
 
 /// One changed object file, ready to be emitted.
@@ -24,23 +24,27 @@ pub struct Unit<'a, 'd> {
     pub obj: &'a Obj<'d>,
     pub changes: &'a Changes,
     pub inclusion: &'a Inclusion,
+    /// How its symbols bind to the deployed module.
+    pub binding: &'a UnitBinding<'a, 'd>,
 }
 
 pub struct Emitted {
     pub object: Vec<u8>,
     pub bindings: Vec<Binding>,
-    /// (source file, normalized function name) → the symbol that replaces it in the object.
-    pub replacements: HashMap<(String, String), String>,
+    /// (unit, entity key) → the symbol that replaces it in the object.
+    pub replacements: HashMap<(usize, String), String>,
+    /// Writable data the deployed module lacks, copied into the patch: `name (file)`.
+    pub carried_writable: Vec<String>,
 }
 
-struct Emitter<'m> {
+struct Emitter {
     out: WObject<'static>,
-    module: &'m ModuleSymbols,
     bindings: Vec<Binding>,
     /// Undefined symbols already created, by their name in the output.
     undefined: HashMap<String, SymbolId>,
-    /// Data the module lacks, copied into the patch: (source file, symbol) → output symbol.
-    carried: HashMap<(String, SymbolIndex), SymbolId>,
+    /// Data the module lacks, copied into the patch: (unit, symbol) → output symbol.
+    carried: HashMap<(usize, SymbolIndex), SymbolId>,
+    carried_writable: Vec<String>,
 }
 
 fn bind_target(def: Def) -> BindTarget {
@@ -59,7 +63,7 @@ fn bind_target(def: Def) -> BindTarget {
     }
 }
 
-impl Emitter<'_> {
+impl Emitter {
     fn undefined(&mut self, name: &str, target: Option<BindTarget>) -> SymbolId {
         if let Some(id) = self.undefined.get(name) {
             return *id;
@@ -85,20 +89,17 @@ impl Emitter<'_> {
     }
 
     /// An output symbol for a definition of the deployed module (by exact address).
-    fn module_symbol(&mut self, source: &str, name: &str, local: bool) -> Result<SymbolId> {
-        let def = self
-            .module
-            .find(source, name, local)?
-            .ok_or_else(|| anyhow!("`{name}` (from {source}) is not in the deployed module"))?;
-        let out_name = format!("{name}@{source}@{:x}", def.address);
-        Ok(self.undefined(&out_name, Some(bind_target(def))))
+    fn module_symbol(&mut self, name: &str, label: &str, def: Def) -> SymbolId {
+        let out_name = format!("{name}@{label}@{:x}", def.address);
+        self.undefined(&out_name, Some(bind_target(def)))
     }
 }
 
 /// What a relocation of one unit can point at.
 struct Refs<'a, 'd> {
     obj: &'a Obj<'d>,
-    src: &'a str,
+    unit: usize,
+    binding: &'a UnitBinding<'a, 'd>,
     /// Carried sections and symbols of this unit, by their index in its object.
     sec_map: &'a HashMap<object::SectionIndex, SectionId>,
     sym_map: &'a HashMap<SymbolIndex, SymbolId>,
@@ -106,7 +107,7 @@ struct Refs<'a, 'd> {
     globals: &'a HashMap<String, SymbolId>,
 }
 
-impl Emitter<'_> {
+impl Emitter {
     /// The output symbol and addend a relocation against input symbol `ti` becomes.
     fn target(
         &mut self,
@@ -143,7 +144,14 @@ impl Emitter<'_> {
                     )
                 };
                 addend -= c.address() as i64;
-                self.module_symbol(refs.src, c.name().unwrap_or(""), c.is_local())?
+                let name = c.name().unwrap_or("");
+                let def = refs.binding.by_symbol(c.index())?.ok_or_else(|| {
+                    anyhow!(
+                        "`{name}` (from {}) is not in the deployed module",
+                        refs.binding.label
+                    )
+                })?;
+                self.module_symbol(name, &refs.binding.label, def)
             }
         } else if sym.is_undefined() {
             let name = sym.name().unwrap_or("");
@@ -153,7 +161,7 @@ impl Emitter<'_> {
                 self.undefined(name, None)
             } else {
                 // Defined elsewhere in the module (another file), else in a library.
-                match self.module.find("", name, false)? {
+                match refs.binding.undefined(name)? {
                     Some(def) => {
                         let out_name = format!("{name}@module@{:x}", def.address);
                         self.undefined(&out_name, Some(bind_target(def)))
@@ -172,10 +180,9 @@ impl Emitter<'_> {
             // of a newly caught exception type), a fresh copy in the patch: nothing in the
             // process can hold state in an object it does not have.
             let name = sym.name().unwrap_or("");
-            if self.module.find(refs.src, name, sym.is_local())?.is_some() {
-                self.module_symbol(refs.src, name, sym.is_local())?
-            } else {
-                self.carry(refs, ti)?
+            match refs.binding.by_symbol(ti)? {
+                Some(def) => self.module_symbol(name, &refs.binding.label, def),
+                None => self.carry(refs, ti)?,
             }
         };
         Ok((target, addend))
@@ -184,7 +191,7 @@ impl Emitter<'_> {
     /// Copies the section defining data symbol `ti` into the patch (once) and returns the
     /// symbol; the section's own references are resolved like any other.
     fn carry(&mut self, refs: &Refs, ti: SymbolIndex) -> Result<SymbolId> {
-        let key = (refs.src.to_string(), ti);
+        let key = (refs.unit, ti);
         if let Some(id) = self.carried.get(&key) {
             return Ok(*id);
         }
@@ -193,9 +200,18 @@ impl Emitter<'_> {
         let name = sym.name().unwrap_or("");
         let sec = match sym.section_index() {
             Some(i) if sym.kind() == SymbolKind::Data => obj.file.section_by_index(i)?,
-            _ => bail!("`{name}` (from {}) is not in the deployed module", refs.src),
+            _ => bail!(
+                "`{name}` (from {}) is not in the deployed module",
+                refs.binding.label
+            ),
         };
         let writable = section_flags(&sec) & u64::from(elf::SHF_WRITE) != 0;
+        let relro =
+            sec.name().unwrap_or("").starts_with(".data.rel.ro") || name.starts_with("DW.ref.");
+        if writable && !relro {
+            self.carried_writable
+                .push(format!("{name} ({})", refs.binding.label));
+        }
         let kind = match (writable, sec.kind()) {
             (true, SectionKind::UninitializedData) => SectionKind::UninitializedData,
             (true, _) => SectionKind::Data,
@@ -216,7 +232,7 @@ impl Emitter<'_> {
                 .set_data(data, sec.align().max(1));
         }
         let id = self.out.add_symbol(Symbol {
-            name: format!("{name}@{}@carried", refs.src).into_bytes(),
+            name: format!("{name}@{}@carried", refs.binding.label).into_bytes(),
             value: sym.address(),
             size: sym.size(),
             kind: SymbolKind::Data,
@@ -262,22 +278,22 @@ impl Emitter<'_> {
     }
 }
 
-pub fn emit(units: &[Unit], module: &ModuleSymbols) -> Result<Emitted> {
+pub fn emit(units: &[Unit]) -> Result<Emitted> {
     let mut e = Emitter {
         out: WObject::new(BinaryFormat::Elf, Architecture::X86_64, Endianness::Little),
-        module,
         bindings: Vec::new(),
         undefined: HashMap::new(),
         carried: HashMap::new(),
+        carried_writable: Vec::new(),
     };
     let mut replacements = HashMap::new();
     // Pass 1: sections and the symbols defined in them, for every unit (a file's new global
     // function may be called from another changed file).
     let mut per_unit = Vec::new();
     let mut globals: HashMap<String, SymbolId> = HashMap::new();
-    for unit in units {
+    for (ui, unit) in units.iter().enumerate() {
         let obj = unit.obj;
-        let src = obj.source_name.clone();
+        let src = unit.binding.label.clone();
         // Sections.
         let mut sec_map: HashMap<object::SectionIndex, SectionId> = HashMap::new();
         for &idx in &unit.inclusion.sections {
@@ -346,19 +362,20 @@ pub fn emit(units: &[Unit], module: &ModuleSymbols) -> Result<Emitted> {
             if !s.is_local() {
                 globals.insert(name.to_string(), id);
             }
-            if s.kind() == SymbolKind::Text {
-                replacements.insert((src.clone(), super::differ::normalize(name)), out_name);
+            if let (SymbolKind::Text, Some(key)) = (s.kind(), obj.keys.get(&s.index())) {
+                replacements.entry((ui, key.clone())).or_insert(out_name);
             }
         }
         per_unit.push((sec_map, sym_map));
     }
     // Pass 2: relocations, and the unwind records of the carried code.
     let mut eh_frame: Option<SectionId> = None;
-    for (unit, (sec_map, sym_map)) in units.iter().zip(&per_unit) {
+    for (ui, (unit, (sec_map, sym_map))) in units.iter().zip(&per_unit).enumerate() {
         let obj = unit.obj;
         let refs = Refs {
             obj,
-            src: &obj.source_name,
+            unit: ui,
+            binding: unit.binding,
             sec_map,
             sym_map,
             globals: &globals,
@@ -397,5 +414,6 @@ pub fn emit(units: &[Unit], module: &ModuleSymbols) -> Result<Emitted> {
         object,
         bindings: e.bindings,
         replacements,
+        carried_writable: e.carried_writable,
     })
 }

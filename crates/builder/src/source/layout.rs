@@ -18,7 +18,7 @@ use gimli::{AttributeValue, DwTag, EndianSlice, LittleEndian, UnitOffset};
 use object::read::elf::ElfFile64;
 use object::{Object, ObjectSection, ObjectSymbol, RelocationTarget};
 
-use super::differ::refuse;
+use super::refusal::{refuse, RefusalKind};
 
 /// The layout of one aggregate type, as the compiler laid it out.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -69,6 +69,51 @@ pub fn aggregates(file: &ElfFile64<'_>) -> Result<Option<Aggregates>> {
     Ok(Some(out))
 }
 
+/// Every source file the object's line tables name (the compiled file and the headers and
+/// included files that contributed code or declarations), as recorded: absolute, or joined
+/// to the compile directory.
+pub fn source_files(file: &ElfFile64<'_>) -> Result<Vec<std::path::PathBuf>> {
+    use std::path::PathBuf;
+    if file.section_by_name(".debug_line").is_none() {
+        return Ok(Vec::new());
+    }
+    let sections = gimli::DwarfSections::load(|id| -> Result<Cow<'_, [u8]>> {
+        relocated_section(file, id.name())
+    })?;
+    let dwarf = sections.borrow(|s| EndianSlice::new(s, LittleEndian));
+    let mut out = Vec::new();
+    let mut units = dwarf.units();
+    while let Some(header) = units.next().context("reading DWARF units")? {
+        let unit = dwarf.unit(header).context("reading a DWARF unit")?;
+        let comp_dir = unit
+            .comp_dir
+            .map(|d| PathBuf::from(d.to_string_lossy().into_owned()))
+            .unwrap_or_default();
+        let Some(program) = unit.line_program.clone() else {
+            continue;
+        };
+        let header = program.header();
+        let text = |v: AttributeValue<Reader<'_>>| -> Option<String> {
+            dwarf
+                .attr_string(&unit, v)
+                .ok()
+                .map(|s| s.to_string_lossy().into_owned())
+        };
+        for fe in header.file_names() {
+            let Some(name) = text(fe.path_name()) else {
+                continue;
+            };
+            let dir = fe
+                .directory(header)
+                .and_then(text)
+                .map(PathBuf::from)
+                .unwrap_or_default();
+            out.push(comp_dir.join(dir).join(name));
+        }
+    }
+    Ok(out)
+}
+
 /// Refuses when an aggregate existing data uses has a different layout in the patched object.
 pub fn check(orig: &ElfFile64<'_>, patched: &ElfFile64<'_>) -> Result<()> {
     let (Some(o), Some(p)) = (aggregates(orig)?, aggregates(patched)?) else {
@@ -80,10 +125,13 @@ pub fn check(orig: &ElfFile64<'_>, patched: &ElfFile64<'_>) -> Result<()> {
             continue;
         };
         if a != b {
-            return Err(refuse(format!(
-                "the layout of `{name}` changed ({}) and existing data has that type ({why})",
-                explain(a, b)
-            )));
+            return Err(refuse(
+                RefusalKind::Layout,
+                format!(
+                    "the layout of `{name}` changed ({}) and existing data has that type ({why})",
+                    explain(a, b)
+                ),
+            ));
         }
     }
     Ok(())

@@ -51,6 +51,87 @@ impl LineMap {
     }
 }
 
+/// The line maps of a series of diffs applied in order (fix 1, fix 2, …): a line moves by
+/// the composition of their moves.
+#[derive(Debug, Default)]
+pub struct Series {
+    steps: Vec<LineMap>,
+}
+
+impl Series {
+    pub fn new(steps: Vec<LineMap>) -> Series {
+        Series { steps }
+    }
+
+    /// Whether the series moves unchanged line `old` of `file` to `new` (`old != new`).
+    pub fn moved(&self, file: &Path, old: u64, new: u64) -> bool {
+        if old == new {
+            return false;
+        }
+        let mut line = old;
+        for step in &self.steps {
+            match step.map(file, line) {
+                Some(n) => line = n,
+                None => return false,
+            }
+        }
+        line == new
+    }
+
+    pub fn touches(&self, file: &Path) -> bool {
+        self.steps.iter().any(|s| s.touches(file))
+    }
+
+    pub fn touches_path(&self, path: &Path) -> bool {
+        self.steps.iter().any(|s| s.touches_path(path))
+    }
+
+    pub fn only_sources(&self) -> bool {
+        !self.steps.is_empty() && self.steps.iter().all(LineMap::only_sources)
+    }
+}
+
+impl LineMap {
+    /// Where unchanged line `old` of `file` is after this diff: itself if the diff does not
+    /// touch the file, `None` if a hunk covers it.
+    fn map(&self, file: &Path, old: u64) -> Option<u64> {
+        match self.files.iter().find(|(path, _)| names(path, file)) {
+            Some((_, hunks)) => map_line(hunks, old),
+            None => Some(old),
+        }
+    }
+
+    /// Whether the diff touches `file` (relative to the tree).
+    pub fn touches(&self, file: &Path) -> bool {
+        self.files.iter().any(|(path, _)| names(path, file))
+    }
+
+    /// Whether `path` (from debug info: absolute, or relative to the build folder) is a file
+    /// the diff touches.
+    pub fn touches_path(&self, path: &Path) -> bool {
+        self.files.iter().any(|(p, _)| {
+            let p = Path::new(p);
+            let without_prefix: std::path::PathBuf = p.components().skip(1).collect();
+            (p.components().count() > 0 && path.ends_with(p))
+                || (without_prefix.components().count() > 0 && path.ends_with(&without_prefix))
+        })
+    }
+
+    /// Whether every file the diff touches is a C or C++ source file (not a header, a
+    /// generator's input or a build file): then nothing the fix changes can reach an object
+    /// compiled from another file, except through an `#include` its debug info records.
+    pub fn only_sources(&self) -> bool {
+        const SOURCES: &[&str] = &["c", "cc", "cpp", "cxx", "C", "c++"];
+        !self.files.is_empty()
+            && self.files.iter().all(|(p, _)| {
+                Path::new(p)
+                    .extension()
+                    .and_then(|e| e.to_str())
+                    .is_some_and(|e| SOURCES.contains(&e))
+            })
+    }
+}
+
 /// Whether the diff's `path` (`b/src/x.c`, `src/x.c`) names `file` (`src/x.c`).
 fn names(path: &str, file: &Path) -> bool {
     let path = Path::new(path);
@@ -111,5 +192,15 @@ mod tests {
         assert!(!m.moved(x, 11, 17)); // inside a hunk
         assert!(!m.moved(x, 100, 106));
         assert!(!m.moved(Path::new("y.c"), 100, 105)); // another file's lines did not move
+    }
+
+    #[test]
+    fn a_series_of_diffs_composes_its_moves() {
+        let second = "--- a/x.c\n+++ b/x.c\n@@ -1,1 +1,3 @@\n ctx\n+g\n+h\n";
+        let s = Series::new(vec![LineMap::parse(DIFF), LineMap::parse(second)]);
+        let x = Path::new("x.c");
+        assert!(s.moved(x, 100, 107)); // +5, then +2
+        assert!(!s.moved(x, 100, 105));
+        assert!(s.touches(x) && !s.touches(Path::new("y.c")));
     }
 }

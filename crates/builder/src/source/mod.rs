@@ -9,7 +9,10 @@
 //!    compiler [`wrapper`] (the work trees and builds are in [`tree`]).
 //! 3. The differ ([`differ`]) compares every object file of the two section-split builds;
 //!    [`layout`] refuses changed struct layouts that existing data uses, and [`lines`] keeps
-//!    running the functions that differ only in line numbers the fix moved.
+//!    running the functions that differ only in line numbers the fix moved. Differences in
+//!    objects the fix cannot reach are build noise (dropped) or refused; new state the
+//!    changed code depends on is refused unless accepted. Every refusal is a typed
+//!    [`Refusal`] with a stable reason code.
 //! 4. The emitter ([`emit`](mod@emit)) writes one relocatable with what changed, and the unwind records
 //!    of exactly that code ([`eh_frame`]); the manifest binds the rest to the deployed module
 //!    by address and lists the functions to detour with the deployed bytes they must find.
@@ -19,6 +22,7 @@ pub mod eh_frame;
 pub mod emit;
 pub mod layout;
 pub mod lines;
+pub mod refusal;
 pub mod tree;
 pub mod wrapper;
 
@@ -32,8 +36,10 @@ use suture_bundle::{FunctionPatch, Manifest, ModuleRef, FORMAT_VERSION};
 use suture_detour::check_site;
 use suture_module::Module;
 
-use differ::{compare, include, ModuleSymbols, Obj};
+use differ::{compare, include, ModuleSymbols, Obj, UnitBinding};
 use emit::{emit, Unit};
+use refusal::refuse;
+pub use refusal::{refusal_of, Refusal, RefusalKind};
 
 /// `-g` gives the differ the struct layouts to check; it does not change the code gcc emits.
 /// `-mno-direct-extern-access` (gcc 12+, where accepted) makes executables reach external data
@@ -44,7 +50,9 @@ const SPLIT_FLAGS: &str = "-ffunction-sections -fdata-sections -g ?-mno-direct-e
 /// What the operator asked for.
 pub struct SourceFix<'a> {
     pub source: &'a Path,
-    pub diff: &'a Path,
+    /// The fix as unified diffs, applied in order: a series (fix 1, fix 2, …) gives the
+    /// cumulative patch against the deployed binary.
+    pub diffs: &'a [PathBuf],
     /// The deployed executable or library (may be stripped).
     pub target: &'a Path,
     pub build_cmd: &'a str,
@@ -53,6 +61,8 @@ pub struct SourceFix<'a> {
     /// Work folder (kept afterwards when the operator asked for it).
     pub work: &'a Path,
     pub id: Option<String>,
+    /// Kinds of change the operator accepts knowingly (`new-state`).
+    pub accept: Vec<String>,
     pub level: u32,
     pub cves: Vec<String>,
     pub description: String,
@@ -72,6 +82,14 @@ pub struct Summary {
     pub new_functions: Vec<String>,
     pub new_data: Vec<String>,
     pub changed_rodata: Vec<String>,
+    /// Functions and data that differ from one build of the same source to the next
+    /// (timestamps, random ids) in files the fix cannot reach: left as they run.
+    pub noise: Vec<String>,
+    /// State the patch brings that the running process never initialised (accepted with
+    /// `--accept new-state`).
+    pub new_state: Vec<String>,
+    /// Changes a reviewer should look at (added or removed calls to `free`).
+    pub warnings: Vec<String>,
     pub objects_compared: usize,
     pub build_seconds: f64,
 }
@@ -109,7 +127,15 @@ pub fn build_from_source(fix: &SourceFix, progress: &mut dyn FnMut(&str)) -> Res
         progress(&format!("copying the source to {}", t.display()));
         tree::copy_clean(&source, t)?;
     }
-    tree::apply_diff(&trees[2], fix.diff)?;
+    if fix.diffs.is_empty() {
+        bail!("no diff given");
+    }
+    if let Some(k) = fix.accept.iter().find(|k| *k != "new-state") {
+        bail!("--accept {k}: only new-state can be accepted");
+    }
+    for diff in fix.diffs {
+        tree::apply_diff(&trees[2], diff)?;
+    }
 
     let mut records = Vec::new();
     for (t, flags, what) in [
@@ -200,11 +226,23 @@ pub fn build_from_source(fix: &SourceFix, progress: &mut dyn FnMut(&str)) -> Res
     let parsed: Vec<(Obj, Obj, PathBuf)> = pairs
         .iter()
         .filter(|(o, p, _)| o != p)
-        .map(|(o, p, rel)| Ok((Obj::parse(o)?, Obj::parse(p)?, rel.clone())))
+        .map(|(o, p, rel)| {
+            let orig = Obj::parse(o)?;
+            let mut patched = Obj::parse(p)?;
+            patched.adopt_keys_from(&orig);
+            Ok((orig, patched, rel.clone()))
+        })
         .collect::<Result<_>>()?;
-    let line_map = lines::LineMap::parse(&String::from_utf8_lossy(
-        &std::fs::read(fix.diff).with_context(|| format!("cannot read {}", fix.diff.display()))?,
-    ));
+    let line_map = lines::Series::new(
+        fix.diffs
+            .iter()
+            .map(|d| {
+                let text =
+                    std::fs::read(d).with_context(|| format!("cannot read {}", d.display()))?;
+                Ok(lines::LineMap::parse(&String::from_utf8_lossy(&text)))
+            })
+            .collect::<Result<_>>()?,
+    );
     // A source file as it is in the original and in the patched tree.
     let sources_of = |rel: &Path| {
         (
@@ -212,11 +250,67 @@ pub fn build_from_source(fix: &SourceFix, progress: &mut dyn FnMut(&str)) -> Res
             std::fs::read_to_string(trees[2].join(rel)).ok(),
         )
     };
+    // The plain build's objects: a second build of the original, to tell build noise from
+    // changes.
+    let plain_objects = objects_of(0).unwrap_or_default();
+    let only_sources = line_map.only_sources();
     let mut found = Vec::new();
     for (o, p, rel) in &parsed {
-        let mut changes = compare(o, p).with_context(|| format!("in {}", rel.display()))?;
+        // When the diff touches only C/C++ source files, an object built from another file
+        // that includes none of them cannot change because of the fix.
+        let untraceable = only_sources
+            && !new_files.contains(rel)
+            && !line_map.touches(rel)
+            && !includes_touched(o, p, &line_map)?;
+        let mut noise = std::collections::BTreeSet::new();
+        if untraceable {
+            if let Some(plain_obj) = plain_objects.get(rel) {
+                let bytes = std::fs::read(plain_obj)?;
+                let plain = Obj::parse(&bytes)?;
+                for (key, e) in &o.entities {
+                    if plain
+                        .entities
+                        .get(key)
+                        .is_some_and(|pe| !pe.same_code_as(e))
+                    {
+                        noise.insert(key.clone());
+                    }
+                }
+            }
+            for key in &noise {
+                if let Some(e) = p.entities.get(key) {
+                    summary
+                        .noise
+                        .push(format!("{} ({})", e.name, p.source_name));
+                }
+            }
+        }
+        let mut changes = in_file(compare(o, p, &noise), rel)?;
+        if untraceable && !changes.is_empty() {
+            let names: Vec<String> = changes
+                .changed
+                .iter()
+                .chain(&changes.new_functions)
+                .chain(&changes.new_data)
+                .chain(&changes.changed_rodata)
+                .map(|k| {
+                    format!(
+                        "`{}`",
+                        p.entities.get(k).map_or(k.as_str(), |e| e.name.as_str())
+                    )
+                })
+                .collect();
+            return Err(refuse(
+                RefusalKind::Untraceable,
+                format!(
+                    "{} of {} changed although the fix touches neither that file nor anything it includes, and a second build of the original does not reproduce the difference: make the build reproducible (generated files, embedded build ids), see --keep-work",
+                    names.join(", "),
+                    rel.display()
+                ),
+            ));
+        }
         if !new_files.contains(rel) {
-            layout::check(&o.file, &p.file).with_context(|| format!("in {}", rel.display()))?;
+            in_file(layout::check(&o.file, &p.file), rel)?;
         }
         let sources = sources_of(rel);
         for key in keep_line_number_only(o, p, &mut changes, &sources, &|a, b| {
@@ -230,46 +324,94 @@ pub fn build_from_source(fix: &SourceFix, progress: &mut dyn FnMut(&str)) -> Res
             continue;
         }
         let inclusion = include(p, &changes)?;
-        found.push((p, changes, inclusion, sources));
+        found.push((o, p, rel, changes, inclusion, sources));
     }
     if found.is_empty() {
-        bail!("the fix changes no code of {target_name}: nothing to patch (no bundle written)");
+        return Err(refuse(
+            RefusalKind::NoCodeChange,
+            format!("the fix changes no code of {target_name} (no bundle written)"),
+        ));
     }
+    // New state the changed code depends on, and changed freeing.
+    let (mut new_state, warnings) = state_changes(&found);
+    summary.warnings = warnings;
+    let bindings: Vec<UnitBinding> = found
+        .iter()
+        .map(|(o, p, rel, ..)| UnitBinding {
+            module: &module_symbols,
+            orig: o,
+            patched: p,
+            placement: module_symbols.place(o, &plain_module),
+            label: rel.display().to_string(),
+        })
+        .collect();
     let units: Vec<Unit> = found
         .iter()
-        .map(|(p, changes, inclusion, _)| Unit {
+        .zip(&bindings)
+        .map(|((_, p, _, changes, inclusion, _), binding)| Unit {
             obj: p,
             changes,
             inclusion,
+            binding,
         })
         .collect();
-    let emitted = emit(&units, &module_symbols)?;
+    let emitted = emit(&units)?;
+    new_state.extend(emitted.carried_writable.iter().cloned());
+    new_state.sort();
+    new_state.dedup();
+    let mut accepted = Vec::new();
+    if !new_state.is_empty() {
+        if !fix.accept.iter().any(|a| a == "new-state") {
+            return Err(refuse(
+                RefusalKind::NewState,
+                format!(
+                    "the fix brings state the running process never initialised: {}; it would start at its initial value when the patch is applied, not at program start (review, then build with --accept new-state)",
+                    new_state.join(", ")
+                ),
+            ));
+        }
+        accepted.push("new-state".to_string());
+    }
+    summary.new_state = new_state;
 
-    // The functions to detour: changed ones that exist in the deployed module.
-    let mut functions = Vec::new();
-    for (p, changes, _, sources) in &found {
+    // The functions to detour: changed ones that exist in the deployed module, once per
+    // address (aliases are one function).
+    let mut functions: Vec<FunctionPatch> = Vec::new();
+    for (ui, ((_, p, _, changes, _, sources), binding)) in found.iter().zip(&bindings).enumerate() {
         for key in &changes.changed {
             let Some(entity) = p.entities.get(key) else {
                 continue;
             };
-            let Some(def) = module_symbols.find(&p.source_name, &entity.name, entity.local)? else {
+            let Some(def) = binding.by_key(key)? else {
                 continue; // fully inlined in the deployed build: its callers are included instead
             };
+            if functions.iter().any(|f| f.address == def.address) {
+                continue;
+            }
             let code = deployed_module
                 .bytes_at(def.address, def.size)
                 .ok_or_else(|| anyhow!("`{}`: no code in the deployed file", entity.name))?;
             check_site(def.address, code).map_err(|e| {
-                anyhow::Error::new(differ::NotPatchable {
-                    what: format!("`{}`: {e}", entity.name),
-                })
+                let kind = match e {
+                    suture_detour::SiteError::TooShort { .. } => RefusalKind::TooShort,
+                    _ => RefusalKind::DetourSite,
+                };
+                refuse(kind, format!("`{}`: {e}", entity.name))
             })?;
             let replacement = emitted
                 .replacements
-                .get(&(p.source_name.clone(), key.clone()))
+                .get(&(ui, key.clone()))
                 .cloned()
                 .ok_or_else(|| anyhow!("`{}` missing from the patch object", entity.name))?;
+            // Two files may each have a static function of one name: the manifest names
+            // the second with its file.
+            let symbol = if functions.iter().any(|f| f.symbol == entity.name) {
+                format!("{}@{}", entity.name, binding.label)
+            } else {
+                entity.name.clone()
+            };
             functions.push(FunctionPatch {
-                symbol: entity.name.clone(),
+                symbol,
                 address: def.address,
                 size: def.size,
                 expected_sha256: hex::encode(Sha256::digest(code)),
@@ -302,7 +444,10 @@ pub fn build_from_source(fix: &SourceFix, progress: &mut dyn FnMut(&str)) -> Res
         );
     }
     if functions.is_empty() {
-        bail!("the fix changes no function of {target_name} that can be detoured: nothing to patch (no bundle written)");
+        return Err(refuse(
+            RefusalKind::NoCodeChange,
+            format!("the fix changes no function of {target_name} that can be detoured (no bundle written)"),
+        ));
     }
     functions.sort_by_key(|f| f.address);
     summary.build_seconds = started.elapsed().as_secs_f64();
@@ -332,11 +477,116 @@ pub fn build_from_source(fix: &SourceFix, progress: &mut dyn FnMut(&str)) -> Res
         description: fix.description.clone(),
         functions,
         bindings: emitted.bindings,
+        accepted,
     };
     Ok(Built {
         manifest,
         object: emitted.object,
         summary,
+    })
+}
+
+/// Run-time initialisation a changed function may start to depend on.
+const RUNTIME_INIT: &[&str] = &["pthread_once", "call_once", "__cxa_guard_acquire"];
+
+/// What the changed code newly depends on that the running process never set up: new
+/// writable data it reaches (through new functions too, across files), new run-time
+/// initialisation (`pthread_once`); and, as warnings, changed functions that call `free` a
+/// different number of times.
+#[allow(clippy::type_complexity)]
+fn state_changes(
+    found: &[(
+        &Obj,
+        &Obj,
+        &PathBuf,
+        differ::Changes,
+        differ::Inclusion,
+        (Option<String>, Option<String>),
+    )],
+) -> (Vec<String>, Vec<String>) {
+    let (mut state, mut warnings) = (Vec::new(), Vec::new());
+    // What the changed functions reach, as (unit, key); a name another unit defines
+    // globally leads there.
+    let mut seen: std::collections::BTreeSet<(usize, String)> = Default::default();
+    let mut stack: Vec<(usize, String)> = found
+        .iter()
+        .enumerate()
+        .flat_map(|(u, f)| f.3.changed.iter().map(move |k| (u, k.clone())))
+        .collect();
+    while let Some((u, key)) = stack.pop() {
+        if !seen.insert((u, key.clone())) {
+            continue;
+        }
+        let Some(e) = found[u].1.entities.get(&key) else {
+            continue;
+        };
+        for t in e.symbol_targets() {
+            if found[u].1.entities.contains_key(t) {
+                stack.push((u, t.to_string()));
+            } else {
+                for (v, f) in found.iter().enumerate() {
+                    if f.1.entities.get(t).is_some_and(|d| !d.local) {
+                        stack.push((v, t.to_string()));
+                    }
+                }
+            }
+        }
+    }
+    for (u, (o, p, _, changes, _, _)) in found.iter().enumerate() {
+        for key in &changes.new_data {
+            if let Some(e) = p.entities.get(key) {
+                if e.writable && !e.relro && seen.contains(&(u, key.clone())) {
+                    state.push(format!("{} ({})", e.name, p.source_name));
+                }
+            }
+        }
+        for key in &changes.changed {
+            let (Some(before), Some(after)) = (o.entities.get(key), p.entities.get(key)) else {
+                continue;
+            };
+            for init in RUNTIME_INIT {
+                if after.references_to(init) > 0 && before.references_to(init) == 0 {
+                    state.push(format!(
+                        "{} ({}) now initialises at run time ({init})",
+                        after.name, p.source_name
+                    ));
+                }
+            }
+            let (was, is) = (before.references_to("free"), after.references_to("free"));
+            if was != is {
+                warnings.push(format!(
+                    "{} ({}) calls free {is} times where it called it {was} times: check that objects already live are freed once",
+                    after.name, p.source_name
+                ));
+            }
+        }
+    }
+    (state, warnings)
+}
+
+/// Whether the debug info of either object names a file the diff touches (a header with
+/// declarations or code, a `.c` file included by another).
+fn includes_touched(o: &Obj, p: &Obj, line_map: &lines::Series) -> Result<bool> {
+    for obj in [o, p] {
+        if layout::source_files(&obj.file)?
+            .iter()
+            .any(|f| line_map.touches_path(f))
+        {
+            return Ok(true);
+        }
+    }
+    Ok(false)
+}
+
+/// Names the file an error is about: a refusal keeps its one-line form `cannot be
+/// live-patched (reason): … in FILE`, other errors get it as context.
+fn in_file<T>(r: Result<T>, rel: &Path) -> Result<T> {
+    r.map_err(|e| match refusal_of(&e) {
+        Some(r) => anyhow::Error::new(Refusal::new(
+            r.reason,
+            format!("{} (in {})", r.message, rel.display()),
+        )),
+        None => e.context(format!("in {}", rel.display())),
     })
 }
 

@@ -140,6 +140,49 @@ pub fn apply_diff(tree: &Path, diff: &Path) -> Result<()> {
     )
 }
 
+/// The fixed time every build sees (`SOURCE_DATE_EPOCH`, which gcc uses for `__DATE__` and
+/// `__TIME__`, and the `date` shim for generated files): the operator's own value if set,
+/// else 2024-01-01. Build-time noise then cannot differ between the builds Suture compares.
+fn source_date_epoch() -> String {
+    std::env::var("SOURCE_DATE_EPOCH")
+        .ok()
+        .filter(|v| !v.is_empty() && v.bytes().all(|b| b.is_ascii_digit()))
+        .unwrap_or_else(|| "1704067200".to_string())
+}
+
+/// Tools put before the real ones on the builds' `PATH`:
+/// - `strip` (and `install -s`, which runs it) does nothing, but still writes `-o OUT`: the
+///   builds Suture compares keep their symbols;
+/// - `date` without an explicit date answers `SOURCE_DATE_EPOCH`, so a generated header with
+///   the build time (`date +%s` in redis's mkreleasehdr.sh) is the same in every build.
+fn write_shims(bin: &Path, real_path: &str) -> Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    let strip = "#!/bin/sh\n# suture: the builds suture compares keep their symbols.\nout= prev= last=\nfor a in \"$@\"; do\n  [ \"$prev\" = -o ] && out=$a\n  case \"$a\" in -o?*) out=${a#-o} ;; esac\n  prev=$a last=$a\ndone\n[ -n \"$out\" ] && [ \"$out\" != \"$last\" ] && cp -f \"$last\" \"$out\"\nexit 0\n";
+    let mut shims = vec![
+        ("strip".to_string(), strip.to_string()),
+        ("x86_64-linux-gnu-strip".to_string(), strip.to_string()),
+    ];
+    if let Some(date) = std::env::split_paths(real_path)
+        .map(|d| d.join("date"))
+        .find(|p| p.is_file())
+    {
+        shims.push((
+            "date".to_string(),
+            format!(
+                "#!/bin/sh\n# suture: the build time is SOURCE_DATE_EPOCH unless a date is given.\nfor a in \"$@\"; do\n  case \"$a\" in -d*|--date*|-r*|--reference*|-f*|--file*|-s*|--set*) exec '{0}' \"$@\" ;; esac\ndone\nexec '{0}' -d \"@$SOURCE_DATE_EPOCH\" \"$@\"\n",
+                date.display()
+            ),
+        ));
+    }
+    for (name, text) in shims {
+        let p = bin.join(name);
+        let _ = std::fs::remove_file(&p);
+        std::fs::write(&p, text)?;
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o755))?;
+    }
+    Ok(())
+}
+
 /// The project's build command failed; its output is kept in `log`.
 #[derive(Debug, thiserror::Error)]
 #[error("build command failed ({status}): {tail} (whole output: {})", log.display())]
@@ -214,6 +257,7 @@ impl Build<'_> {
             let _ = std::fs::remove_file(&link);
             std::os::unix::fs::symlink(&me, &link)?;
         }
+        write_shims(&bin, &real_path)?;
         let tag = self
             .tree
             .file_name()
@@ -231,6 +275,7 @@ impl Build<'_> {
             .env("SUTURE_SOURCE", self.source)
             .env("SUTURE_BUILD_CMD", self.command)
             .env("PATH", format!("{}:{real_path}", bin.display()))
+            .env("SOURCE_DATE_EPOCH", source_date_epoch())
             .env("CC", "gcc")
             .env("CXX", "g++")
             .env(wrapper::ENV_REAL_PATH, &real_path)

@@ -89,7 +89,9 @@ fn run(name: &str) -> std::io::Result<i32> {
         .map(|d| d.join(name))
         .find(|p| p.is_file())
         .ok_or_else(|| std::io::Error::other(format!("no real `{name}` on {real_path:?}")))?;
-    let args: Vec<OsString> = std::env::args_os().skip(1).collect();
+    // The builds Suture compares keep their symbol tables: link-time stripping is dropped
+    // (it changes no code; the deployed binary may still be stripped).
+    let args = drop_strip_flags(std::env::args_os().skip(1).collect());
     let compiling = args.iter().any(|a| a == "-c");
     let mut cmd = Command::new(&real);
     cmd.args(&args).env("PATH", &real_path);
@@ -178,6 +180,50 @@ fn run(name: &str) -> std::io::Result<i32> {
         }
     }
     Ok(0)
+}
+
+/// Linker options that strip symbols, as gcc passes them on (`-Wl,-s`, `-Xlinker -S`).
+const LINKER_STRIP: &[&str] = &[
+    "-s",
+    "-S",
+    "-x",
+    "--strip-all",
+    "--strip-debug",
+    "--discard-all",
+];
+
+/// `args` without the options that strip the output's symbols: `-s`, `--strip-all`,
+/// `--strip-debug`, and those inside `-Wl,…` lists and after `-Xlinker`.
+pub fn drop_strip_flags(args: Vec<OsString>) -> Vec<OsString> {
+    let mut out = Vec::with_capacity(args.len());
+    let mut iter = args.into_iter().peekable();
+    while let Some(a) = iter.next() {
+        let text = a.to_string_lossy().into_owned();
+        if text == "-s" || text == "--strip-all" || text == "--strip-debug" {
+            continue;
+        }
+        if text == "-Xlinker" {
+            if let Some(next) = iter.peek() {
+                if LINKER_STRIP.iter().any(|f| next == f) {
+                    iter.next();
+                    continue;
+                }
+            }
+        }
+        if let Some(list) = text.strip_prefix("-Wl,") {
+            let kept: Vec<&str> = list
+                .split(',')
+                .filter(|f| !LINKER_STRIP.contains(f))
+                .collect();
+            if kept.is_empty() {
+                continue;
+            }
+            out.push(OsString::from(format!("-Wl,{}", kept.join(","))));
+            continue;
+        }
+        out.push(a);
+    }
+    out
 }
 
 /// The extra flags for this compiler: a flag written `?-mflag` is passed only if the compiler
@@ -343,6 +389,28 @@ fn link_output(args: &[OsString]) -> Option<PathBuf> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn drops_link_time_stripping() {
+        let a = |v: &[&str]| v.iter().map(OsString::from).collect::<Vec<_>>();
+        assert_eq!(
+            drop_strip_flags(a(&[
+                "-O2",
+                "-s",
+                "-o",
+                "app",
+                "-Wl,-s",
+                "-Wl,-z,relro,--strip-all,-O1",
+                "-Xlinker",
+                "-S",
+                "-Wl,--strip-debug",
+                "--strip-all",
+                "a.o",
+                "-S"
+            ])),
+            a(&["-O2", "-o", "app", "-Wl,-z,relro,-O1", "a.o", "-S"])
+        );
+    }
 
     #[test]
     fn knows_compiler_driver_names() {

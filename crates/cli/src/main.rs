@@ -1,6 +1,7 @@
 //! `suture`: one binary over the pipeline's libraries. Each subcommand is thin glue; the work
 //! lives in `suture-build`, `suture-bundle` and `suture-engine`.
 
+mod agent;
 mod cli;
 mod commands;
 mod demo;
@@ -17,11 +18,19 @@ fn main() {
     // SAFETY: restoring a signal's default disposition at start, before any thread exists.
     unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
     let args = cli::Args::parse();
+    // The agent is a daemon: its actions are its log (one line each, for journald).
+    let default_level = match &args.command {
+        cli::Command::Agent {
+            command: cli::AgentCommand::Run { .. },
+        } => "info",
+        _ => "warn",
+    };
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("SUTURE_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level)),
         )
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_writer(std::io::stderr)
         .init();
     let json = args.json;

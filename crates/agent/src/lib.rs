@@ -1,0 +1,24 @@
+//! The Suture host agent. Its one job: keep every process on this host carrying the newest
+//! trusted patch for the modules it maps, and take patches back out when they are withdrawn
+//! or when they hurt.
+//!
+//! It is a controller ([`controller`]): desired state is the trusted bundles a
+//! [`source::BundleSource`] offers (newest level per patch line, i.e. per target module
+//! build-id); actual state is what each process carries, read from its own memory by the
+//! engine. Every action goes to a crash-safe [`journal`] before the agent moves on; the
+//! [`procevents`] connector reports crashes of patched processes (automatic rollback) and new
+//! processes (patched right after their exec). Status and metrics go through
+//! [`report::Report`]. [`eligibility`] answers whether a host can be live-patched at all.
+
+pub mod config;
+pub mod controller;
+pub mod eligibility;
+pub mod journal;
+pub mod metrics;
+pub mod procevents;
+pub mod report;
+pub mod source;
+
+pub use config::Settings;
+pub use controller::{run_agent, Agent, Lock};
+pub use report::{BundleState, BundleStatus, Status};

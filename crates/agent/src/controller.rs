@@ -27,6 +27,7 @@ use crate::config::Settings;
 use crate::journal::{now_ms, Entry, Event, Journal};
 use crate::procevents::{is_crash_signal, signal_name, ProcEvent};
 use crate::report::{BundleState, BundleStatus, Failure, Report, Status};
+use crate::scan::Scanner;
 use crate::source::BundleSource;
 
 /// What wakes the controller.
@@ -120,6 +121,7 @@ pub struct Agent {
     carriers: HashMap<String, usize>,
     connector_up: bool,
     last_health_cmd: Option<Instant>,
+    scanner: Scanner,
 }
 
 impl Agent {
@@ -145,6 +147,7 @@ impl Agent {
             carriers: HashMap::new(),
             connector_up: false,
             last_health_cmd: None,
+            scanner: Scanner::new(),
         })
     }
 
@@ -502,12 +505,11 @@ impl Agent {
             }
         }
         // Actual state: what every process mapping a line's module carries for that line.
+        let wanted: HashSet<Vec<u8>> = lines.iter().filter_map(|l| hex::decode(l).ok()).collect();
+        let found = self.scanner.processes_mapping(&wanted);
         let mut carried: BTreeMap<i32, Vec<PatchRecord>> = BTreeMap::new();
         let mut mapping: BTreeMap<String, Vec<i32>> = BTreeMap::new();
-        for line in &lines {
-            let Ok(bid) = hex::decode(line) else { continue };
-            let pids = suture_engine::processes_mapping(&bid)
-                .with_context(|| format!("cannot list processes mapping {line}"))?;
+        for (bid, pids) in found {
             for &pid in &pids {
                 if let std::collections::btree_map::Entry::Vacant(e) = carried.entry(pid) {
                     match suture_engine::status(pid) {
@@ -518,7 +520,7 @@ impl Agent {
                     }
                 }
             }
-            mapping.insert(line.clone(), pids);
+            mapping.insert(hex::encode(bid), pids);
         }
         // Known patches found in processes: watched for crashes; a level applied just before
         // a crash of the agent (no journal line) is adopted so it is never applied again.
@@ -573,7 +575,8 @@ impl Agent {
         if !self.dry {
             self.execute(ops);
         }
-        let status = self.status_now();
+        let pids: Vec<i32> = carried.keys().copied().collect();
+        let status = self.status_now(&pids);
         for r in &mut self.reports {
             r.status(&status);
         }
@@ -587,17 +590,18 @@ impl Agent {
         let mut carried = BTreeMap::new();
         let mut settled = Vec::new();
         for &pid in pids {
-            let Ok(maps) = suture_engine::procfs::read_maps(pid) else {
-                settled.push(pid); // gone already
+            let ids = self.scanner.build_ids(pid);
+            if ids.is_empty() {
+                settled.push(pid); // gone already, or nothing mapped yet worth a retry
                 continue;
-            };
+            }
             let mut any = false;
             for (line, d) in &self.plan.lines {
                 if d.is_none() {
                     continue;
                 }
                 let Ok(bid) = hex::decode(line) else { continue };
-                if suture_engine::modules::find_by_build_id(pid, &maps, &bid).is_some() {
+                if ids.contains(&bid) {
                     mapping.entry(line.clone()).or_default().push(pid);
                     any = true;
                 }
@@ -887,27 +891,13 @@ impl Agent {
     }
 
     /// The per-bundle status after a pass.
-    fn status_now(&mut self) -> Status {
+    fn status_now(&mut self, pids: &[i32]) -> Status {
         let state = self.journal.state();
-        // Count carriers with a cheap re-read of what was touched: the pass's scan plus the
-        // operations' results are folded in by scanning again (status reads only memory).
+        // What the scanned processes carry after this pass's operations.
         let mut carriers: HashMap<String, usize> = HashMap::new();
-        let mut lines: Vec<String> = self.plan.lines.keys().cloned().collect();
-        for k in state.known.values() {
-            if !lines.contains(&k.build_id) {
-                lines.push(k.build_id.clone());
-            }
-        }
-        let mut seen = HashSet::new();
-        for line in &lines {
-            let Ok(bid) = hex::decode(line) else { continue };
-            for pid in suture_engine::processes_mapping(&bid).unwrap_or_default() {
-                if !seen.insert(pid) {
-                    continue;
-                }
-                for r in suture_engine::status(pid).unwrap_or_default() {
-                    *carriers.entry(r.bundle_sha256).or_default() += 1;
-                }
+        for &pid in pids {
+            for r in suture_engine::status(pid).unwrap_or_default() {
+                *carriers.entry(r.bundle_sha256).or_default() += 1;
             }
         }
         self.carriers = carriers;

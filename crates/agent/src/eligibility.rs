@@ -204,6 +204,7 @@ pub fn eligibility(bundle_dir: &Path) -> Eligibility {
         })
         .unwrap_or_default();
     files.sort();
+    let mut scanner = crate::scan::Scanner::new();
     for f in files {
         let b = match Bundle::read_file(&f) {
             Ok(b) => b,
@@ -216,7 +217,12 @@ pub fn eligibility(bundle_dir: &Path) -> Eligibility {
             unreadable.push(format!("{}: invalid build-id", f.display()));
             continue;
         };
-        for pid in suture_engine::processes_mapping(&bid).unwrap_or_default() {
+        let wanted = [bid.clone()].into_iter().collect();
+        let pids = scanner
+            .processes_mapping(&wanted)
+            .remove(&bid)
+            .unwrap_or_default();
+        for pid in pids {
             let (command, patchable, problems) = match suture_engine::check(pid, Some(&bid)) {
                 Ok(r) => (r.command, r.patchable, r.problems),
                 Err(e) => (String::new(), false, vec![format!("{e:#}")]),

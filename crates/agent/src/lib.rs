@@ -17,6 +17,7 @@ pub mod journal;
 pub mod metrics;
 pub mod procevents;
 pub mod report;
+pub mod scan;
 pub mod source;
 
 pub use config::Settings;

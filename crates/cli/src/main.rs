@@ -22,7 +22,7 @@ fn main() {
     let default_level = match &args.command {
         cli::Command::Agent {
             command: cli::AgentCommand::Run { .. },
-        } => "info",
+        } => "info,suture_engine=warn",
         _ => "warn",
     };
     tracing_subscriber::fmt()

@@ -146,4 +146,15 @@ mod tests {
         let e = Settings::resolve(Some(&p), Overrides::default()).unwrap_err();
         assert!(e.to_string().contains("invalid"), "{e}");
     }
+
+    #[test]
+    fn the_shipped_example_is_valid_and_says_the_defaults() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("agent.toml");
+        std::fs::write(&p, include_str!("../../../dist/agent.toml")).unwrap();
+        let s = Settings::resolve(Some(&p), Overrides::default()).unwrap();
+        assert_eq!(s.bundle_dir, PathBuf::from("/var/lib/suture/bundles"));
+        assert_eq!(s.health_window, Duration::from_secs(60));
+        assert!(s.metrics_addr.is_none());
+    }
 }

@@ -61,11 +61,14 @@ impl Verified {
     }
 }
 
+/// A bundle the agent will not use: where it came from, its id and level if readable, why.
+type Refusal = (String, Option<(String, u32)>, String);
+
 /// The decisions of the last full pass, reused for new processes between passes.
 #[derive(Default, Clone)]
 struct Plan {
     verified: Vec<Verified>,
-    refused: Vec<(String, Option<(String, u32)>, String)>,
+    refused: Vec<Refusal>,
     /// Per patch line (build-id): the desired bundle (index into `verified`), if any.
     lines: BTreeMap<String, Option<usize>>,
 }

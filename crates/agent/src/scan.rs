@@ -41,7 +41,8 @@ impl Scanner {
             };
             let path = f.next().unwrap_or("");
             // The ELF header sits at file offset 0: the module's first mapping.
-            if inode == "0" || !path.starts_with('/') || offset.trim_start_matches('0') != "" {
+            if inode == "0" || !path.starts_with('/') || !offset.trim_start_matches('0').is_empty()
+            {
                 continue;
             }
             if !seen.insert((dev.to_string(), inode.to_string())) {

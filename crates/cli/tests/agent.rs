@@ -552,3 +552,55 @@ fn failing_health_command_rolls_back() {
     assert!(rb[0]["reason"].as_str().unwrap().contains("health command"));
     agent.stop();
 }
+
+#[test]
+fn a_process_that_cannot_be_patched_is_listed_with_its_reason() {
+    let h = Host::new("unpatchable");
+    let mut ok = h.start();
+    let mut locked = h.start();
+    assert_eq!(locked.ask("seccomp memfd"), "0");
+    let (p1, id) = h.bundle("p1.o", &["compute"], 1, "p1.suture");
+    h.offer(&p1);
+
+    // Eligibility, before any agent: the host, and each process the bundle targets.
+    let mut args = vec!["eligibility".to_string()];
+    args.extend(h.dirs());
+    let (_, e) = suture_json(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    let procs = e["processes"].as_array().expect("processes");
+    let find = |pid: i32| procs.iter().find(|p| p["pid"] == pid).cloned();
+    assert_eq!(find(ok.pid).expect("listed")["patchable"], true, "{e}");
+    let l = find(locked.pid).expect("listed");
+    assert_eq!(l["patchable"], false, "{e}");
+    assert!(l["problems"].to_string().contains("seccomp"), "{e}");
+    assert!(e["checks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|c| c["name"] == "yama_ptrace_scope"));
+
+    let mut agent = h.agent(&[]);
+    wait_for("the patchable one patched", 30, || {
+        ok.ask("compute 2") == "106"
+    });
+    wait_for("status lists the other with its reason", 20, || {
+        let st = h.status();
+        bundle_status(&st, &id).is_some_and(|b| {
+            b["processes"] == 1
+                && b["failures"].as_array().is_some_and(|f| {
+                    f.iter().any(|f| {
+                        f["pid"] == locked.pid
+                            && f["kind"] == "refused"
+                            && f["reason"].as_str().unwrap_or("").contains("seccomp")
+                    })
+                })
+        })
+    });
+    assert_eq!(locked.ask("compute 2"), "7");
+    let failed = h.events("failed", &id);
+    assert_eq!(
+        failed.len(),
+        1,
+        "journaled once, not on every pass: {failed:?}"
+    );
+    agent.stop();
+}

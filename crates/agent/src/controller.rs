@@ -174,6 +174,8 @@ impl Agent {
         );
         // Retries for new processes: a library is mapped a few milliseconds after the exec.
         let mut fresh: Vec<(i32, Instant, u32)> = Vec::new();
+        // When each new process exec'd, to log how long it ran unpatched.
+        let mut exec_at: HashMap<i32, Instant> = HashMap::new();
         let mut next_pass = Instant::now();
         loop {
             if self.stop.load(Ordering::SeqCst) {
@@ -194,7 +196,16 @@ impl Agent {
                 .map(|(p, _, _)| *p)
                 .collect();
             if !due.is_empty() {
-                let done = self.pass_new(&due);
+                let (done, patched) = self.pass_new(&due);
+                for pid in patched {
+                    if let Some(t) = exec_at.get(&pid) {
+                        tracing::info!(
+                            pid,
+                            us_after_exec = t.elapsed().as_micros() as u64,
+                            "new process patched"
+                        );
+                    }
+                }
                 fresh.retain_mut(|(p, t, n)| {
                     if !due.contains(p) {
                         return true;
@@ -232,6 +243,10 @@ impl Agent {
                     }
                     fresh.retain(|(p, _, _)| *p != pid);
                     fresh.push((pid, Instant::now(), 0));
+                    if exec_at.len() > 4096 {
+                        exec_at.clear();
+                    }
+                    exec_at.insert(pid, Instant::now());
                 }
                 Msg::Proc(ProcEvent::Exit {
                     pid,
@@ -239,6 +254,7 @@ impl Agent {
                     status,
                 }) => {
                     fresh.retain(|(p, _, _)| *p != pid);
+                    exec_at.remove(&pid);
                     if self.on_exit(pid, signal, status) {
                         next_pass = Instant::now();
                     }
@@ -587,8 +603,8 @@ impl Agent {
     }
 
     /// New processes (exec events): the desired bundles of lines whose module they map.
-    /// Returns the pids that needed nothing more.
-    fn pass_new(&mut self, pids: &[i32]) -> Vec<i32> {
+    /// Returns the pids that need no retry, and those patched now.
+    fn pass_new(&mut self, pids: &[i32]) -> (Vec<i32>, Vec<i32>) {
         let mut mapping: BTreeMap<String, Vec<i32>> = BTreeMap::new();
         let mut carried = BTreeMap::new();
         let mut settled = Vec::new();
@@ -628,10 +644,8 @@ impl Agent {
                 (p, ops)
             })
             .collect();
-        if !ops.is_empty() {
-            self.execute(ops);
-        }
-        settled
+        let patched = self.execute(ops);
+        (settled, patched)
     }
 
     /// The operations that close the gap between wanted and carried, grouped by pid.
@@ -729,9 +743,11 @@ impl Agent {
 
     /// Runs the operations: one worker thread per pid at a time, every engine call for that
     /// pid whole on that thread; results are journaled as they come in.
-    fn execute(&mut self, ops: Vec<(i32, Vec<Op>)>) {
+    /// Returns the pids where an apply succeeded.
+    fn execute(&mut self, ops: Vec<(i32, Vec<Op>)>) -> Vec<i32> {
+        let mut applied = Vec::new();
         if ops.is_empty() {
-            return;
+            return applied;
         }
         let opts = ApplyOptions {
             timeout: self.s.op_timeout,
@@ -776,11 +792,15 @@ impl Agent {
             }
             drop(tx);
             for (pid, op, r) in rx {
+                if matches!(r, Ok(Outcome::Applied(_))) {
+                    applied.push(pid);
+                }
                 if let Err(e) = self.record(pid, &op, r, verified) {
                     tracing::error!(pid, "cannot journal: {e:#}");
                 }
             }
         });
+        applied
     }
 
     fn record(

@@ -135,7 +135,17 @@ impl Agent {
         stop: Arc<AtomicBool>,
     ) -> Result<Agent> {
         let journal = Journal::open(&s.state_dir)?;
-        Ok(Agent {
+        Ok(Agent::with_journal(s, source, reports, stop, journal))
+    }
+
+    fn with_journal(
+        s: Settings,
+        source: Box<dyn BundleSource>,
+        reports: Vec<Box<dyn Report>>,
+        stop: Arc<AtomicBool>,
+        journal: Journal,
+    ) -> Agent {
+        Agent {
             s,
             source,
             journal,
@@ -151,13 +161,20 @@ impl Agent {
             connector_up: false,
             last_health_cmd: None,
             scanner: Scanner::new(),
-        })
+        }
     }
 
     /// The status as it is now, from the journal and a scan of the processes, touching
     /// nothing (what `agent status` shows when no agent runs).
     pub fn observe(s: Settings, source: Box<dyn BundleSource>) -> Result<Status> {
-        let mut a = Agent::new(s, source, Vec::new(), Arc::new(AtomicBool::new(false)))?;
+        let journal = Journal::load(&s.state_dir)?;
+        let mut a = Agent::with_journal(
+            s,
+            source,
+            Vec::new(),
+            Arc::new(AtomicBool::new(false)),
+            journal,
+        );
         a.dry = true;
         a.pass()
     }

@@ -191,7 +191,8 @@ impl State {
 
 pub struct Journal {
     path: PathBuf,
-    file: File,
+    /// `None` when opened to look only ([`Journal::load`]) and there is no journal yet.
+    file: Option<File>,
     /// Bytes of the file folded into `state` so far.
     consumed: u64,
     state: State,
@@ -237,6 +238,25 @@ impl Journal {
         }
         let mut j = Journal {
             path,
+            file: Some(file),
+            consumed: 0,
+            state: State::default(),
+        };
+        j.refresh()?;
+        Ok(j)
+    }
+
+    /// Reads the journal in `state_dir` without creating or repairing anything (for
+    /// `agent status` when no agent runs). Appending to it fails.
+    pub fn load(state_dir: &Path) -> Result<Journal> {
+        let path = state_dir.join(FILE);
+        let file = match File::open(&path) {
+            Ok(f) => Some(f),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+            Err(e) => return Err(e).with_context(|| format!("cannot open {}", path.display())),
+        };
+        let mut j = Journal {
+            path,
             file,
             consumed: 0,
             state: State::default(),
@@ -255,10 +275,12 @@ impl Journal {
 
     /// Folds in lines appended since the last look (by us, or by `suture agent enable`).
     pub fn refresh(&mut self) -> Result<()> {
-        self.file.seek(SeekFrom::Start(self.consumed))?;
+        let Some(file) = self.file.as_mut() else {
+            return Ok(());
+        };
+        file.seek(SeekFrom::Start(self.consumed))?;
         let mut buf = Vec::new();
-        self.file
-            .read_to_end(&mut buf)
+        file.read_to_end(&mut buf)
             .with_context(|| format!("cannot read journal {}", self.path.display()))?;
         // Only whole lines; a line being written right now is read next time.
         let Some(end) = buf.iter().rposition(|&b| b == b'\n') else {
@@ -286,7 +308,10 @@ impl Journal {
     /// Appends one event, durably (fsync) and atomically (one `write` of one line on an
     /// `O_APPEND` file), then folds it in.
     pub fn append(&mut self, event: Event) -> Result<()> {
-        append_line(&mut self.file, &self.path, event)?;
+        let Some(file) = self.file.as_mut() else {
+            bail!("journal {} was opened read-only", self.path.display());
+        };
+        append_line(file, &self.path, event)?;
         self.refresh()
     }
 

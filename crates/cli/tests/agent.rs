@@ -40,6 +40,7 @@ impl Host {
             ("patch_compute.c", "p1.o"),
             ("patch_greet.c", "p2.o"),
             ("patch_crash.c", "crash.o"),
+            ("patch_blocker.c", "blocker.o"),
         ] {
             work.gcc(&[
                 "-O2",
@@ -603,4 +604,35 @@ fn a_process_that_cannot_be_patched_is_listed_with_its_reason() {
         "journaled once, not on every pass: {failed:?}"
     );
     agent.stop();
+}
+
+#[test]
+fn sigterm_finishes_the_operation_in_progress() {
+    let h = Host::new("sigterm");
+    let mut t = h.start();
+    // A thread sleeps inside `blocker`: replacing it stays busy until the operation's deadline.
+    assert_eq!(t.ask("block"), "ok");
+    let before = snapshot(t.pid);
+    let mut agent = h.agent(&["--op-timeout-ms", "3000"]);
+    let (b, id) = h.bundle("blocker.o", &["blocker"], 1, "blocker.suture");
+    h.offer(&b);
+    wait_for("the agent took the bundle on", 20, || {
+        !h.events("accepted", &id).is_empty()
+    });
+    std::thread::sleep(Duration::from_millis(500)); // well inside the 3 s of retries
+    let asked = Instant::now();
+    agent.stop();
+    let waited = asked.elapsed();
+    // The operation ran to its end (busy), was journaled, and left nothing behind.
+    let failed = h.events("failed", &id);
+    assert_eq!(failed.len(), 1, "{:?}", h.journal());
+    assert_eq!(failed[0]["kind"], "busy");
+    assert_eq!(failed[0]["pid"], t.pid);
+    assert!(
+        waited > Duration::from_millis(1000),
+        "the agent waited for the operation ({waited:?})"
+    );
+    assert!(carried(t.pid).is_empty());
+    assert_same_memory(&before, &snapshot(t.pid));
+    assert_eq!(t.ask("compute 2"), "7");
 }

@@ -636,3 +636,35 @@ fn sigterm_finishes_the_operation_in_progress() {
     assert_same_memory(&before, &snapshot(t.pid));
     assert_eq!(t.ask("compute 2"), "7");
 }
+
+#[test]
+fn a_process_in_another_mount_namespace_is_patched_too() {
+    let h = Host::new("mountns");
+    // The target runs from a tmpfs mounted in its own mount namespace: from the agent's
+    // namespace, its file does not exist (the folder is empty).
+    let hidden = h.work.path("hidden");
+    std::fs::create_dir_all(&hidden).unwrap();
+    let mut cmd = Command::new("unshare");
+    cmd.args([
+        "--mount",
+        "--propagation",
+        "private",
+        "sh",
+        "-c",
+        &format!(
+            "mount -t tmpfs none {d} && cp {exe} {d}/target && exec {d}/target",
+            d = hidden.display(),
+            exe = h.exe.display()
+        ),
+    ]);
+    let mut t = Target::start_command(cmd, None);
+    assert!(!hidden.join("target").exists(), "not visible from here");
+    let mut agent = h.agent(&[]);
+    let (p1, id) = h.bundle("p1.o", &["compute"], 1, "p1.suture");
+    h.offer(&p1);
+    wait_for("the namespaced process patched", 30, || {
+        t.ask("compute 2") == "106"
+    });
+    assert_eq!(h.events("applied", &id).len(), 1);
+    agent.stop();
+}

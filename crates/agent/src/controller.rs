@@ -125,6 +125,8 @@ pub struct Agent {
     connector_up: bool,
     last_health_cmd: Option<Instant>,
     scanner: Scanner,
+    /// Young processes whose apply was refused in the last operations: retried, not tracked.
+    unsettled: HashSet<i32>,
 }
 
 impl Agent {
@@ -161,6 +163,7 @@ impl Agent {
             connector_up: false,
             last_health_cmd: None,
             scanner: Scanner::new(),
+            unsettled: HashSet::new(),
         }
     }
 
@@ -662,6 +665,9 @@ impl Agent {
             })
             .collect();
         let patched = self.execute(ops);
+        // A refusal of a process still in its dynamic loader (libraries not mapped yet) is
+        // retried on the new-process schedule, not settled.
+        settled.retain(|p| !self.unsettled.contains(p));
         (settled, patched)
     }
 
@@ -763,6 +769,7 @@ impl Agent {
     /// Returns the pids where an apply succeeded.
     fn execute(&mut self, ops: Vec<(i32, Vec<Op>)>) -> Vec<i32> {
         let mut applied = Vec::new();
+        self.unsettled.clear();
         if ops.is_empty() {
             return applied;
         }
@@ -889,6 +896,16 @@ impl Agent {
                     self.tracked.remove(&(sha, pid));
                     return Ok(());
                 }
+                // A process seconds old may still be in its dynamic loader: the libraries
+                // the patch binds to are not mapped yet. Not a failure to report; try again.
+                if kind == "refused"
+                    && opname == "apply"
+                    && process_age(pid).is_some_and(|a| a < Duration::from_secs(2))
+                {
+                    tracing::debug!(bundle = %id, pid, "new process not ready: {e:#}");
+                    self.unsettled.insert(pid);
+                    return Ok(());
+                }
                 let key = (sha.clone(), pid);
                 let prev = self.tracked.remove(&key);
                 let tries = prev.as_ref().map(|t| t.tries + 1).unwrap_or(1);
@@ -896,7 +913,7 @@ impl Agent {
                     .as_ref()
                     .is_some_and(|t| t.failure.kind == kind && t.op == opname);
                 // Busy clears by itself soon; a refusal (seccomp, layout) rarely does.
-                let base = if kind == "refused" { 30 } else { 1 };
+                let base = if kind == "refused" { 5 } else { 1 };
                 let backoff = Duration::from_secs((base << tries.min(8)).min(600));
                 let reason = format!("{e:#}").replace('\n', " ");
                 self.tracked.insert(
@@ -1051,6 +1068,24 @@ pub fn start_time(pid: i32) -> Option<u64> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     let rest = &stat[stat.rfind(')')? + 2..];
     rest.split_whitespace().nth(19)?.parse().ok()
+}
+
+/// How long process `pid` has existed.
+fn process_age(pid: i32) -> Option<Duration> {
+    let ticks = start_time(pid)?;
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    let uptime: f64 = std::fs::read_to_string("/proc/uptime")
+        .ok()?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()?;
+    if hz <= 0 {
+        return None;
+    }
+    let started = ticks as f64 / hz as f64;
+    Some(Duration::from_secs_f64((uptime - started).max(0.0)))
 }
 
 /// Runs `sh -c CMD`; `Err` carries why it failed (status, last line of stderr, timeout).

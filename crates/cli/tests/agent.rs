@@ -272,16 +272,19 @@ fn bundle_goes_live_everywhere_and_withdrawal_reverts() {
         "new process patched {} ms after its start",
         t.elapsed().as_millis()
     );
+    for l in agent
+        .log()
+        .lines()
+        .filter(|l| std::env::var("AGENT_LOG").is_ok() || l.contains("new process"))
+    {
+        eprintln!("{l}");
+    }
 
-    let body = http_get(&addr, "/metrics");
-    assert!(
-        body.contains("suture_agent_bundles{state=\"active\"} 1"),
-        "{body}"
-    );
-    assert!(
-        body.contains("suture_agent_apply_stop_seconds_count 3"),
-        "{body}"
-    );
+    wait_for("metrics: one active bundle, three applies", 10, || {
+        let body = http_get(&addr, "/metrics");
+        body.contains("suture_agent_bundles{state=\"active\"} 1")
+            && body.contains("suture_agent_apply_stop_seconds_count 3")
+    });
 
     // Withdrawn: taken back out of every process.
     std::fs::remove_file(&offered).unwrap();
@@ -291,7 +294,10 @@ fn bundle_goes_live_everywhere_and_withdrawal_reverts() {
     for t in [&a, &b, &c] {
         assert!(carried(t.pid).is_empty(), "patch memory released");
     }
-    assert_eq!(h.events("reverted", &id).len(), 3);
+    // The journal line follows the engine's return by a moment.
+    wait_for("three reverts journaled", 10, || {
+        h.events("reverted", &id).len() == 3
+    });
     wait_for("status: withdrawn", 10, || {
         let st = h.status();
         bundle_status(&st, &id).is_some_and(|b| b["state"] == "withdrawn" && b["processes"] == 0)
@@ -472,6 +478,9 @@ fn kill_9_and_restart_applies_nothing_twice() {
     wait_for("both targets patched", 30, || {
         a.ask("compute 2") == "106" && b.ask("compute 2") == "106"
     });
+    wait_for("both applies journaled", 10, || {
+        h.events("applied", &id).len() == 2
+    });
     let old_pid = agent.child.as_ref().unwrap().id() as u64;
     agent.kill9();
     let mut agent = h.agent(&[]);
@@ -506,7 +515,9 @@ fn level_2_supersedes_level_1_and_withdrawing_it_does_not_bring_level_1_back() {
     let patches = carried(t.pid);
     assert_eq!(patches.len(), 1, "level 1 left in the same stop");
     assert_eq!(patches[0]["level"], 2);
-    assert_eq!(h.events("superseded", &id1).len(), 1);
+    wait_for("superseded journaled", 10, || {
+        h.events("superseded", &id1).len() == 1
+    });
     wait_for("status: 2 active, 1 superseded", 10, || {
         let st = h.status();
         state_of(&st, &id2) == "active" && state_of(&st, &id1) == "superseded"
@@ -665,6 +676,8 @@ fn a_process_in_another_mount_namespace_is_patched_too() {
     wait_for("the namespaced process patched", 30, || {
         t.ask("compute 2") == "106"
     });
-    assert_eq!(h.events("applied", &id).len(), 1);
+    wait_for("applied journaled", 10, || {
+        h.events("applied", &id).len() == 1
+    });
     agent.stop();
 }

@@ -704,6 +704,8 @@ impl Agent {
                         None if self.plan.verified.iter().any(|v| v.sha == r.bundle_sha256) => {
                             "no longer the desired level".to_string()
                         }
+                        // The source cannot be read: what it offers is unknown, not empty.
+                        None if !self.last_offer_ok => continue,
                         None => "withdrawn".to_string(),
                     };
                     if self.due(&r.bundle_sha256, pid, now) {
@@ -1227,6 +1229,12 @@ pub fn spawn_connector(tx: Sender<Msg>) -> bool {
 /// Everything `suture agent run` does, from settings to shutdown.
 pub fn run_agent(s: Settings) -> Result<()> {
     let _lock = Lock::take(&s.state_dir)?;
+    if let Err(e) = std::fs::create_dir_all(&s.bundle_dir) {
+        tracing::warn!(
+            "cannot create bundle folder {}: {e}",
+            s.bundle_dir.display()
+        );
+    }
     let (tx, rx) = std::sync::mpsc::channel();
     let stop = Arc::new(AtomicBool::new(false));
     {

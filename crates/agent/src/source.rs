@@ -44,15 +44,10 @@ impl BundleSource for LocalDir {
     }
 
     fn offered(&mut self) -> Result<Vec<Offered>> {
-        let entries = match std::fs::read_dir(&self.dir) {
-            Ok(e) => e,
-            // No folder yet: nothing is offered (and everything applied is withdrawn).
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                self.cache.clear();
-                return Ok(Vec::new());
-            }
-            Err(e) => return Err(e).with_context(|| format!("cannot list {}", self.dir.display())),
-        };
+        // A folder that is gone (unmounted, mistyped) is an error, not an empty offer: it
+        // must not withdraw every patch on the host. Withdrawing is removing files.
+        let entries = std::fs::read_dir(&self.dir)
+            .with_context(|| format!("cannot list {}", self.dir.display()))?;
         let mut seen = Vec::new();
         for entry in entries {
             let entry = entry.with_context(|| format!("cannot list {}", self.dir.display()))?;

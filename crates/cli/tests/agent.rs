@@ -286,6 +286,18 @@ fn bundle_goes_live_everywhere_and_withdrawal_reverts() {
             && body.contains("suture_agent_apply_stop_seconds_count 3")
     });
 
+    // A bundle folder that disappears (unmounted, say) withdraws nothing.
+    let away = h.work.path("bundles-away");
+    std::fs::rename(&h.bundles, &away).unwrap();
+    let seen = status_taken(&h);
+    wait_for("a few passes without the folder", 10, || {
+        status_taken(&h) > seen + 1000
+    });
+    assert_eq!(a.ask("compute 2"), "106");
+    assert!(h.events("reverted", &id).is_empty());
+    assert!(agent.log().contains("cannot list"), "the error is logged");
+    std::fs::rename(&away, &h.bundles).unwrap();
+
     // Withdrawn: taken back out of every process.
     std::fs::remove_file(&offered).unwrap();
     wait_for("all targets reverted", 30, || {
@@ -458,6 +470,15 @@ fn crashing_patch_is_rolled_back_on_the_host_and_stays_out() {
     assert_eq!(b.ask("compute 2"), "306", "a clean exit does not roll back");
     assert_eq!(h.events("rolled_back", &id).len(), 1);
     agent.stop();
+}
+
+/// When the running agent last wrote its status snapshot (ms since the epoch).
+fn status_taken(h: &Host) -> u64 {
+    std::fs::read_to_string(h.state.join("status.json"))
+        .ok()
+        .and_then(|t| serde_json::from_str::<Value>(&t).ok())
+        .and_then(|v| v["taken_ms"].as_u64())
+        .unwrap_or(0)
 }
 
 /// The pid in the status snapshot of a running agent, if one wrote it.

@@ -16,7 +16,7 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
@@ -38,6 +38,8 @@ pub enum Msg {
     EventsLost,
     /// The connector is gone; exits are no longer seen.
     ConnectorDown(String),
+    /// The bundle source may offer something new.
+    SourceChanged,
     Shutdown,
 }
 
@@ -252,7 +254,7 @@ impl Agent {
             };
             match msg {
                 Msg::Shutdown => break,
-                Msg::EventsLost => next_pass = Instant::now(),
+                Msg::EventsLost | Msg::SourceChanged => next_pass = Instant::now(),
                 Msg::ConnectorDown(why) => {
                     tracing::error!("process events lost for good ({why}): crashes are no longer seen, new processes wait for the next pass");
                     self.connector_up = false;
@@ -1268,7 +1270,15 @@ pub fn run_agent(s: Settings) -> Result<()> {
         tracing::info!(%addr, "metrics on http://{addr}/metrics");
     }
     let source = Box::new(crate::source::LocalDir::new(&s.bundle_dir));
+    let wake = tx.clone();
+    let watched = source.watch(Box::new(move || {
+        let _ = wake.send(Msg::SourceChanged);
+    }));
+    if let Err(e) = watched {
+        tracing::warn!("{e:#}: bundle changes are seen on the next pass");
+    }
     let mut agent = Agent::new(s, source, reports, stop)?;
-    let _keep = Mutex::new(tx);
+    // `tx` lives as long as the loop: the channel never reports itself disconnected.
+    let _tx = tx;
     agent.run(rx, connector_up)
 }

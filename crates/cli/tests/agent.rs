@@ -111,7 +111,9 @@ impl Host {
         let log = self.work.path(&format!("agent-{}.log", now_ns()));
         let mut args = vec!["agent".to_string(), "run".into()];
         args.extend(self.dirs());
-        args.extend(["--interval-ms".into(), "200".into()]);
+        if !extra.contains(&"--interval-ms") {
+            args.extend(["--interval-ms".into(), "200".into()]);
+        }
         args.extend(extra.iter().map(|s| s.to_string()));
         let child = Command::new(env!("CARGO_BIN_EXE_suture"))
             .args(&args)
@@ -699,6 +701,30 @@ fn a_process_in_another_mount_namespace_is_patched_too() {
     });
     wait_for("applied journaled", 10, || {
         h.events("applied", &id).len() == 1
+    });
+    agent.stop();
+}
+
+#[test]
+fn events_alone_drive_the_agent_between_passes() {
+    // Full passes a minute apart: what happens here is driven by inotify on the bundle folder
+    // and by the process-events connector.
+    let h = Host::new("events");
+    let mut a = h.start();
+    let mut agent = h.agent(&["--interval-ms", "60000"]);
+    wait_for("the first pass", 10, || status_taken(&h) > 0);
+    let (p1, _) = h.bundle("p1.o", &["compute"], 1, "p1.suture");
+    let offered = h.offer(&p1);
+    wait_for("a dropped bundle live at once", 10, || {
+        a.ask("compute 2") == "106"
+    });
+    let mut b = h.start();
+    wait_for("a new process patched on its exec", 10, || {
+        b.ask("compute 2") == "106"
+    });
+    std::fs::remove_file(&offered).unwrap();
+    wait_for("a removed bundle reverted at once", 10, || {
+        a.ask("compute 2") == "7" && b.ask("compute 2") == "7"
     });
     agent.stop();
 }

@@ -43,6 +43,15 @@ pub enum Msg {
     Shutdown,
 }
 
+/// New processes waiting for their first apply, and when the next full pass is due.
+struct Events {
+    /// (pid, next try, tries): a library is mapped a few milliseconds after the exec.
+    fresh: Vec<(i32, Instant, u32)>,
+    /// When each new process exec'd, to log how long it ran unpatched.
+    exec_at: HashMap<i32, Instant>,
+    next_pass: Instant,
+}
+
 /// A trusted bundle, with its content address computed once.
 #[derive(Clone)]
 struct Verified {
@@ -194,25 +203,42 @@ impl Agent {
             health_window_s = self.s.health_window.as_secs(),
             "agent started"
         );
-        // Retries for new processes: a library is mapped a few milliseconds after the exec.
-        let mut fresh: Vec<(i32, Instant, u32)> = Vec::new();
-        // When each new process exec'd, to log how long it ran unpatched.
-        let mut exec_at: HashMap<i32, Instant> = HashMap::new();
-        let mut next_pass = Instant::now();
+        let mut ev = Events {
+            fresh: Vec::new(),
+            exec_at: HashMap::new(),
+            next_pass: Instant::now(),
+        };
         loop {
+            // Everything already queued first (a crash must not wait behind a pass).
+            loop {
+                match rx.try_recv() {
+                    Ok(msg) => {
+                        if !self.handle(msg, &mut ev) {
+                            tracing::info!("agent stopped");
+                            return Ok(());
+                        }
+                    }
+                    Err(std::sync::mpsc::TryRecvError::Empty) => break,
+                    Err(std::sync::mpsc::TryRecvError::Disconnected) => {
+                        tracing::info!("agent stopped");
+                        return Ok(());
+                    }
+                }
+            }
             if self.stop.load(Ordering::SeqCst) {
                 break;
             }
             let now = Instant::now();
-            if now >= next_pass {
+            if now >= ev.next_pass {
                 if let Err(e) = self.pass() {
                     tracing::error!("reconcile pass failed: {e:#}");
                 }
                 self.health_command();
-                next_pass = Instant::now() + self.s.interval;
+                ev.next_pass = Instant::now() + self.s.interval;
                 continue;
             }
-            let due: Vec<i32> = fresh
+            let due: Vec<i32> = ev
+                .fresh
                 .iter()
                 .filter(|(_, t, _)| *t <= now)
                 .map(|(p, _, _)| *p)
@@ -220,7 +246,7 @@ impl Agent {
             if !due.is_empty() {
                 let (done, patched) = self.pass_new(&due);
                 for pid in patched {
-                    if let Some(t) = exec_at.get(&pid) {
+                    if let Some(t) = ev.exec_at.get(&pid) {
                         tracing::info!(
                             pid,
                             us_after_exec = t.elapsed().as_micros() as u64,
@@ -228,7 +254,7 @@ impl Agent {
                         );
                     }
                 }
-                fresh.retain_mut(|(p, t, n)| {
+                ev.fresh.retain_mut(|(p, t, n)| {
                     if !due.contains(p) {
                         return true;
                     }
@@ -241,50 +267,60 @@ impl Agent {
                 });
                 continue;
             }
-            let wake = fresh
+            let wake = ev
+                .fresh
                 .iter()
                 .map(|(_, t, _)| *t)
                 .min()
-                .unwrap_or(next_pass)
-                .min(next_pass);
-            let msg = match rx.recv_timeout(wake.saturating_duration_since(now)) {
-                Ok(m) => m,
-                Err(RecvTimeoutError::Timeout) => continue,
+                .unwrap_or(ev.next_pass)
+                .min(ev.next_pass);
+            match rx.recv_timeout(wake.saturating_duration_since(now)) {
+                Ok(msg) => {
+                    if !self.handle(msg, &mut ev) {
+                        break;
+                    }
+                }
+                Err(RecvTimeoutError::Timeout) => {}
                 Err(RecvTimeoutError::Disconnected) => break,
-            };
-            match msg {
-                Msg::Shutdown => break,
-                Msg::EventsLost | Msg::SourceChanged => next_pass = Instant::now(),
-                Msg::ConnectorDown(why) => {
-                    tracing::error!("process events lost for good ({why}): crashes are no longer seen, new processes wait for the next pass");
-                    self.connector_up = false;
-                }
-                Msg::Proc(ProcEvent::Exec { pid }) => {
-                    if !self.plan.lines.values().any(Option::is_some) {
-                        continue; // nothing to apply anywhere
-                    }
-                    fresh.retain(|(p, _, _)| *p != pid);
-                    fresh.push((pid, Instant::now(), 0));
-                    if exec_at.len() > 4096 {
-                        exec_at.clear();
-                    }
-                    exec_at.insert(pid, Instant::now());
-                }
-                Msg::Proc(ProcEvent::Exit {
-                    pid,
-                    signal,
-                    status,
-                }) => {
-                    fresh.retain(|(p, _, _)| *p != pid);
-                    exec_at.remove(&pid);
-                    if self.on_exit(pid, signal, status) {
-                        next_pass = Instant::now();
-                    }
-                }
             }
         }
         tracing::info!("agent stopped");
         Ok(())
+    }
+
+    /// Acts on one message. Returns false on shutdown.
+    fn handle(&mut self, msg: Msg, ev: &mut Events) -> bool {
+        match msg {
+            Msg::Shutdown => return false,
+            Msg::EventsLost | Msg::SourceChanged => ev.next_pass = Instant::now(),
+            Msg::ConnectorDown(why) => {
+                tracing::error!("process events lost for good ({why}): crashes are no longer seen, new processes wait for the next pass");
+                self.connector_up = false;
+            }
+            Msg::Proc(ProcEvent::Exec { pid }) => {
+                if !self.plan.lines.values().any(Option::is_some) {
+                    return true; // nothing to apply anywhere
+                }
+                ev.fresh.retain(|(p, _, _)| *p != pid);
+                ev.fresh.push((pid, Instant::now(), 0));
+                if ev.exec_at.len() > 4096 {
+                    ev.exec_at.clear();
+                }
+                ev.exec_at.insert(pid, Instant::now());
+            }
+            Msg::Proc(ProcEvent::Exit {
+                pid,
+                signal,
+                status,
+            }) => {
+                ev.fresh.retain(|(p, _, _)| *p != pid);
+                ev.exec_at.remove(&pid);
+                if self.on_exit(pid, signal, status) {
+                    ev.next_pass = Instant::now();
+                }
+            }
+        }
+        true
     }
 
     fn append(&mut self, event: Event) -> Result<()> {
@@ -901,8 +937,10 @@ impl Agent {
                     return Ok(());
                 }
                 // A process seconds old may still be in its dynamic loader: the libraries
-                // the patch binds to are not mapped yet. Not a failure to report; try again.
-                if kind == "refused"
+                // the patch binds to are not mapped yet (refused), or not relocated yet (a
+                // call the engine injects faults: failed, and undone by the engine). Not a
+                // failure to report; try again shortly.
+                if (kind == "refused" || kind == "failed")
                     && opname == "apply"
                     && process_age(pid).is_some_and(|a| a < Duration::from_secs(2))
                 {

@@ -585,13 +585,17 @@ impl Agent {
         let wanted: HashSet<Vec<u8>> = lines.iter().filter_map(|l| hex::decode(l).ok()).collect();
         let found = self.scanner.processes_mapping(&wanted);
         let mut carried: BTreeMap<i32, Vec<PatchRecord>> = BTreeMap::new();
+        let mut stale: BTreeMap<i32, Vec<PatchRecord>> = BTreeMap::new();
         let mut mapping: BTreeMap<String, Vec<i32>> = BTreeMap::new();
         for (bid, pids) in found {
             for &pid in &pids {
                 if let std::collections::btree_map::Entry::Vacant(e) = carried.entry(pid) {
-                    match suture_engine::status(pid) {
-                        Ok(r) => {
-                            e.insert(r);
+                    match carried_by(pid) {
+                        Ok((live, left)) => {
+                            e.insert(live);
+                            if !left.is_empty() {
+                                stale.insert(pid, left);
+                            }
                         }
                         Err(err) => tracing::debug!(pid, "cannot read what it carries: {err:#}"),
                     }
@@ -648,7 +652,8 @@ impl Agent {
         self.tracked
             .retain(|(_, pid), t| start_time(*pid).is_some() && start_time(*pid) == t.start);
 
-        let ops = self.ops_for(&mapping, &carried);
+        self.note_stale(&stale)?;
+        let ops = self.ops_for(&mapping, &carried, &stale);
         if !self.dry {
             self.execute(ops);
         }
@@ -665,6 +670,7 @@ impl Agent {
     fn pass_new(&mut self, pids: &[i32]) -> (Vec<i32>, Vec<i32>) {
         let mut mapping: BTreeMap<String, Vec<i32>> = BTreeMap::new();
         let mut carried = BTreeMap::new();
+        let mut stale = BTreeMap::new();
         let mut settled = Vec::new();
         for &pid in pids {
             let ids = self.scanner.build_ids(pid);
@@ -684,15 +690,18 @@ impl Agent {
                 }
             }
             if any {
-                if let Ok(r) = suture_engine::status(pid) {
-                    carried.insert(pid, r);
+                if let Ok((live, left)) = carried_by(pid) {
+                    carried.insert(pid, live);
+                    if !left.is_empty() {
+                        stale.insert(pid, left);
+                    }
                 }
                 settled.push(pid);
             }
         }
         // Only applies: a new process has nothing of ours to take back.
         let ops: Vec<(i32, Vec<Op>)> = self
-            .ops_for(&mapping, &carried)
+            .ops_for(&mapping, &carried, &stale)
             .into_iter()
             .map(|(p, ops)| {
                 let ops = ops
@@ -714,6 +723,7 @@ impl Agent {
         &mut self,
         mapping: &BTreeMap<String, Vec<i32>>,
         carried: &BTreeMap<i32, Vec<PatchRecord>>,
+        stale: &BTreeMap<i32, Vec<PatchRecord>>,
     ) -> Vec<(i32, Vec<Op>)> {
         let state = self.journal.state();
         let mut out: BTreeMap<i32, Vec<Op>> = BTreeMap::new();
@@ -762,6 +772,12 @@ impl Agent {
                     self.tracked.remove(&(d.sha.clone(), pid));
                     continue;
                 }
+                if stale
+                    .get(&pid)
+                    .is_some_and(|v| v.iter().any(|r| &r.build_id == line))
+                {
+                    continue; // the engine would refuse: see note_stale
+                }
                 if let Some(r) = recs
                     .iter()
                     .find(|r| r.level >= d.level() && !reverting.contains(&r.bundle_sha256))
@@ -794,6 +810,51 @@ impl Agent {
             }
         }
         out.into_iter().collect()
+    }
+
+    /// Records left by an interrupted apply: reported once per process as a failure of that
+    /// bundle. The engine takes them for applied patches (it refuses to apply over them and
+    /// cannot revert them), so the process needs a restart.
+    fn note_stale(&mut self, stale: &BTreeMap<i32, Vec<PatchRecord>>) -> Result<()> {
+        for (&pid, recs) in stale {
+            for r in recs {
+                let key = (r.bundle_sha256.clone(), pid);
+                if self
+                    .tracked
+                    .get(&key)
+                    .is_some_and(|t| t.failure.kind == "stale")
+                {
+                    continue;
+                }
+                let reason = format!(
+                    "holds patch memory of {} without its detours (an apply was interrupted, the agent killed mid-operation?); it cannot be patched again until it restarts",
+                    r.id
+                );
+                self.tracked.insert(
+                    key,
+                    Tracked {
+                        failure: Failure {
+                            pid,
+                            kind: "stale".into(),
+                            reason: reason.clone(),
+                        },
+                        op: "apply",
+                        start: start_time(pid),
+                        next_try: Instant::now() + Duration::from_secs(3600),
+                        tries: 1,
+                    },
+                );
+                self.append(Event::Failed {
+                    id: r.id.clone(),
+                    sha256: r.bundle_sha256.clone(),
+                    pid,
+                    op: "apply".into(),
+                    kind: "stale".into(),
+                    reason,
+                })?;
+            }
+        }
+        Ok(())
     }
 
     /// May (bundle, pid) be tried now (no failure, or its back-off is over)?
@@ -995,7 +1056,7 @@ impl Agent {
         // What the scanned processes carry after this pass's operations.
         let mut carriers: HashMap<String, usize> = HashMap::new();
         for &pid in pids {
-            for r in suture_engine::status(pid).unwrap_or_default() {
+            for r in carried_by(pid).map(|c| c.0).unwrap_or_default() {
                 *carriers.entry(r.bundle_sha256).or_default() += 1;
             }
         }
@@ -1102,6 +1163,33 @@ impl Agent {
             bundles,
         }
     }
+}
+
+/// What process `pid` carries, split into patches whose detours are all in place (live) and
+/// records without a single detour in place: patch memory left by an apply that was
+/// interrupted (the agent killed mid-operation) before it wrote its detours.
+fn carried_by(pid: i32) -> Result<(Vec<PatchRecord>, Vec<PatchRecord>)> {
+    use std::os::unix::fs::FileExt;
+    let records = suture_engine::status(pid)?;
+    if records.is_empty() {
+        return Ok((records, Vec::new()));
+    }
+    let mem = std::fs::File::open(format!("/proc/{pid}/mem"))
+        .with_context(|| format!("cannot open the memory of process {pid}"))?;
+    let (mut live, mut stale) = (Vec::new(), Vec::new());
+    for r in records {
+        let detoured = r.functions.iter().any(|d| {
+            let mut b = [0u8; suture_detour::DETOUR_LEN];
+            mem.read_exact_at(&mut b, d.address).is_ok()
+                && suture_detour::decode_jmp(d.address, &b) == Some(d.replacement)
+        });
+        if detoured || r.functions.is_empty() {
+            live.push(r);
+        } else {
+            stale.push(r);
+        }
+    }
+    Ok((live, stale))
 }
 
 /// The process's start time (clock ticks since boot): with the pid, it names one process

@@ -728,3 +728,37 @@ fn events_alone_drive_the_agent_between_passes() {
     });
     agent.stop();
 }
+
+#[test]
+fn kill_9_in_the_middle_of_an_apply_is_not_taken_for_a_patch() {
+    let h = Host::new("kill9mid");
+    let mut t = h.start();
+    assert_eq!(t.ask("block"), "ok");
+    let mut agent = h.agent(&["--op-timeout-ms", "4000"]);
+    let (b, id) = h.bundle("blocker.o", &["blocker"], 1, "blocker.suture");
+    h.offer(&b);
+    wait_for("the agent took the bundle on", 20, || {
+        !h.events("accepted", &id).is_empty()
+    });
+    std::thread::sleep(Duration::from_millis(1000)); // inside the busy retries
+    agent.kill9();
+    // The process runs on. (Today the engine leaves the patch memory and its record behind,
+    // without detours: `suture status` takes it for an applied patch.)
+    assert_eq!(t.ask("compute 2"), "7");
+    let mut agent = h.agent(&[]);
+    wait_for(
+        "the restarted agent reports the process, not a patch",
+        20,
+        || {
+            bundle_status(&h.status(), &id).is_some_and(|b| {
+                b["processes"] == 0
+                    && b["failures"].as_array().is_some_and(|f| {
+                        f.iter().any(|f| f["pid"] == t.pid && f["kind"] == "stale")
+                    })
+            })
+        },
+    );
+    assert!(h.events("applied", &id).is_empty());
+    assert_eq!(h.events("failed", &id).len(), 1, "reported once");
+    agent.stop();
+}

@@ -162,37 +162,34 @@ mod tests {
     use super::*;
 
     #[test]
-    fn finds_this_test_binary_in_a_child_by_its_build_id() {
-        let exe = std::env::current_exe().unwrap();
-        let Some(id) = read_build_id(&File::open(&exe).unwrap()) else {
-            eprintln!("skipped: test binary has no build-id");
-            return;
-        };
-        let out = std::process::Command::new("readelf")
-            .args(["-n", exe.to_str().unwrap()])
-            .output();
-        if let Ok(o) = out {
-            let text = String::from_utf8_lossy(&o.stdout);
-            assert!(text.contains(&hex::encode(&id)), "readelf agrees");
-        }
-        // A child running the same file is found; this process is not.
-        let mut child = std::process::Command::new(&exe)
-            .args(["--list", "--no-such-filter-just-wait"])
-            .stdout(std::process::Stdio::null())
-            .spawn()
+    fn finds_a_running_program_by_the_build_id_of_its_file() {
+        let sleep = std::path::Path::new("/bin/sleep");
+        let id = read_build_id(&File::open(sleep).unwrap()).expect("sleep has a build-id");
+        let readelf = std::process::Command::new("readelf")
+            .args(["-n", "/bin/sleep"])
+            .output()
             .unwrap();
+        assert!(
+            String::from_utf8_lossy(&readelf.stdout).contains(&hex::encode(&id)),
+            "readelf agrees"
+        );
+        let mut child = std::process::Command::new(sleep).arg("30").spawn().unwrap();
+        let pid = child.id() as i32;
         let mut scanner = Scanner::new();
-        let found = scanner.build_ids(child.id() as i32);
-        let _ = child.wait();
-        // The child may already have exited; when seen, it maps this file.
-        if !found.is_empty() {
-            assert!(found.contains(&id));
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        // Right after the spawn the child may not have exec'd yet.
+        while !scanner.build_ids(pid).contains(&id) {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "sleep never showed up"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(10));
         }
-        let wanted: HashSet<Vec<u8>> = [id].into_iter().collect();
+        let wanted: HashSet<Vec<u8>> = [id.clone()].into_iter().collect();
         let map = scanner.processes_mapping(&wanted);
-        assert!(!map
-            .values()
-            .flatten()
-            .any(|&p| p == std::process::id() as i32));
+        let _ = child.kill();
+        let _ = child.wait();
+        assert!(map[&id].contains(&pid));
+        assert!(!map[&id].contains(&(std::process::id() as i32)));
     }
 }

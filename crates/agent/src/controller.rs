@@ -652,6 +652,18 @@ impl Agent {
         self.tracked
             .retain(|(_, pid), t| start_time(*pid).is_some() && start_time(*pid) == t.start);
 
+        // Failures to apply a bundle that is no longer wanted are no longer news.
+        let wanted: HashSet<String> = self
+            .plan
+            .lines
+            .values()
+            .flatten()
+            .filter_map(|&i| self.plan.verified.get(i))
+            .map(|v| v.sha.clone())
+            .collect();
+        self.tracked.retain(|(sha, _), t| {
+            t.op != "apply" || t.failure.kind == "stale" || wanted.contains(sha)
+        });
         self.note_stale(&stale)?;
         let ops = self.ops_for(&mapping, &carried, &stale);
         if !self.dry {

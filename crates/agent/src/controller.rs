@@ -203,10 +203,15 @@ impl Agent {
             health_window_s = self.s.health_window.as_secs(),
             "agent started"
         );
+        // The first pass before any event: it learns from the processes which of them carry
+        // our patches (and since when), so a crash reported meanwhile is judged with that.
+        if let Err(e) = self.pass() {
+            tracing::error!("reconcile pass failed: {e:#}");
+        }
         let mut ev = Events {
             fresh: Vec::new(),
             exec_at: HashMap::new(),
-            next_pass: Instant::now(),
+            next_pass: Instant::now() + self.s.interval,
         };
         loop {
             // Everything already queued first (a crash must not wait behind a pass).

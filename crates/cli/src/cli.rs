@@ -173,6 +173,7 @@ pub enum AgentCommand {
 /// Agent settings: each overrides the config file (default /etc/suture/agent.toml).
 #[derive(clap::Args, Debug, Default)]
 pub struct AgentFlags {
+    /// Settings file [default: /etc/suture/agent.toml, if present].
     #[arg(long)]
     pub config: Option<PathBuf>,
     /// Where signed bundles are dropped [default: /var/lib/suture/bundles].

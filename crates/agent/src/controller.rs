@@ -1177,6 +1177,7 @@ impl Agent {
         Status {
             taken_ms: now_ms(),
             agent_pid: (!self.dry).then(std::process::id),
+            process_events: (!self.dry).then_some(self.connector_up),
             bundles,
         }
     }

@@ -79,6 +79,9 @@ pub struct Status {
     pub taken_ms: u64,
     /// Pid of the agent that wrote it (absent when computed by `agent status` itself).
     pub agent_pid: Option<u32>,
+    /// Whether the running agent sees process events (crash rollback, new processes).
+    #[serde(default)]
+    pub process_events: Option<bool>,
     pub bundles: Vec<BundleStatus>,
 }
 

@@ -77,6 +77,9 @@ fn print_status(st: &Status, live: bool) {
         (true, Some(p)) => println!("agent running (pid {p})"),
         _ => println!("agent not running: state from the journal and the processes"),
     }
+    if st.process_events == Some(false) {
+        println!("WARNING: the agent sees no process events: crashes do not roll back, new processes wait for the next pass");
+    }
     if st.bundles.is_empty() {
         println!("no bundles");
     }

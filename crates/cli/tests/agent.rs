@@ -260,6 +260,14 @@ fn bundle_goes_live_everywhere_and_withdrawal_reverts() {
         "live in 2 processes {} ms after the drop",
         t.elapsed().as_millis()
     );
+    assert_eq!(
+        serde_json::from_str::<Value>(
+            &std::fs::read_to_string(h.state.join("status.json")).unwrap()
+        )
+        .unwrap()["process_events"],
+        true,
+        "the agent sees process events"
+    );
     wait_for("status: active in 2 processes", 10, || {
         let st = h.status();
         bundle_status(&st, &id).is_some_and(|b| b["state"] == "active" && b["processes"] == 2)

@@ -144,10 +144,76 @@ pub enum Command {
         #[arg(long)]
         bundle: Option<PathBuf>,
     },
+    /// The host agent: keeps every process patched with the newest trusted bundles.
+    Agent {
+        #[command(subcommand)]
+        command: AgentCommand,
+    },
+    /// Can this host be live-patched, and which of its processes (for the bundles in the
+    /// bundle folder).
+    Eligibility {
+        #[command(flatten)]
+        agent: AgentFlags,
+    },
     /// Compile a small buggy C service, patch it live, show the fix, revert, clean up.
     Demo {
         /// Keep the work directory (sources, binary, bundle, keys) and print its path.
         #[arg(long)]
         keep: bool,
     },
+}
+
+#[derive(Subcommand)]
+pub enum AgentCommand {
+    /// Run the agent (a daemon: reconciles until SIGTERM/SIGINT).
+    Run {
+        #[command(flatten)]
+        agent: AgentFlags,
+    },
+    /// Per bundle: state, reason, processes carrying it, processes that could not be patched.
+    Status {
+        #[command(flatten)]
+        agent: AgentFlags,
+    },
+    /// Allow a rolled-back bundle to be applied again.
+    Enable {
+        bundle_id: String,
+        #[command(flatten)]
+        agent: AgentFlags,
+    },
+}
+
+/// Agent settings: each overrides the config file (default /etc/suture/agent.toml).
+#[derive(clap::Args, Debug, Default)]
+pub struct AgentFlags {
+    /// Settings file [default: /etc/suture/agent.toml, if present].
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    /// Where signed bundles are dropped [default: /var/lib/suture/bundles].
+    #[arg(long)]
+    pub bundle_dir: Option<PathBuf>,
+    /// Trusted publisher keys, *.pub [default: /etc/suture/trusted.d].
+    #[arg(long)]
+    pub trust_dir: Option<PathBuf>,
+    /// Journal and status snapshot [default: /var/lib/suture].
+    #[arg(long)]
+    pub state_dir: Option<PathBuf>,
+    /// Seconds after a patch goes live during which a crash rolls it back [default: 60].
+    #[arg(long, value_name = "SECS")]
+    pub health_window: Option<u64>,
+    /// Serve Prometheus metrics on ADDR (HOST:PORT) [default: off].
+    #[arg(long, value_name = "ADDR")]
+    pub metrics_addr: Option<String>,
+    /// A command (sh -c) that must succeed while a bundle is in its health window.
+    #[arg(long, value_name = "CMD")]
+    pub health_cmd: Option<String>,
+    /// Time between full reconcile passes.
+    #[arg(long, hide = true)]
+    pub interval_ms: Option<u64>,
+    /// How long one apply or revert retries while a process is busy.
+    #[arg(long, hide = true)]
+    pub op_timeout_ms: Option<u64>,
+    /// Processes patched at once.
+    #[arg(long, hide = true)]
+    pub jobs: Option<usize>,
 }

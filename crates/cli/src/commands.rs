@@ -255,6 +255,8 @@ pub fn run(args: Args) -> Result<i32> {
             Ok(if r.patchable { 0 } else { 2 })
         }
         Command::Demo { keep } => crate::demo::run(keep),
+        Command::Agent { command } => crate::agent::run(j, command),
+        Command::Eligibility { agent } => crate::agent::eligibility(j, agent),
     }
 }
 

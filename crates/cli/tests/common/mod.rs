@@ -182,6 +182,12 @@ impl Target {
         out.trim().to_string()
     }
 
+    /// Sends a command without waiting for an answer (one that may kill the target).
+    pub fn send(&mut self, line: &str) {
+        writeln!(self.stdin, "{line}").expect("write to target");
+        self.stdin.flush().expect("flush");
+    }
+
     pub fn alive(&mut self) -> bool {
         matches!(self.child.try_wait(), Ok(None))
     }

@@ -29,6 +29,7 @@ use crate::procevents::{is_crash_signal, signal_name, ProcEvent};
 use crate::report::{BundleState, BundleStatus, Failure, Report, Status};
 use crate::scan::Scanner;
 use crate::source::BundleSource;
+use suture_engine::PatchState;
 
 /// What wakes the controller.
 #[derive(Debug)]
@@ -1183,28 +1184,17 @@ impl Agent {
     }
 }
 
-/// What process `pid` carries, split into patches whose detours are all in place (live) and
-/// records without a single detour in place: patch memory left by an apply that was
-/// interrupted (the agent killed mid-operation) before it wrote its detours.
+/// What process `pid` carries, as the engine verifies it: patches whose detours are all in
+/// place (live), and patches left partly applied by an interrupted operation (which the engine
+/// refuses to build on until they are reverted). Orphaned patch memory blocks nothing: the
+/// engine reclaims it on the next apply.
 fn carried_by(pid: i32) -> Result<(Vec<PatchRecord>, Vec<PatchRecord>)> {
-    use std::os::unix::fs::FileExt;
-    let records = suture_engine::status(pid)?;
-    if records.is_empty() {
-        return Ok((records, Vec::new()));
-    }
-    let mem = std::fs::File::open(format!("/proc/{pid}/mem"))
-        .with_context(|| format!("cannot open the memory of process {pid}"))?;
     let (mut live, mut stale) = (Vec::new(), Vec::new());
-    for r in records {
-        let detoured = r.functions.iter().any(|d| {
-            let mut b = [0u8; suture_detour::DETOUR_LEN];
-            mem.read_exact_at(&mut b, d.address).is_ok()
-                && suture_detour::decode_jmp(d.address, &b) == Some(d.replacement)
-        });
-        if detoured || r.functions.is_empty() {
-            live.push(r);
-        } else {
-            stale.push(r);
+    for f in suture_engine::inspect(pid)? {
+        match (f.state, f.record) {
+            (PatchState::Applied, Some(r)) => live.push(r),
+            (PatchState::Partial, Some(r)) => stale.push(r),
+            _ => {}
         }
     }
     Ok((live, stale))
@@ -1213,9 +1203,7 @@ fn carried_by(pid: i32) -> Result<(Vec<PatchRecord>, Vec<PatchRecord>)> {
 /// The process's start time (clock ticks since boot): with the pid, it names one process
 /// instance, so a reused pid is not mistaken for the old one.
 pub fn start_time(pid: i32) -> Option<u64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    let rest = &stat[stat.rfind(')')? + 2..];
-    rest.split_whitespace().nth(19)?.parse().ok()
+    suture_engine::procfs::start_time(pid)
 }
 
 /// How long process `pid` has existed.

@@ -124,6 +124,7 @@ fn manifest() -> Manifest {
             replacement: "parse_header".into(),
         }],
         bindings: vec![],
+        accepted: Vec::new(),
     }
 }
 

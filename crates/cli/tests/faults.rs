@@ -197,7 +197,11 @@ fn clean(t: &Target, what: &str) {
         if applied.is_empty() && other.is_empty() {
             return;
         }
-        for name in applied.into_iter().rev().chain(other.into_iter().map(|(n, _)| n)) {
+        for name in applied
+            .into_iter()
+            .rev()
+            .chain(other.into_iter().map(|(n, _)| n))
+        {
             let (ok, v) = suture_json(&["revert", "--pid", &pid, &name]);
             assert!(ok, "{what}: cleaning {name}: {v}");
         }
@@ -382,7 +386,7 @@ fn random_trials(kind: Fault, trials: usize) {
             if status.signal().is_some() {
                 let (applied, other) = patches(t.pid);
                 assert!(
-                    other.is_empty() && applied.is_empty() == !revert,
+                    other.is_empty() && applied.is_empty() != revert,
                     "suture died of the signal after it had started: {applied:?} {other:?}"
                 );
             }

@@ -846,8 +846,8 @@ fn revert_in(
     maps: &[Mapping],
     mem: &Memory,
 ) -> Result<RevertReport> {
-    let (maps, mem) = (maps.to_vec(), mem);
-    let found = record::found_patches(&mem, &maps);
+    let maps = maps.to_vec();
+    let found = record::found_patches(mem, &maps);
     let f = match id {
         Some(id) => found.iter().find(|f| f.name == id),
         None => found
@@ -890,14 +890,14 @@ fn revert_in(
         }
     }
     let loaded = bind::search_order(pid, &maps);
-    let gadgets = remote::find_gadgets(&mem, &maps).map_err(|e| exited_or(pid, e))?;
+    let gadgets = remote::find_gadgets(mem, &maps).map_err(|e| exited_or(pid, e))?;
     if interrupt::requested() {
         return Err(EngineError::Interrupted(format!(
             "interrupted before process {pid} was touched"
         )));
     }
     let plan = StopPlan {
-        mem: &mem,
+        mem,
         maps: &maps,
         modules: &loaded,
         guarded: &[],
@@ -907,7 +907,7 @@ fn revert_in(
     let (stopped_us, attempts) = if writes.is_empty() {
         (0, 0)
     } else {
-        privatize(&mem, &writes)?;
+        privatize(mem, &writes)?;
         // Threads inside the patch's code finish there; its memory goes on release, once
         // none is left in it.
         stop_and_write(&mut session, plan, |session, mem| {

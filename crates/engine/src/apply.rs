@@ -283,7 +283,46 @@ fn prepare(pid: i32, bundle: &Bundle) -> Result<Prepared<'_>> {
         ))
     })?;
     let mem = Memory::open(pid).map_err(|e| exited_or(pid, e))?;
-    let found = record::found_patches(&mem, &maps);
+    match prepare_with(pid, bundle, &module, &maps, &mem) {
+        Ok(parts) => Ok(Prepared {
+            pid,
+            bundle,
+            maps,
+            mem,
+            module,
+            prev: parts.0,
+            stale: parts.1,
+            targets: parts.2,
+            plan: parts.3,
+            symbols: parts.4,
+            unwind: parts.5,
+            loaded: parts.6,
+            gadgets: parts.7,
+        }),
+        Err(e) => Err(explain(pid, &mem, &maps, e)),
+    }
+}
+
+type PreparedParts = (
+    Option<PatchRecord>,
+    Vec<FoundPatch>,
+    Vec<Target>,
+    Plan,
+    Symbols,
+    Option<UnwindRegistry>,
+    Vec<LoadedModule>,
+    Gadgets,
+);
+
+fn prepare_with(
+    pid: i32,
+    bundle: &Bundle,
+    module: &LoadedModule,
+    maps: &[Mapping],
+    mem: &Memory,
+) -> Result<PreparedParts> {
+    let m = &bundle.manifest;
+    let found = record::found_patches(mem, maps);
     let mine = |f: &&FoundPatch| {
         f.record
             .as_ref()
@@ -322,35 +361,21 @@ fn prepare(pid: i32, bundle: &Bundle) -> Result<Prepared<'_>> {
     let plan = Plan::new(&bundle.object)
         .map_err(|e| refused(format!("patch object cannot be loaded: {e}")))?;
     let defined = plan.defined_symbols();
-    let targets = locate_functions(&mem, &module, bundle, prev.as_ref(), &defined)?;
-    let symbols = bind::resolve_bindings(pid, &maps, &module, bundle, &plan)?;
+    let targets = locate_functions(mem, module, bundle, prev.as_ref(), &defined)?;
+    let symbols = bind::resolve_bindings(pid, maps, module, bundle, &plan)?;
     // Dry link: unresolved symbols and impossible relocations are refused before any stop.
     let probe_base = module.lo.saturating_sub(plan.size() + 16 * PAGE) & !(PAGE - 1);
     plan.link(probe_base, &|name| symbols.lookup(name))
         .map_err(|e| refused(format!("patch cannot be linked into process {pid}: {e}")))?;
     // Read before anything stops: the libraries' symbols and unwind tables take milliseconds.
-    let loaded = bind::search_order(pid, &maps);
+    let loaded = bind::search_order(pid, maps);
     let unwind = if plan.has_eh_frame() {
         bind::unwind_registry(&loaded)
     } else {
         None
     };
-    let gadgets = remote::find_gadgets(&mem, &maps).map_err(|e| exited_or(pid, e))?;
-    Ok(Prepared {
-        pid,
-        bundle,
-        maps,
-        mem,
-        module,
-        prev,
-        stale,
-        targets,
-        plan,
-        symbols,
-        unwind,
-        loaded,
-        gadgets,
-    })
+    let gadgets = remote::find_gadgets(mem, maps).map_err(|e| exited_or(pid, e))?;
+    Ok((prev, stale, targets, plan, symbols, unwind, loaded, gadgets))
 }
 
 /// What the map phase made.
@@ -623,7 +648,7 @@ fn undo_map(session: &mut Session, p: &Prepared, mapped: &Mapped) {
         record: Some(mapped.record.clone()),
     };
     if procfs::exists(p.pid) {
-        // Nothing ran there (no detour was written): no need to wait for threads.
+        // Nothing ran in the new memory (no detour was written): no thread to wait for there.
         let plan = StopPlan {
             guarded: &[],
             ..p.stop_plan(&ApplyOptions::default())
@@ -632,7 +657,10 @@ fn undo_map(session: &mut Session, p: &Prepared, mapped: &Mapped) {
         if let Some(r) = f.record.as_mut() {
             r.text_end = r.text_start;
         }
-        release(session, plan, p.gadgets, &[f], mapped.landing);
+        // Memory that earlier interrupted operations left goes too: nothing leads into it.
+        let mut gone = vec![f];
+        gone.extend(p.stale.iter().cloned());
+        release(session, plan, p.gadgets, &gone, mapped.landing);
     }
 }
 

@@ -73,6 +73,37 @@ fn build() -> Hostile {
     }
 }
 
+/// Compiles a C program `name` in the work folder and signs a bundle replacing its `compute`
+/// (the hostile fix); returns the bundle.
+fn program_with_fix(h: &Hostile, name: &str, source: &str, flags: &[&str]) -> PathBuf {
+    let work = &h.work;
+    let src = work.path(&format!("{name}.c"));
+    std::fs::write(&src, source).unwrap();
+    let mut args = vec!["-O2", "-fno-omit-frame-pointer"];
+    args.extend_from_slice(flags);
+    let src = src.display().to_string();
+    args.extend_from_slice(&[src.as_str(), "-o", name]);
+    work.gcc(&args);
+    let fix = work.path(&format!("{name}-fix.suture"));
+    let o = suture(&[
+        "bundle",
+        "--target",
+        work.path(name).to_str().unwrap(),
+        "--object",
+        work.path("fix.o").to_str().unwrap(),
+        "--replace",
+        "compute=compute_fixed",
+        "--level",
+        "1",
+        "--key",
+        work.path("ops.key").to_str().unwrap(),
+        "--out",
+        fix.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    fix
+}
+
 fn stats(t: &mut Target) -> HashMap<String, i64> {
     t.ask("stats")
         .split_whitespace()
@@ -514,8 +545,9 @@ fn a_forged_record_is_reported_as_such_and_does_not_block_a_real_fix() {
     let h = build();
     let work = &h.work;
     // A process that maps a memfd named like ours, holding a made-up record that claims a fix.
-    std::fs::write(
-        work.path("forger.c"),
+    let fix = program_with_fix(
+        &h,
+        "forger",
         r#"
 #define _GNU_SOURCE
 #include <stdio.h>
@@ -538,15 +570,8 @@ int main(void) {
     return 0;
 }
 "#,
-    )
-    .unwrap();
-    work.gcc(&[
-        "-O2",
-        "-fno-omit-frame-pointer",
-        &work.path("forger.c").display().to_string(),
-        "-o",
-        "forger",
-    ]);
+        &[],
+    );
     let mut t = Target::start(&work.path("forger"), None);
     let (applied, other) = patches(t.pid);
     assert!(
@@ -561,26 +586,8 @@ int main(void) {
         text.contains("invalid") && !text.contains("fixes CVE-2099"),
         "{text}"
     );
-    // The forged record names another build; what matters is it blocks nothing: a bundle for
-    // this program applies.
-    let fix = work.path("forger-fix.suture");
-    let (key, _) = (work.path("ops.key"), ());
-    let o = suture(&[
-        "bundle",
-        "--target",
-        work.path("forger").to_str().unwrap(),
-        "--object",
-        work.path("fix.o").to_str().unwrap(),
-        "--replace",
-        "compute=compute_fixed",
-        "--level",
-        "1",
-        "--key",
-        key.to_str().unwrap(),
-        "--out",
-        fix.to_str().unwrap(),
-    ]);
-    assert!(o.status.success(), "{}", stderr(&o));
+    // The forged record names another build; what matters is it blocks nothing: the real
+    // bundle for this program applies.
     let (ok, v) = apply_to(&fix, t.pid, &h.trust);
     assert!(ok, "{v}");
     assert_eq!(t.ask("x"), "106");
@@ -596,9 +603,10 @@ fn a_target_that_swaps_descriptors_cannot_make_suture_write_a_root_file() {
     std::fs::write(&victim, "root-owned contents\n").unwrap();
     // A process that keeps putting a descriptor of the victim file (opened read-only, as an
     // unprivileged process could) over every low descriptor number.
-    std::fs::write(
-        work.path("swapper.c"),
-        format!(
+    let fix = program_with_fix(
+        &h,
+        "swapper",
+        &format!(
             r#"
 #include <fcntl.h>
 #include <pthread.h>
@@ -622,33 +630,8 @@ int main(void) {{
 "#,
             victim.display()
         ),
-    )
-    .unwrap();
-    work.gcc(&[
-        "-O2",
-        "-fno-omit-frame-pointer",
-        "-pthread",
-        &work.path("swapper.c").display().to_string(),
-        "-o",
-        "swapper",
-    ]);
-    let fix = work.path("swapper-fix.suture");
-    let o = suture(&[
-        "bundle",
-        "--target",
-        work.path("swapper").to_str().unwrap(),
-        "--object",
-        work.path("fix.o").to_str().unwrap(),
-        "--replace",
-        "compute=compute_fixed",
-        "--level",
-        "1",
-        "--key",
-        work.path("ops.key").to_str().unwrap(),
-        "--out",
-        fix.to_str().unwrap(),
-    ]);
-    assert!(o.status.success(), "{}", stderr(&o));
+        &["-pthread"],
+    );
     let mut t = Target::start(&work.path("swapper"), None);
     for _ in 0..10 {
         let (ok, v) = apply_to(&fix, t.pid, &h.trust);
@@ -673,8 +656,9 @@ int main(void) {{
 fn a_target_that_execs_mid_apply_ends_the_operation_with_the_true_reason() {
     let h = build();
     let work = &h.work;
-    std::fs::write(
-        work.path("execer.c"),
+    let fix = program_with_fix(
+        &h,
+        "execer",
         r#"
 #include <pthread.h>
 #include <stdio.h>
@@ -697,33 +681,8 @@ int main(int argc, char **argv) {
     for (;;) compute(2);
 }
 "#,
-    )
-    .unwrap();
-    work.gcc(&[
-        "-O2",
-        "-fno-omit-frame-pointer",
-        "-pthread",
-        &work.path("execer.c").display().to_string(),
-        "-o",
-        "execer",
-    ]);
-    let fix = work.path("execer-fix.suture");
-    let o = suture(&[
-        "bundle",
-        "--target",
-        work.path("execer").to_str().unwrap(),
-        "--object",
-        work.path("fix.o").to_str().unwrap(),
-        "--replace",
-        "compute=compute_fixed",
-        "--level",
-        "1",
-        "--key",
-        work.path("ops.key").to_str().unwrap(),
-        "--out",
-        fix.to_str().unwrap(),
-    ]);
-    assert!(o.status.success(), "{}", stderr(&o));
+        &["-pthread"],
+    );
     for i in 0..12 {
         let mut child = Command::new(work.path("execer"))
             .stdin(Stdio::null())

@@ -460,22 +460,21 @@ impl Session {
         self.delivered += 1;
         let _ = ptrace_req(libc::PTRACE_CONT, tid, sig as usize);
         let _ = ptrace_req(libc::PTRACE_INTERRUPT, tid, 0);
-        if let Some(t) = self.tracees.get_mut(&tid) {
-            t.stopped = false;
-        }
-        self.wait_stopped(tid)?;
-        if !self.tracees.contains_key(&tid) {
-            bail!(gone(self.pid));
-        }
-        Ok(())
+        self.restopped(tid)
     }
 
     /// Takes a thread out of a system-call stop into an interrupt stop without running any
     /// of its user code: the kernel then restarts an interrupted system call from the
-    /// registers we restore there, as it would have without us.
+    /// registers we restore there, as it would have without us. (The interrupt is armed
+    /// before the thread leaves the stop, so it traps on its way out.)
     pub(crate) fn leave_syscall_stop(&mut self, tid: i32) -> Result<()> {
         let _ = ptrace_req(libc::PTRACE_INTERRUPT, tid, 0);
         let _ = ptrace_req(libc::PTRACE_CONT, tid, 0);
+        self.restopped(tid)
+    }
+
+    /// Waits for a thread we just let go of to be back in an interrupt stop.
+    fn restopped(&mut self, tid: i32) -> Result<()> {
         if let Some(t) = self.tracees.get_mut(&tid) {
             t.stopped = false;
         }

@@ -158,6 +158,7 @@ impl Prepared<'_> {
             modules: &self.loaded,
             guarded: &[],
             timeout: opts.timeout,
+            keep: None,
         }
     }
 }
@@ -447,14 +448,14 @@ fn map_with(session: &mut Session, remote: &mut Remote, p: &Prepared) -> Result<
     let mut name: Vec<u8> = format!("{MEMFD_PREFIX}{}", record.id).into_bytes();
     name.truncate(240);
     name.push(0);
-    p.mem.write(remote.scratch(), &name)?;
     let fd = remote
-        .syscall(
+        .syscall_with_data(
             session,
             &p.mem,
             &p.maps,
             libc::SYS_memfd_create,
-            &[remote.scratch(), libc::MFD_CLOEXEC as u64],
+            &name,
+            &[libc::MFD_CLOEXEC as u64],
         )
         .map_err(ex)?;
     let fd = remote.check("memfd_create", fd).map_err(ex)?;
@@ -730,31 +731,41 @@ fn commit(
         guarded: &guarded,
         ..p.stop_plan(opts)
     };
-    stop_and_write(session, plan, |session, mem| {
+    let mut pending = None;
+    let plan = StopPlan {
+        keep: session.injection_thread(),
+        ..plan
+    };
+    let result = stop_and_write(session, plan, |session, mem| {
         // Re-verify under the stop: nothing may have changed since we looked.
         let codes = read_functions(mem, &p.targets)?;
         for (t, code) in p.targets.iter().zip(codes) {
             verify_code(t, code, p.prev.as_ref()).map_err(EngineError::Refused)?;
         }
         // From now on a fork's child carries the detours, so it must carry their code too.
-        set_fork_inheritance(session, p, rec.base, rec.len, MADV_DOFORK)?;
+        madvise(
+            session,
+            mem,
+            &p.maps,
+            p.gadgets,
+            rec.base,
+            rec.len,
+            MADV_DOFORK,
+            &mut pending,
+        )?;
         fault::point("apply:inheritable");
         write_all(mem, &writes)
-    })
+    });
+    let finished = finish_pending(session, &p.mem, pending);
+    let stopped = result?;
+    finished?;
+    Ok(stopped)
 }
 
-/// Sets whether `fork` children inherit the patch memory, through a thread of the stopped
-/// process.
-fn set_fork_inheritance(
-    session: &mut Session,
-    p: &Prepared,
-    base: u64,
-    len: u64,
-    advice: u64,
-) -> Result<()> {
-    madvise(session, &p.mem, &p.maps, p.gadgets, base, len, advice)
-}
-
+/// Changes whether `fork` children inherit the patch memory, through a thread of the stopped
+/// process. The thread is left in the remote (`pending`), to be put back once the other threads
+/// run again: only the system call itself counts in the all-threads stop.
+#[allow(clippy::too_many_arguments)]
 fn madvise(
     session: &mut Session,
     mem: &Memory,
@@ -763,17 +774,27 @@ fn madvise(
     base: u64,
     len: u64,
     advice: u64,
+    pending: &mut Option<Remote>,
 ) -> Result<()> {
     let pid = session.pid();
     let tid = session
         .injection_thread()
         .ok_or_else(|| exited_or(pid, anyhow!("no threads")))?;
-    let mut r = Remote::new(session, tid, mem, maps, gadgets).map_err(|e| exited_or(pid, e))?;
-    let result = r
+    let r = pending
+        .insert(Remote::new(session, tid, mem, maps, gadgets).map_err(|e| exited_or(pid, e))?);
+    let ret = r
         .syscall(session, mem, maps, libc::SYS_madvise, &[base, len, advice])
-        .and_then(|ret| r.check("madvise of patch memory", ret));
-    let finished = r.finish(session, mem);
-    result.map_err(|e| exited_or(pid, e))?;
+        .map_err(|e| exited_or(pid, e))?;
+    r.check("madvise of patch memory", ret)
+        .map(|_| ())
+        .map_err(|e| exited_or(pid, e))
+}
+
+/// Puts the thread a [`madvise`] used back in its own state and lets everyone run.
+fn finish_pending(session: &mut Session, mem: &Memory, pending: Option<Remote>) -> Result<()> {
+    let pid = session.pid();
+    let finished = pending.map_or(Ok(()), |r| r.finish(session, mem));
+    session.resume(None);
     finished.map_err(|e| exited_or(pid, e))
 }
 
@@ -930,6 +951,7 @@ fn revert_in(
         modules: &loaded,
         guarded: &[],
         timeout: opts.timeout,
+        keep: None,
     };
     let mut session = Session::seize(pid).map_err(|e| exited_or(pid, e))?;
     let (stopped_us, attempts) = if writes.is_empty() {
@@ -938,7 +960,12 @@ fn revert_in(
         privatize(mem, &writes)?;
         // Threads inside the patch's code finish there; its memory goes on release, once
         // none is left in it.
-        stop_and_write(&mut session, plan, |session, mem| {
+        let mut pending = None;
+        let plan = StopPlan {
+            keep: session.injection_thread(),
+            ..plan
+        };
+        let result = stop_and_write(&mut session, plan, |session, mem| {
             for w in &writes {
                 if mem.read(w.address, DETOUR_LEN)? != w.before {
                     return Err(refused(format!(
@@ -957,10 +984,15 @@ fn revert_in(
                 f.start,
                 f.end - f.start,
                 MADV_DONTFORK,
+                &mut pending,
             )?;
             fault::point("revert:uninheritable");
             write_all(mem, &writes)
-        })?
+        });
+        let finished = finish_pending(&mut session, mem, pending);
+        let stopped = result?;
+        finished?;
+        stopped
     };
     fault::point("revert:committed");
     let t_release = Instant::now();
@@ -1024,6 +1056,9 @@ struct StopPlan<'a> {
     modules: &'a [LoadedModule],
     guarded: &'a [Guarded],
     timeout: Duration,
+    /// A thread that stays stopped after a successful stop (to finish an injection once the
+    /// others run).
+    keep: Option<i32>,
 }
 
 /// Stops the world, waits for safety (retrying with back-off), then runs `act` and lets every
@@ -1040,6 +1075,7 @@ fn stop_and_write(
         modules,
         guarded,
         timeout,
+        keep,
     } = plan;
     let pid = session.pid();
     let deadline = Instant::now() + timeout;
@@ -1065,7 +1101,7 @@ fn stop_and_write(
             None => {
                 let result = act(session, mem);
                 // Success or not: let go right away; the pause ends when the last thread runs.
-                session.resume(None);
+                session.resume(keep);
                 stopped += t.elapsed();
                 result?;
                 return Ok((stopped.as_micros() as u64, attempts));

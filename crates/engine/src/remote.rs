@@ -454,6 +454,47 @@ impl Remote {
         nr: i64,
         args: &[u64],
     ) -> Result<i64> {
+        self.syscall_with(session, mem, maps, nr, args, &[])
+    }
+
+    /// Like [`Remote::syscall`], with `data` placed in the scratch memory first and its
+    /// address as the first argument (before `args`). The data is written again before every
+    /// attempt: a signal delivered meanwhile puts its frame where the scratch memory was.
+    pub fn syscall_with_data(
+        &mut self,
+        session: &mut Session,
+        mem: &Memory,
+        maps: &[Mapping],
+        nr: i64,
+        data: &[u8],
+        args: &[u64],
+    ) -> Result<i64> {
+        if data.len() as u64 > SCRATCH {
+            bail!("{} bytes do not fit the scratch memory", data.len());
+        }
+        self.syscall_with(session, mem, maps, nr, args, data)
+    }
+
+    fn syscall_with(
+        &mut self,
+        session: &mut Session,
+        mem: &Memory,
+        maps: &[Mapping],
+        nr: i64,
+        rest: &[u64],
+        data: &[u8],
+    ) -> Result<i64> {
+        let with_data = |scratch: u64| -> Vec<u64> {
+            if data.is_empty() {
+                rest.to_vec()
+            } else {
+                std::iter::once(scratch)
+                    .chain(rest.iter().copied())
+                    .collect()
+            }
+        };
+        let args = with_data(self.scratch);
+        let args = &args[..];
         if !self.filters.is_empty() {
             let mut a = [0u64; 6];
             for (slot, v) in a.iter_mut().zip(args) {
@@ -476,6 +517,10 @@ impl Remote {
         self.set_slot(mem, ret)?;
         let deadline = Instant::now() + Duration::from_secs(2);
         for _ in 0..64 {
+            if !data.is_empty() {
+                mem.write(self.scratch, data)?;
+            }
+            let args = with_data(self.scratch);
             let mut regs = self.saved;
             regs.rax = nr as u64;
             regs.orig_rax = u64::MAX;
@@ -489,7 +534,7 @@ impl Remote {
                 &mut regs.r8,
                 &mut regs.r9,
             ];
-            for (slot, value) in slots.into_iter().zip(args) {
+            for (slot, value) in slots.into_iter().zip(&args) {
                 *slot = *value;
             }
             setregs(self.pid, self.tid, regs)?;

@@ -195,11 +195,12 @@ impl SecretKey {
                 meta.permissions().mode() & 0o777
             )));
         }
-        let text = std::fs::read_to_string(path).map_err(|source| BundleError::Io {
-            path: path.display().to_string(),
-            source,
-        })?;
-        let (seed, name) = parse_line(&text, SECRET_TAG, path)?;
+        // The same careful read as a trusted key: never block on a FIFO, never read a device
+        // or a huge file.
+        let bytes = read_trusted_file(path, false)?;
+        let text = std::str::from_utf8(&bytes)
+            .map_err(|_| key_err(format!("{}: not a {SECRET_TAG} file", path.display())))?;
+        let (seed, name) = parse_line(text, SECRET_TAG, path)?;
         Ok(SecretKey {
             signing: SigningKey::from_bytes(&seed),
             name,

@@ -160,6 +160,22 @@ fn a_fifo_is_refused_without_blocking() {
 }
 
 #[test]
+fn a_fifo_given_as_the_secret_key_is_refused_without_blocking() {
+    let d = Dir::new();
+    let fifo = d.path("fifo.key");
+    let st = std::process::Command::new("mkfifo")
+        .arg(&fifo)
+        .status()
+        .unwrap();
+    assert!(st.success());
+    chmod(&fifo, 0o600);
+    let f = fifo.clone();
+    let r = within_deadline("SecretKey::load", move || SecretKey::load(&f).map(|_| ()));
+    let msg = r.expect_err("a FIFO is not a key").to_string();
+    assert!(msg.contains("FIFO"), "{msg}");
+}
+
+#[test]
 fn a_dev_zero_symlink_is_refused_without_reading_it() {
     let d = Dir::new();
     let link = d.path("zero.pub");

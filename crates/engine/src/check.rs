@@ -98,12 +98,13 @@ pub fn check(pid: i32, build_id: Option<&[u8]>) -> Result<CheckReport> {
     if let Err(e) = Memory::open(pid) {
         problems.push(format!("{e:#}"));
     }
-    let modules: Vec<ModuleInfo> = modules::loaded_modules(pid, &maps)
+    // Headers only: a check of every process on a host must not read every library whole.
+    let modules: Vec<ModuleInfo> = modules::identified_modules(pid, &maps)
         .into_iter()
-        .map(|m| ModuleInfo {
-            build_id: m.build_id_hex(),
-            path: m.path,
-            base: m.bias,
+        .map(|(path, build_id, bias)| ModuleInfo {
+            build_id: build_id.map(hex::encode),
+            path,
+            base: bias,
         })
         .collect();
     if let Some(want) = build_id {

@@ -444,6 +444,23 @@ pub fn loaded_modules(pid: i32, maps: &[Mapping]) -> Vec<LoadedModule> {
     modules
 }
 
+/// Every ELF module mapped in the process as (path, build-id, load bias), from the files'
+/// identities alone (headers and notes: what `check` and a host scan need).
+pub fn identified_modules(pid: i32, maps: &[Mapping]) -> Vec<(String, Option<Vec<u8>>, u64)> {
+    mapped_files(maps)
+        .into_iter()
+        .filter_map(|first| {
+            let id = identity(pid, first).ok()?;
+            let bias = bias_of(&id.segments, first)?;
+            Some((
+                first.path.trim_end_matches(" (deleted)").to_string(),
+                id.build_id.clone(),
+                bias,
+            ))
+        })
+        .collect()
+}
+
 /// The mapping (and load bias) of the module with `build_id` in the process, from the files'
 /// identities alone.
 fn locate<'m>(pid: i32, maps: &'m [Mapping], build_id: &[u8]) -> Option<(&'m Mapping, u64)> {

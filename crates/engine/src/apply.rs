@@ -40,7 +40,7 @@ use crate::record::{self, Detour, FoundPatch, PatchRecord, PatchState, MEMFD_PRE
 use crate::remote::{self, Gadgets, Remote};
 use crate::safety::{Checker, Guarded};
 use crate::stop::{ProcessExeced, ProcessGone, Session};
-use crate::{fault, interrupt, lock, EngineError};
+use crate::{fault, interrupt, lock, refused, EngineError};
 
 const PAGE: u64 = 4096;
 const MADV_DOFORK: u64 = 11;
@@ -94,10 +94,6 @@ pub struct RevertReport {
 }
 
 type Result<T> = std::result::Result<T, EngineError>;
-
-fn refused(msg: impl Into<String>) -> EngineError {
-    EngineError::Refused(msg.into())
-}
 
 /// The true reason an operation on `pid` failed: the process went away or exec'ed, or `e`.
 fn exited_or(pid: i32, e: anyhow::Error) -> EngineError {

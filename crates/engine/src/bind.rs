@@ -10,11 +10,7 @@ use suture_link::{Plan, Resolved};
 
 use crate::modules::{self, executable_tp_offset, LoadedModule};
 use crate::procfs::Mapping;
-use crate::EngineError;
-
-fn refused(msg: impl Into<String>) -> EngineError {
-    EngineError::Refused(msg.into())
-}
+use crate::{refused, EngineError};
 
 /// What the patch's undefined symbols resolve to in this process.
 pub(crate) struct Symbols {

@@ -6,12 +6,15 @@ use std::sync::{Arc, OnceLock};
 
 /// The flag a signal handler sets (register it with `signal_hook::flag::register`).
 pub fn flag() -> Arc<AtomicBool> {
-    static FLAG: OnceLock<Arc<AtomicBool>> = OnceLock::new();
-    FLAG.get_or_init(|| Arc::new(AtomicBool::new(false)))
-        .clone()
+    shared().clone()
 }
 
-/// Has the operator asked us to stop?
+fn shared() -> &'static Arc<AtomicBool> {
+    static FLAG: OnceLock<Arc<AtomicBool>> = OnceLock::new();
+    FLAG.get_or_init(|| Arc::new(AtomicBool::new(false)))
+}
+
+/// Has the operator asked us to stop? (Checked in loops: no reference counting here.)
 pub fn requested() -> bool {
-    flag().load(Ordering::Relaxed)
+    shared().load(Ordering::Relaxed)
 }

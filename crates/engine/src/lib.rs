@@ -57,6 +57,11 @@ pub enum EngineError {
     Failed(#[from] anyhow::Error),
 }
 
+/// A refusal: the patch does not fit this process, nothing was touched.
+pub(crate) fn refused(msg: impl Into<String>) -> EngineError {
+    EngineError::Refused(msg.into())
+}
+
 impl EngineError {
     /// A stable word for scripts (`--json`).
     pub fn kind(&self) -> &'static str {

@@ -432,15 +432,12 @@ impl Session {
                 Some(Stop::Syscall) => return Ok(Injected::Syscall),
                 Some(Stop::Signal(sig)) => return Ok(Injected::Signal(sig)),
                 Some(Stop::Interrupt { .. }) => return Ok(Injected::Interrupted),
-                Some(other @ (Stop::Clone(_) | Stop::Exec | Stop::Gone)) => {
-                    if matches!(other, Stop::Clone(_)) {
-                        // The thread we drive cannot clone (it runs our code), but be exact.
-                        if let Stop::Clone(child) = other {
-                            self.tracees.entry(child).or_default();
-                        }
-                        let _ = ptrace_req(libc::PTRACE_SYSCALL, tid, 0);
-                        continue;
-                    }
+                Some(Stop::Clone(child)) => {
+                    // A function we call in the target may create a thread: it is ours too.
+                    self.tracees.entry(child).or_default();
+                    let _ = ptrace_req(libc::PTRACE_SYSCALL, tid, 0);
+                }
+                Some(other @ (Stop::Exec | Stop::Gone)) => {
                     self.absorb(tid, other)?;
                     bail!(gone(self.pid));
                 }

@@ -462,6 +462,9 @@ fn map_with(session: &mut Session, remote: &mut Remote, p: &Prepared) -> Result<
         let ret = remote.syscall(session, &p.mem, &p.maps, libc::SYS_ftruncate, &[fd, total])?;
         remote.check("ftruncate of the patch memfd", ret)?;
         let maps = procfs::read_maps(pid)?;
+        // Between mmap and madvise the memory would be inherited by a fork: no thread may run
+        // in that window. (No flag of mmap sets VM_DONTCOPY.)
+        session.stop_all()?;
         let candidates = crate::placement::candidates(
             &maps,
             p.module.lo,
@@ -492,10 +495,26 @@ fn map_with(session: &mut Session, remote: &mut Remote, p: &Prepared) -> Result<
                 let _ = remote.syscall(session, &p.mem, &p.maps, libc::SYS_munmap, &[got, total]);
                 anyhow::bail!("kernel placed patch memory at {got:#x}, not at {base:#x}");
             }
+            fault::point("apply:mmapped");
+            // Not inherited by a fork until the detours are live (commit): a child forked
+            // before must come out clean, not carrying unused patch memory.
+            let ret = remote.syscall(
+                session,
+                &p.mem,
+                &p.maps,
+                libc::SYS_madvise,
+                &[base, total, MADV_DONTFORK],
+            )?;
+            if let Err(e) = remote.check("madvise(MADV_DONTFORK) of patch memory", ret) {
+                let _ = remote.syscall(session, &p.mem, &p.maps, libc::SYS_munmap, &[base, total]);
+                return Err(e);
+            }
             return Ok(Some(base));
         }
         Ok(None)
     })();
+    // The other threads run again as soon as the memory cannot be inherited.
+    session.resume(Some(remote.tid()));
     let closed = remote.syscall(session, &p.mem, &p.maps, libc::SYS_close, &[fd]);
     let base = match placed.map_err(ex)? {
         Some(b) => b,
@@ -512,17 +531,6 @@ fn map_with(session: &mut Session, remote: &mut Remote, p: &Prepared) -> Result<
     let mut registering = false;
     let filled = (|| -> anyhow::Result<()> {
         closed?;
-        fault::point("apply:mmapped");
-        // Not inherited by a fork until the detours are live (commit): a child forked before
-        // must come out clean, not carrying unused patch memory.
-        let ret = remote.syscall(
-            session,
-            &p.mem,
-            &p.maps,
-            libc::SYS_madvise,
-            &[base, total, MADV_DONTFORK],
-        )?;
-        remote.check("madvise(MADV_DONTFORK) of patch memory", ret)?;
         let landing = base + header_len;
         p.mem.write(landing, &remote::LANDING)?;
         let ret = remote.syscall(

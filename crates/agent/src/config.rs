@@ -30,7 +30,24 @@ pub struct Settings {
     pub op_timeout: Duration,
     /// Processes patched at once.
     pub jobs: usize,
+    /// Folders searched for the files bundles target (by name, then build-id), so that a
+    /// program that is not running yet is patched before its first instruction when it starts.
+    pub watch_paths: Vec<PathBuf>,
+    /// How long a starting process may be held until its loader is done and it is patched.
+    pub hold_timeout: Duration,
 }
+
+/// Where programs and libraries live on a Debian-like host.
+pub const DEFAULT_WATCH_PATHS: &[&str] = &[
+    "/usr/bin",
+    "/usr/sbin",
+    "/usr/lib",
+    "/usr/libexec",
+    "/usr/local/bin",
+    "/usr/local/sbin",
+    "/usr/local/lib",
+    "/opt",
+];
 
 /// The file's shape: every key optional, unknown keys an error (a typo must not pass silently).
 #[derive(Debug, Default, Deserialize)]
@@ -45,6 +62,8 @@ pub struct FileSettings {
     pub interval_ms: Option<u64>,
     pub op_timeout_ms: Option<u64>,
     pub jobs: Option<usize>,
+    pub watch_paths: Option<Vec<PathBuf>>,
+    pub hold_timeout_ms: Option<u64>,
 }
 
 /// Values given on the command line; they win over the file.
@@ -107,6 +126,16 @@ impl Settings {
                 flags.op_timeout_ms.or(file.op_timeout_ms).unwrap_or(5_000),
             ),
             jobs,
+            watch_paths: flags
+                .watch_paths
+                .or(file.watch_paths)
+                .unwrap_or_else(|| DEFAULT_WATCH_PATHS.iter().map(PathBuf::from).collect()),
+            hold_timeout: Duration::from_millis(
+                flags
+                    .hold_timeout_ms
+                    .or(file.hold_timeout_ms)
+                    .unwrap_or(5_000),
+            ),
         })
     }
 }

@@ -41,6 +41,8 @@ pub enum Msg {
     ConnectorDown(String),
     /// The bundle source may offer something new.
     SourceChanged,
+    /// The gate held a starting process and applied to it.
+    Held(crate::gate::Held),
     Shutdown,
 }
 
@@ -139,6 +141,8 @@ pub struct Agent {
     scanner: Scanner,
     /// Young processes whose apply was refused in the last operations: retried, not tracked.
     unsettled: HashSet<i32>,
+    /// Holds starting processes until they are patched (off if fanotify is not available).
+    gate: Option<crate::gate::Gate>,
 }
 
 impl Agent {
@@ -176,7 +180,13 @@ impl Agent {
             last_health_cmd: None,
             scanner: Scanner::new(),
             unsettled: HashSet::new(),
+            gate: None,
         }
+    }
+
+    /// Starting processes are held and patched before they run (see [`crate::gate`]).
+    pub fn set_gate(&mut self, gate: crate::gate::Gate) {
+        self.gate = Some(gate);
     }
 
     /// The status as it is now, from the journal and a scan of the processes, touching
@@ -303,6 +313,7 @@ impl Agent {
                 tracing::error!("process events lost for good ({why}): crashes are no longer seen, new processes wait for the next pass");
                 self.connector_up = false;
             }
+            Msg::Held(h) => self.on_held(h),
             Msg::Proc(ProcEvent::Exec { pid }) => {
                 if !self.plan.lines.values().any(Option::is_some) {
                     return true; // nothing to apply anywhere
@@ -327,6 +338,27 @@ impl Agent {
             }
         }
         true
+    }
+
+    /// What the gate did to a starting process: journaled like any apply.
+    fn on_held(&mut self, h: crate::gate::Held) {
+        let verified = self.plan.verified.clone();
+        for (sha, r) in h.results {
+            let Some(i) = verified.iter().position(|v| v.sha == sha) else {
+                continue;
+            };
+            if r.is_ok() {
+                tracing::info!(
+                    pid = h.pid,
+                    bundle = %verified[i].id(),
+                    held_us = h.held_us,
+                    "new process patched before it ran"
+                );
+            }
+            if let Err(e) = self.record(h.pid, &Op::Apply(i), r.map(Outcome::Applied), &verified) {
+                tracing::error!(pid = h.pid, "cannot journal: {e:#}");
+            }
+        }
     }
 
     fn append(&mut self, event: Event) -> Result<()> {
@@ -608,6 +640,31 @@ impl Agent {
                 }
             }
             mapping.insert(hex::encode(bid), pids);
+        }
+        // New processes are covered first, before the running ones are worked on.
+        if let Some(gate) = &self.gate {
+            let desired: Vec<crate::gate::Desired> = self
+                .plan
+                .lines
+                .values()
+                .flatten()
+                .filter_map(|&i| self.plan.verified.get(i))
+                .map(|v| crate::gate::Desired {
+                    sha: v.sha.clone(),
+                    bundle: v.bundle.clone(),
+                })
+                .collect();
+            let mapped: Vec<(Vec<u8>, PathBuf)> = mapping
+                .iter()
+                .filter_map(|(bid, pids)| {
+                    let id = hex::decode(bid).ok()?;
+                    let path = pids
+                        .iter()
+                        .find_map(|&p| crate::scan::mapped_file(p, &id))?;
+                    Some((id, path))
+                })
+                .collect();
+            gate.update(desired, &mapped);
         }
         // Known patches found in processes: watched for crashes; a level applied just before
         // a crash of the agent (no journal line) is adopted so it is never applied again.
@@ -1011,7 +1068,9 @@ impl Agent {
             }
             Err(e) => {
                 let kind = e.kind().to_string();
-                if kind == "exited" {
+                // (A process that is gone before the engine even looked is refused as "no
+                // process": it exited all the same.)
+                if kind == "exited" || !Path::new(&format!("/proc/{pid}")).exists() {
                     self.tracked.remove(&(sha, pid));
                     return Ok(());
                 }
@@ -1409,7 +1468,21 @@ pub fn run_agent(s: Settings) -> Result<()> {
     if let Err(e) = watched {
         tracing::warn!("{e:#}: bundle changes are seen on the next pass");
     }
+    let gate = crate::gate::Gate::start(
+        tx.clone(),
+        ApplyOptions {
+            timeout: s.op_timeout,
+        },
+        s.hold_timeout,
+        s.watch_paths.clone(),
+    );
     let mut agent = Agent::new(s, source, reports, stop)?;
+    match gate {
+        Ok(g) => agent.set_gate(g),
+        Err(e) => tracing::error!(
+            "{e:#}: starting processes are patched right after they start, not before"
+        ),
+    }
     // `tx` lives as long as the loop: the channel never reports itself disconnected.
     let _tx = tx;
     agent.run(rx, connector_up)

@@ -37,6 +37,7 @@
 pub mod config;
 pub mod controller;
 pub mod eligibility;
+pub mod gate;
 pub mod journal;
 pub mod metrics;
 pub mod procevents;

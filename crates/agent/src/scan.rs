@@ -63,6 +63,21 @@ impl Scanner {
     }
 }
 
+/// A path to the file with this build-id that `pid` maps (`/proc/PID/map_files/…`: it
+/// reaches the file whatever mount namespace the process lives in).
+pub fn mapped_file(pid: i32, build_id: &[u8]) -> Option<std::path::PathBuf> {
+    let maps = procfs::read_maps(pid).ok()?;
+    maps.iter()
+        .filter(|m| m.is_file() && m.offset == 0)
+        .find(|m| {
+            modules::identity(pid, m)
+                .ok()
+                .and_then(|i| i.build_id.clone())
+                .is_some_and(|id| id == build_id)
+        })
+        .map(|m| m.map_file(pid))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -21,6 +21,8 @@ fn settings(f: AgentFlags) -> Result<Settings> {
             interval_ms: f.interval_ms,
             op_timeout_ms: f.op_timeout_ms,
             jobs: f.jobs,
+            watch_paths: (!f.watch_paths.is_empty()).then_some(f.watch_paths),
+            hold_timeout_ms: f.hold_timeout_ms,
         },
     )
 }

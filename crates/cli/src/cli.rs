@@ -216,4 +216,12 @@ pub struct AgentFlags {
     /// Processes patched at once.
     #[arg(long, hide = true)]
     pub jobs: Option<usize>,
+    /// A folder searched for the files bundles target, so a program is patched before its
+    /// first instruction when it starts (repeatable) [default: /usr/bin, /usr/sbin, /usr/lib,
+    /// /usr/libexec, /usr/local/{bin,sbin,lib}, /opt].
+    #[arg(long = "watch-path", value_name = "DIR")]
+    pub watch_paths: Vec<PathBuf>,
+    /// How long a starting process may be held until it is patched [default: 5000].
+    #[arg(long, value_name = "MS")]
+    pub hold_timeout_ms: Option<u64>,
 }

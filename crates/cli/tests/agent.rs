@@ -114,6 +114,13 @@ impl Host {
         if !extra.contains(&"--interval-ms") {
             args.extend(["--interval-ms".into(), "200".into()]);
         }
+        // The gate searches the test's own folder for target files, not the host's.
+        if !extra.contains(&"--watch-path") {
+            args.extend([
+                "--watch-path".into(),
+                self.work.path(".").display().to_string(),
+            ]);
+        }
         args.extend(extra.iter().map(|s| s.to_string()));
         let child = Command::new(env!("CARGO_BIN_EXE_suture"))
             .args(&args)
@@ -833,4 +840,203 @@ fn the_health_window_survives_a_restart_and_ends() {
     assert_eq!(h.events("rolled_back", &id).len(), 1);
     assert!(live.elapsed() > Duration::from_secs(10));
     agent.stop();
+}
+
+/// Builds first_call.c's programs and library with build-ids of their own, and bundles of the
+/// fix for the executable and for the library.
+fn first_call_host(name: &str) -> (Host, PathBuf, PathBuf) {
+    let h = Host::new(name);
+    let id = |tag: u32| {
+        format!(
+            "-Wl,--build-id=0x{tag:08x}{:08x}{:016x}",
+            std::process::id(),
+            now_ns() as u64
+        )
+    };
+    let w = &h.work;
+    w.gcc(&["-O2", &id(1), &Work::src("first_call.c"), "-o", "first"]);
+    w.gcc(&[
+        "-O2",
+        "-shared",
+        "-fPIC",
+        &id(2),
+        &Work::src("libfirst.c"),
+        "-o",
+        "libfirst.so",
+    ]);
+    let rpath = format!("-Wl,-rpath,{}", w.path(".").display());
+    w.gcc(&[
+        "-O2",
+        "-DLIBRARY",
+        &id(3),
+        &Work::src("first_call.c"),
+        "-o",
+        "first_linked",
+        "-L.",
+        "-lfirst",
+        &rpath,
+    ]);
+    w.gcc(&[
+        "-O2",
+        "-DLIBRARY",
+        "-DDLOPEN",
+        "-pthread",
+        &id(4),
+        &Work::src("first_call.c"),
+        "-o",
+        "first_dlopen",
+        "-ldl",
+    ]);
+    w.gcc(&[
+        "-O2",
+        "-c",
+        "-fPIE",
+        "-ffunction-sections",
+        &Work::src("patch_first.c"),
+        "-o",
+        "patch_first.o",
+    ]);
+    let exe_fix = w.bundle(
+        "first",
+        "patch_first.o",
+        &["first_check"],
+        1,
+        &h.key,
+        "first.suture",
+    );
+    let lib_fix = w.bundle(
+        "libfirst.so",
+        "patch_first.o",
+        &["first_check"],
+        1,
+        &h.key,
+        "libfirst.suture",
+    );
+    (h, exe_fix, lib_fix)
+}
+
+/// Runs a program of first_call.c; its output (the first call's answer), or why it failed.
+fn first_answer(program: &Path, args: &[&str]) -> Result<String, String> {
+    let mut child = Command::new(program)
+        .args(args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|e| e.to_string())?;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        if child.try_wait().map_err(|e| e.to_string())?.is_some() {
+            break;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            return Err(format!("{} hung", program.display()));
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    let out = child.wait_with_output().map_err(|e| e.to_string())?;
+    if !out.status.success() {
+        return Err(format!(
+            "{}: {} {}",
+            program.display(),
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        ));
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
+}
+
+#[test]
+fn a_process_started_after_the_fix_runs_it_from_its_first_call() {
+    let (h, exe_fix, lib_fix) = first_call_host("firstcall");
+    let first = h.work.path("first");
+    let linked = h.work.path("first_linked");
+    let dlopen = h.work.path("first_dlopen");
+    let lib = h.work.path("libfirst.so").display().to_string();
+    // Before any fix: the old answer.
+    assert_eq!(first_answer(&first, &[]).unwrap(), "3");
+    assert_eq!(first_answer(&dlopen, &[&lib]).unwrap(), "3");
+    let agent = h.agent(&[]);
+    h.offer(&exe_fix);
+    h.offer(&lib_fix);
+    // Nothing runs these programs now: the files themselves are watched.
+    wait_for("the gate watches both files", 30, || {
+        let log = agent.log();
+        log.contains("/first build_id=") && log.contains("/libfirst.so build_id=")
+    });
+    let mut old = Vec::new();
+    for (program, args) in [
+        (&first, vec![]),
+        (&linked, vec![]),
+        (&dlopen, vec![lib.as_str()]),
+    ] {
+        for i in 0..100 {
+            match first_answer(program, &args) {
+                Ok(a) if a == "-1" => {}
+                other => old.push(format!("{} start {i}: {other:?}", program.display())),
+            }
+        }
+    }
+    assert!(
+        old.is_empty(),
+        "{} of 300 starts ran the unfixed code first: {:?}\n{}",
+        old.len(),
+        &old[..old.len().min(5)],
+        agent.log()
+    );
+    // Each start was held and patched by the gate, not by the after-the-fact path.
+    assert!(
+        agent
+            .log()
+            .matches("new process patched before it ran")
+            .count()
+            >= 300,
+        "{}",
+        agent.log()
+    );
+}
+
+#[test]
+fn starts_never_hang_or_break_when_the_agent_dies_holding_them() {
+    let (h, exe_fix, lib_fix) = first_call_host("failopen");
+    let first = h.work.path("first");
+    let dlopen = h.work.path("first_dlopen");
+    let lib = h.work.path("libfirst.so").display().to_string();
+    let mut agent = h.agent(&[]);
+    h.offer(&exe_fix);
+    h.offer(&lib_fix);
+    wait_for("the gate watches both files", 30, || {
+        let log = agent.log();
+        log.contains("/first build_id=") && log.contains("/libfirst.so build_id=")
+    });
+    // Starts run back to back from two threads while the agent is killed among them.
+    let starter = |program: PathBuf, args: Vec<String>| {
+        std::thread::spawn(move || {
+            let args: Vec<&str> = args.iter().map(String::as_str).collect();
+            (0..60)
+                .map(|_| first_answer(&program, &args))
+                .collect::<Vec<_>>()
+        })
+    };
+    let a = starter(first.clone(), vec![]);
+    let b = starter(dlopen.clone(), vec![lib.clone()]);
+    std::thread::sleep(Duration::from_millis(150));
+    agent.kill9();
+    let answers: Vec<_> = a
+        .join()
+        .unwrap()
+        .into_iter()
+        .chain(b.join().unwrap())
+        .collect();
+    for r in &answers {
+        let a = r.as_ref().expect("every start completes");
+        assert!(a == "-1" || a == "3", "a start answered {a:?}");
+    }
+    assert!(
+        answers.iter().any(|r| r.as_deref() == Ok("-1")),
+        "some starts were patched before the kill"
+    );
+    // After the agent: programs start as they always did.
+    assert_eq!(first_answer(&first, &[]).unwrap(), "3");
+    assert_eq!(first_answer(&dlopen, &[&lib]).unwrap(), "3");
 }

@@ -70,7 +70,8 @@ pub struct ApplyReport {
     pub replaced: Option<String>,
     pub functions: usize,
     pub threads: usize,
-    /// Time every thread of the process was stopped (all attempts), microseconds.
+    /// Time every thread of the process was stopped (creating patch memory, then all commit
+    /// attempts), microseconds.
     pub stopped_us: u64,
     /// Time one thread was stopped beforehand to map patch memory, microseconds.
     pub prep_us: u64,
@@ -186,16 +187,38 @@ pub fn apply(pid: i32, bundle: &Bundle, opts: &ApplyOptions) -> Result<ApplyRepo
 
 /// Phases map, commit and release of apply.
 fn apply_prepared(p: &Prepared, opts: &ApplyOptions) -> Result<ApplyReport> {
-    let (pid, bundle) = (p.pid, p.bundle);
+    let pid = p.pid;
     if interrupt::requested() {
         return Err(EngineError::Interrupted(format!(
             "interrupted before process {pid} was touched"
         )));
     }
     let mut session = Session::seize(pid).map_err(|e| exited_or(pid, e))?;
+    let report = apply_with(&mut session, p, opts)?;
+    session.detach();
+    Ok(report)
+}
+
+/// Applies a bundle to a process [`crate::hold`] holds (seized, its held thread stopped);
+/// the process stays seized.
+pub(crate) fn apply_held(
+    session: &mut Session,
+    bundle: &Bundle,
+    opts: &ApplyOptions,
+) -> Result<ApplyReport> {
+    let pid = session.pid();
+    // (The holder owns the process lock.)
+    let p = prepare(pid, bundle)?;
+    session.seize_rest().map_err(|e| exited_or(pid, e))?;
+    apply_with(session, &p, opts).map_err(|e| explain(pid, &p.mem, &p.maps, e))
+}
+
+/// Phases map, commit and release, in a seized process.
+fn apply_with(session: &mut Session, p: &Prepared, opts: &ApplyOptions) -> Result<ApplyReport> {
+    let (pid, bundle) = (p.pid, p.bundle);
     let threads = session.thread_count();
     let t_prep = Instant::now();
-    let mapped = map(&mut session, p)?;
+    let mapped = map(session, p)?;
     let prep_us = t_prep.elapsed().as_micros() as u64;
     debug!(
         pid,
@@ -205,15 +228,15 @@ fn apply_prepared(p: &Prepared, opts: &ApplyOptions) -> Result<ApplyReport> {
     );
     fault::point("apply:mapped");
     if interrupt::requested() {
-        undo_map(&mut session, p, &mapped);
+        undo_map(session, p, &mapped);
         return Err(EngineError::Interrupted(format!(
             "interrupted; process {pid} was left as it was"
         )));
     }
-    let (stopped_us, attempts) = match commit(&mut session, p, &mapped, opts) {
-        Ok(v) => v,
+    let (stopped_us, attempts) = match commit(session, p, &mapped, opts) {
+        Ok((us, attempts)) => (us + mapped.stopped_us, attempts),
         Err(e) => {
-            undo_map(&mut session, p, &mapped);
+            undo_map(session, p, &mapped);
             return Err(e);
         }
     };
@@ -229,19 +252,12 @@ fn apply_prepared(p: &Prepared, opts: &ApplyOptions) -> Result<ApplyReport> {
             gone.push(f);
         }
     }
-    release(
-        &mut session,
-        p.stop_plan(opts),
-        p.gadgets,
-        &gone,
-        mapped.landing,
-    );
+    release(session, p.stop_plan(opts), p.gadgets, &gone, mapped.landing);
     let release_us = if gone.is_empty() {
         0
     } else {
         t_release.elapsed().as_micros() as u64
     };
-    session.detach();
     let m = &bundle.manifest;
     info!(pid, patch = %m.id, level = m.level, stopped_us, "applied");
     Ok(ApplyReport {
@@ -378,6 +394,8 @@ fn prepare_with(
 /// What the map phase made.
 struct Mapped {
     record: PatchRecord,
+    /// Time every thread was stopped while the memory was created, microseconds.
+    stopped_us: u64,
     /// The landing stub of function calls, in the patch's engine page.
     landing: u64,
 }
@@ -458,12 +476,14 @@ fn map_with(session: &mut Session, remote: &mut Remote, p: &Prepared) -> Result<
     fault::point("apply:memfd");
     // The descriptor is the target's: it sizes and maps it itself, with its own rights. We
     // never open it; the contents go into the private mapping through /proc/PID/mem.
+    let mut all_stopped = None;
     let placed = (|| -> anyhow::Result<Option<u64>> {
         let ret = remote.syscall(session, &p.mem, &p.maps, libc::SYS_ftruncate, &[fd, total])?;
         remote.check("ftruncate of the patch memfd", ret)?;
         let maps = procfs::read_maps(pid)?;
         // Between mmap and madvise the memory would be inherited by a fork: no thread may run
         // in that window. (No flag of mmap sets VM_DONTCOPY.)
+        all_stopped = Some(Instant::now());
         session.stop_all()?;
         let candidates = crate::placement::candidates(
             &maps,
@@ -515,6 +535,7 @@ fn map_with(session: &mut Session, remote: &mut Remote, p: &Prepared) -> Result<
     })();
     // The other threads run again as soon as the memory cannot be inherited.
     session.resume(Some(remote.tid()));
+    let all_stopped_us = all_stopped.map_or(0, |t| t.elapsed().as_micros() as u64);
     let closed = remote.syscall(session, &p.mem, &p.maps, libc::SYS_close, &[fd]);
     let base = match placed.map_err(ex)? {
         Some(b) => b,
@@ -619,6 +640,7 @@ fn map_with(session: &mut Session, remote: &mut Remote, p: &Prepared) -> Result<
     match filled {
         Ok(()) => Ok(Mapped {
             landing: record.landing,
+            stopped_us: all_stopped_us,
             record,
         }),
         Err(e) => {

@@ -19,6 +19,7 @@
 
 mod bind;
 pub mod fault;
+pub mod hold;
 pub mod interrupt;
 pub mod lock;
 pub mod modules;

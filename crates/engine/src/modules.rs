@@ -444,6 +444,22 @@ pub fn loaded_modules(pid: i32, maps: &[Mapping]) -> Vec<LoadedModule> {
     modules
 }
 
+/// The module whose mappings contain `addr`, read whole.
+pub fn module_at(pid: i32, maps: &[Mapping], addr: u64) -> Result<LoadedModule> {
+    let hit = maps
+        .iter()
+        .find(|m| m.is_file() && m.contains(addr))
+        .ok_or_else(|| anyhow::anyhow!("no file is mapped at {addr:#x}"))?;
+    let first = mapped_files(maps)
+        .into_iter()
+        .find(|m| m.dev == hit.dev && m.inode == hit.inode)
+        .ok_or_else(|| anyhow::anyhow!("no file is mapped at {addr:#x}"))?;
+    let facts = facts(pid, first)?;
+    let bias = bias_of(&facts.segments, first)
+        .ok_or_else(|| anyhow::anyhow!("{}: mapping matches no segment", first.path))?;
+    Ok(loaded(first, facts, bias))
+}
+
 /// Every ELF module mapped in the process as (path, build-id, load bias), from the files'
 /// identities alone (headers and notes: what `check` and a host scan need).
 pub fn identified_modules(pid: i32, maps: &[Mapping]) -> Vec<(String, Option<Vec<u8>>, u64)> {

@@ -197,6 +197,8 @@ struct Tracee {
     stopped: bool,
     /// Stopped by job control (SIGSTOP & co.), not by us: resume with LISTEN, not CONT.
     group: bool,
+    /// Held by [`crate::hold`]: stays stopped until its holder lets it go.
+    pinned: bool,
 }
 
 /// The threads of one process, seized by us.
@@ -233,6 +235,68 @@ impl Session {
             bail!(gone(pid));
         }
         Ok(session)
+    }
+
+    /// Seizes one thread only, without stopping it (a thread that is about to `exec` or to
+    /// load a module: [`crate::hold`]).
+    pub(crate) fn seize_thread(pid: i32, tid: i32) -> Result<Session> {
+        // SAFETY: PTRACE_SEIZE takes the options as data and no pointer.
+        let r = unsafe {
+            libc::ptrace(
+                libc::PTRACE_SEIZE,
+                tid,
+                std::ptr::null_mut::<libc::c_void>(),
+                OPTIONS as *mut libc::c_void,
+            )
+        };
+        if r < 0 {
+            return Err(match Errno::last() {
+                Errno::ESRCH => gone(pid),
+                _ => seize_refused(pid, tid),
+            });
+        }
+        let mut tracees = BTreeMap::new();
+        tracees.insert(tid, Tracee::default());
+        Ok(Session {
+            pid,
+            tracees,
+            stop_timeout: Duration::from_secs(2),
+            delivered: 0,
+        })
+    }
+
+    /// Seizes the threads of the process not traced yet, until no new one shows up.
+    pub(crate) fn seize_rest(&mut self) -> Result<()> {
+        for _ in 0..64 {
+            if self.seize_new_threads()? == 0 {
+                break;
+            }
+        }
+        Ok(())
+    }
+
+    /// Marks `tid`, which its holder has put in an interrupt stop, as held: no operation of
+    /// the session lets it run; only [`Session::unpin`] or the detach does.
+    pub(crate) fn pin(&mut self, tid: i32) {
+        let t = self.tracees.entry(tid).or_default();
+        t.stopped = true;
+        t.pinned = true;
+    }
+
+    pub(crate) fn unpin(&mut self, tid: i32) {
+        if let Some(t) = self.tracees.get_mut(&tid) {
+            t.pinned = false;
+        }
+    }
+
+    /// The thread `old` carries on as `new` (a non-leader thread that exec'd takes the
+    /// process id).
+    pub(crate) fn renamed(&mut self, old: i32, new: i32) {
+        if old != new {
+            if let Some(t) = self.tracees.remove(&old) {
+                self.tracees.insert(new, t);
+            }
+        }
     }
 
     pub fn pid(&self) -> i32 {
@@ -501,7 +565,7 @@ impl Session {
     /// `keep` does clean-up that no longer needs the world stopped).
     pub fn resume(&mut self, keep: Option<i32>) {
         for (&tid, t) in self.tracees.iter_mut() {
-            if t.stopped && Some(tid) != keep {
+            if t.stopped && !t.pinned && Some(tid) != keep {
                 // A thread stopped by job control stays stopped (LISTEN); ours run.
                 let req = if t.group {
                     libc::PTRACE_LISTEN

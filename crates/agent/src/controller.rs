@@ -342,6 +342,9 @@ impl Agent {
 
     /// What the gate did to a starting process: journaled like any apply.
     fn on_held(&mut self, h: crate::gate::Held) {
+        for r in &mut self.reports {
+            r.held(h.held_us);
+        }
         let verified = self.plan.verified.clone();
         for (sha, r) in h.results {
             let Some(i) = verified.iter().position(|v| v.sha == sha) else {
@@ -1485,5 +1488,10 @@ pub fn run_agent(s: Settings) -> Result<()> {
     }
     // `tx` lives as long as the loop: the channel never reports itself disconnected.
     let _tx = tx;
-    agent.run(rx, connector_up)
+    let result = agent.run(rx, connector_up);
+    // Processes held right now are finished (patched or let go), none left half-done.
+    if let Some(gate) = agent.gate.take() {
+        gate.close(Duration::from_secs(15));
+    }
+    result
 }

@@ -23,7 +23,7 @@ use std::collections::{HashMap, HashSet};
 use std::os::fd::{AsRawFd, BorrowedFd};
 use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::mpsc::Sender;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
@@ -76,6 +76,8 @@ struct Shared {
     /// Processes held now.
     held: Mutex<HashSet<i32>>,
     active: AtomicUsize,
+    /// Shutting down: nothing new is held.
+    closing: AtomicBool,
     opts: ApplyOptions,
     deadline: Duration,
 }
@@ -125,6 +127,7 @@ impl Gate {
             marked: Mutex::new(HashMap::new()),
             held: Mutex::new(HashSet::new()),
             active: AtomicUsize::new(0),
+            closing: AtomicBool::new(false),
             opts,
             deadline,
         });
@@ -235,6 +238,24 @@ impl Gate {
     pub fn watched(&self) -> usize {
         lock(&self.shared.marked).len()
     }
+
+    /// Holds nothing new and waits (up to `wait`) for the processes held now to be patched and
+    /// let go. Dropping the gate afterwards closes the fanotify group: the kernel lets every
+    /// pending open through.
+    pub fn close(self, wait: Duration) {
+        self.shared.closing.store(true, Ordering::SeqCst);
+        let deadline = Instant::now() + wait;
+        while self.shared.active.load(Ordering::SeqCst) > 0 && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        let left = self.shared.active.load(Ordering::SeqCst);
+        if left > 0 {
+            tracing::warn!(
+                left,
+                "gate: stopping with processes still held; the kernel releases them"
+            );
+        }
+    }
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -332,6 +353,9 @@ fn answer_events(fan: &Arc<Fanotify>, shared: &Arc<Shared>, tx: &Sender<Msg>) {
 
 /// The process to hold for this event and what it should get, or `None` to let it through.
 fn should_hold(shared: &Shared, fd: BorrowedFd<'_>, tid: i32) -> Option<(i32, Vec<Desired>)> {
+    if shared.closing.load(Ordering::SeqCst) {
+        return None;
+    }
     // Our own threads read the files we watch (scans, the engine): never in the way.
     if Path::new(&format!("/proc/self/task/{tid}")).exists() {
         return None;
@@ -399,6 +423,7 @@ fn hold(
                 None
             }
             Ok(()) => {
+                let loaded_us = t0.elapsed().as_micros() as u64;
                 let mut results = Vec::new();
                 for d in &desired {
                     let id = hex::decode(&d.bundle.manifest.module.build_id).unwrap_or_default();
@@ -406,9 +431,17 @@ fn hold(
                         results.push((d.sha.clone(), h.apply(&d.bundle, &shared.opts)));
                     }
                 }
+                let applied_us = t0.elapsed().as_micros() as u64;
                 if let Err(e) = h.release() {
                     tracing::warn!(pid, "gate: releasing: {e:#}");
                 }
+                tracing::debug!(
+                    pid,
+                    loaded_us,
+                    applied_us,
+                    released_us = t0.elapsed().as_micros() as u64,
+                    "gate: held"
+                );
                 Some(results)
             }
         },

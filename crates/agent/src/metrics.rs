@@ -31,6 +31,7 @@ pub struct Metrics {
     failures: Family<KindLabel, Counter>,
     rollbacks: Counter,
     stopped: Histogram,
+    held: Histogram,
 }
 
 impl Metrics {
@@ -44,6 +45,8 @@ impl Metrics {
             rollbacks: Counter::default(),
             // 50 µs … 0.4 s.
             stopped: Histogram::new(exponential_buckets(0.00005, 2.0, 14)),
+            // 250 µs … 4 s.
+            held: Histogram::new(exponential_buckets(0.00025, 2.0, 15)),
         };
         registry.register("bundles", "Bundles by state", m.bundles.clone());
         registry.register(
@@ -65,6 +68,11 @@ impl Metrics {
             "apply_stop_seconds",
             "Time every thread of a process was stopped by one apply",
             m.stopped.clone(),
+        );
+        registry.register(
+            "new_process_hold_seconds",
+            "Time a starting process was held until patched (from its open to its release)",
+            m.held.clone(),
         );
         let registry = Arc::new(registry);
         let server = tiny_http::Server::http(addr)
@@ -133,5 +141,9 @@ impl Report for Metrics {
 
     fn stopped(&mut self, micros: u64) {
         self.stopped.observe(micros as f64 / 1e6);
+    }
+
+    fn held(&mut self, micros: u64) {
+        self.held.observe(micros as f64 / 1e6);
     }
 }

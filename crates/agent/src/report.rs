@@ -93,6 +93,8 @@ pub trait Report: Send {
     fn status(&mut self, status: &Status);
     /// How long every thread of a process was stopped by one apply.
     fn stopped(&mut self, _micros: u64) {}
+    /// How long the gate held a starting process until it was patched and let go.
+    fn held(&mut self, _micros: u64) {}
 }
 
 /// One log line per action: bundle id, pid, outcome (reads well in journald).

@@ -130,10 +130,15 @@ fn main() {
         .and_then(|s| s.parse().ok())
         .unwrap_or(30);
 
-    // SUTURE_BENCH_ONLY=scan: only the host scan (the other scenarios take minutes).
-    if std::env::var("SUTURE_BENCH_ONLY").as_deref() == Ok("scan") {
-        host_scan(d, reps);
-        return;
+    // SUTURE_BENCH_ONLY=scan: only the host scan (the other scenarios take minutes);
+    // =startup: only the start-up latency the agent's gate adds; =agent: the agent on a host
+    // of many processes; =rtt: what a client of a single-threaded server sees.
+    match std::env::var("SUTURE_BENCH_ONLY").as_deref() {
+        Ok("scan") => return host_scan(d, reps),
+        Ok("startup") => return startup(d),
+        Ok("agent") => return agent_fleet(d),
+        Ok("rtt") => return client_rtt(d, &key),
+        _ => {}
     }
 
     println!(
@@ -325,4 +330,456 @@ fn host_scan(d: &Path, reps: usize) {
     for k in &mut kids {
         let _ = k.wait();
     }
+}
+
+/// What holding a starting process costs it: wall time from spawn to exit of a program that
+/// calls the patched function first thing, watched by a running `suture agent` (held, patched
+/// before it runs) against an identical program of another build-id that nothing watches,
+/// alternated in one run. Same for a library the program links.
+fn startup(d: &Path) {
+    let tests_c = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/c");
+    let suture = env!("CARGO_BIN_EXE_suture");
+    let n: usize = std::env::var("SUTURE_BENCH_STARTS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(200);
+    let src = format!("{tests_c}/first_call.c");
+    let rpath = format!("-Wl,-rpath,{}", d.display());
+    for (name, id) in [("first", 1), ("first_ctl", 2)] {
+        gcc(
+            d,
+            &[
+                "-O2",
+                &format!("-Wl,--build-id=0x{id:040x}"),
+                &src,
+                "-o",
+                name,
+            ],
+        );
+    }
+    for (lib, id) in [("first", 3), ("firstctl", 4)] {
+        let out = format!("lib{lib}.so");
+        gcc(
+            d,
+            &[
+                "-O2",
+                "-shared",
+                "-fPIC",
+                &format!("-Wl,--build-id=0x{id:040x}"),
+                &format!("{tests_c}/libfirst.c"),
+                "-o",
+                &out,
+            ],
+        );
+        let exe = format!("linked_{lib}");
+        gcc(
+            d,
+            &[
+                "-O2",
+                "-DLIBRARY",
+                &src,
+                "-o",
+                &exe,
+                "-L.",
+                &format!("-l{lib}"),
+                &rpath,
+            ],
+        );
+    }
+    gcc(
+        d,
+        &[
+            "-O2",
+            "-c",
+            "-fPIE",
+            "-ffunction-sections",
+            &format!("{tests_c}/patch_first.c"),
+            "-o",
+            "patch_first.o",
+        ],
+    );
+    let run = |args: &[&str]| {
+        let o = Command::new(suture)
+            .args(args)
+            .current_dir(d)
+            .output()
+            .expect("suture");
+        assert!(
+            o.status.success(),
+            "suture {args:?}: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+    };
+    let (bundles, trust, state) = (
+        d.join("gate-bundles"),
+        d.join("gate-trust"),
+        d.join("gate-state"),
+    );
+    for dir in [&bundles, &trust] {
+        std::fs::create_dir_all(dir).expect("dir");
+    }
+    run(&[
+        "keygen",
+        "--name",
+        "gate",
+        "--out",
+        &trust.display().to_string(),
+    ]);
+    for (target, out) in [
+        ("first", "first.suture"),
+        ("libfirst.so", "libfirst.suture"),
+    ] {
+        run(&[
+            "bundle",
+            "--target",
+            target,
+            "--object",
+            "patch_first.o",
+            "--replace",
+            "first_check",
+            "--level",
+            "1",
+            "--key",
+            &trust.join("gate.key").display().to_string(),
+            "--out",
+            &bundles.join(out).display().to_string(),
+        ]);
+    }
+    std::fs::remove_file(trust.join("gate.key")).expect("key");
+    let log = std::fs::File::create(d.join("gate-agent.log")).expect("log");
+    let mut agent = Command::new(suture)
+        .args([
+            "agent",
+            "run",
+            "--bundle-dir",
+            &bundles.display().to_string(),
+            "--trust-dir",
+            &trust.display().to_string(),
+            "--state-dir",
+            &state.display().to_string(),
+            "--watch-path",
+            &d.display().to_string(),
+        ])
+        .stderr(log)
+        .spawn()
+        .expect("agent");
+    let start = |exe: &str| {
+        let t = Instant::now();
+        let o = Command::new(d.join(exe)).output().expect("start");
+        (
+            t.elapsed().as_micros() as u64,
+            String::from_utf8_lossy(&o.stdout).trim().to_string(),
+        )
+    };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while start("first").1 != "-1" || start("linked_first").1 != "-1" {
+        assert!(
+            Instant::now() < deadline,
+            "the agent never patched new processes"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    println!("\n## Start-up latency added by the agent's gate ({n} starts each, alternated; wall time spawn → exit)\n");
+    println!("| target | not watched, median µs | held and patched, median µs | added, median µs | not watched p99 µs | held p99 µs |\n|---|---:|---:|---:|---:|---:|");
+    for (label, watched, control) in [
+        ("executable", "first", "first_ctl"),
+        ("linked library", "linked_first", "linked_firstctl"),
+    ] {
+        let (mut free, mut held) = (Vec::new(), Vec::new());
+        for _ in 0..n {
+            let (us, out) = start(control);
+            assert_eq!(out, "3");
+            free.push(us);
+            let (us, out) = start(watched);
+            assert_eq!(out, "-1", "a start ran unpatched");
+            held.push(us);
+        }
+        let p99 = |mut v: Vec<u64>| {
+            v.sort_unstable();
+            v[v.len() * 99 / 100]
+        };
+        let (mf, mh) = (median(free.clone()), median(held.clone()));
+        println!(
+            "| {label} | {mf} | {mh} | {} | {} | {} |",
+            mh.saturating_sub(mf),
+            p99(free),
+            p99(held)
+        );
+    }
+    let _ = agent.kill();
+    let _ = agent.wait();
+}
+
+/// The agent on a host of N idle processes (default 1000) that all map the target: from a
+/// bundle dropped into its folder to the bundle live in every one of them (journal lines),
+/// then the agent's own CPU time and memory while nothing changes (default 10 s passes).
+fn agent_fleet(d: &Path) {
+    let suture = env!("CARGO_BIN_EXE_suture");
+    let n: usize = std::env::var("SUTURE_BENCH_PROCS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(1000);
+    let idle_secs: u64 = std::env::var("SUTURE_BENCH_IDLE_SECS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(30);
+    gcc(
+        d,
+        &[
+            "-O2",
+            "-Wl,--build-id=0x5eed000000000000000000000000000000000001",
+            &format!("{C}/idle.c"),
+            "-o",
+            "fleet_idle",
+        ],
+    );
+    let run = |args: &[&str]| {
+        let o = Command::new(suture)
+            .args(args)
+            .current_dir(d)
+            .output()
+            .expect("suture");
+        assert!(
+            o.status.success(),
+            "suture {args:?}: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+    };
+    let (bundles, trust, state) = (
+        d.join("fleet-bundles"),
+        d.join("fleet-trust"),
+        d.join("fleet-state"),
+    );
+    for dir in [&bundles, &trust] {
+        std::fs::create_dir_all(dir).expect("dir");
+    }
+    run(&[
+        "keygen",
+        "--name",
+        "fleet",
+        "--out",
+        &trust.display().to_string(),
+    ]);
+    let staged = d.join("fleet.suture");
+    run(&[
+        "bundle",
+        "--target",
+        "fleet_idle",
+        "--object",
+        "idle_patch.o",
+        "--replace",
+        "handle",
+        "--level",
+        "1",
+        "--key",
+        &trust.join("fleet.key").display().to_string(),
+        "--out",
+        &staged.display().to_string(),
+    ]);
+    std::fs::remove_file(trust.join("fleet.key")).expect("key");
+    let mut kids: Vec<Child> = (0..n)
+        .map(|_| {
+            Command::new(d.join("fleet_idle"))
+                .stdin(Stdio::null())
+                .spawn()
+                .expect("spawn")
+        })
+        .collect();
+    let log = std::fs::File::create(d.join("fleet-agent.log")).expect("log");
+    let mut agent = Command::new(suture)
+        .args([
+            "agent",
+            "run",
+            "--bundle-dir",
+            &bundles.display().to_string(),
+            "--trust-dir",
+            &trust.display().to_string(),
+            "--state-dir",
+            &state.display().to_string(),
+            "--watch-path",
+            &d.display().to_string(),
+        ])
+        .stderr(log)
+        .spawn()
+        .expect("agent");
+    std::thread::sleep(Duration::from_secs(2));
+    let applied = || {
+        std::fs::read_to_string(state.join("journal.jsonl"))
+            .unwrap_or_default()
+            .lines()
+            .filter(|l| l.contains("\"event\":\"applied\""))
+            .count()
+    };
+    std::fs::copy(&staged, bundles.join(".incoming")).expect("copy");
+    let t = Instant::now();
+    std::fs::rename(bundles.join(".incoming"), bundles.join("fleet.suture")).expect("rename");
+    let deadline = Instant::now() + Duration::from_secs(600);
+    while applied() < n {
+        assert!(
+            Instant::now() < deadline,
+            "only {} of {n} patched",
+            applied()
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let live_ms = t.elapsed().as_millis() as u64;
+    let cpu = |pid: u32| -> u64 {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("stat");
+        let after = &stat[stat.rfind(')').expect("comm") + 2..];
+        let f: Vec<&str> = after.split_whitespace().collect();
+        f[11].parse::<u64>().expect("utime") + f[12].parse::<u64>().expect("stime")
+    };
+    let rss_kb = |pid: u32| -> u64 {
+        std::fs::read_to_string(format!("/proc/{pid}/status"))
+            .expect("status")
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .unwrap_or(0)
+    };
+    // SAFETY: sysconf has no memory effects.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+    let c0 = cpu(agent.id());
+    std::thread::sleep(Duration::from_secs(idle_secs));
+    let idle_cpu = (cpu(agent.id()) - c0) as f64 / hz / idle_secs as f64 * 100.0;
+    println!("\n## The agent on a host of {n} processes\n");
+    println!("| processes | bundle dropped → live in all, ms | processes/s | agent CPU while idle ({idle_secs} s, 10 s passes) | agent RSS MB |\n|---:|---:|---:|---:|---:|");
+    println!(
+        "| {n} | {live_ms} | {:.0} | {idle_cpu:.2}% | {:.1} |",
+        n as f64 * 1000.0 / live_ms.max(1) as f64,
+        rss_kb(agent.id()) as f64 / 1024.0
+    );
+    let _ = agent.kill();
+    let _ = agent.wait();
+    for k in &mut kids {
+        let _ = k.kill();
+    }
+    for k in &mut kids {
+        let _ = k.wait();
+    }
+}
+
+/// What a client sees: a single-threaded request/response server (every client waits on its
+/// one thread, as with Redis) answers a client that sends requests back to back; its worst
+/// round trip while nothing happens is compared with its worst round trip over windows in
+/// which the server is patched and unpatched (apply and revert in-process), in one run.
+fn client_rtt(d: &Path, key: &Path) {
+    use std::io::Read;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Mutex;
+    let rounds: usize = std::env::var("SUTURE_BENCH_ROUNDS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(20);
+    gcc(
+        d,
+        &["-O2", &format!("{C}/rtt_server.c"), "-o", "rtt_server"],
+    );
+    gcc(
+        d,
+        &[
+            "-O2",
+            "-c",
+            "-ffunction-sections",
+            &format!("{C}/rtt_patch.c"),
+            "-o",
+            "rtt_patch.o",
+        ],
+    );
+    let b = bundle(d, "rtt_server", "rtt_patch.o", &["handle".to_string()], key);
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .expect("port")
+        .local_addr()
+        .expect("addr")
+        .port();
+    let mut server = Proc::start(&d.join("rtt_server"), &port.to_string());
+    let pid = server.child.id() as i32;
+    let mut conn = std::net::TcpStream::connect(("127.0.0.1", port)).expect("connect");
+    conn.set_nodelay(true).expect("nodelay");
+    // (microseconds since start, round trip in microseconds, answer)
+    let samples: Mutex<Vec<(u64, u64, i64)>> = Mutex::new(Vec::new());
+    let stop = AtomicBool::new(false);
+    let t0 = Instant::now();
+    let mut windows: Vec<(u64, u64, &str, u64)> = Vec::new();
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            let mut x: i64 = 0;
+            while !stop.load(Ordering::Relaxed) {
+                x += 1;
+                let t = Instant::now();
+                conn.write_all(&x.to_ne_bytes()).expect("send");
+                let mut buf = [0u8; 8];
+                conn.read_exact(&mut buf).expect("answer");
+                let rtt = t.elapsed().as_micros() as u64;
+                let y = i64::from_ne_bytes(buf);
+                samples.lock().expect("samples").push((
+                    t.duration_since(t0).as_micros() as u64,
+                    rtt,
+                    y - x * 7,
+                ));
+            }
+        });
+        std::thread::sleep(Duration::from_secs(2)); // baseline
+        let opts = ApplyOptions::default();
+        for _ in 0..rounds {
+            let a = t0.elapsed().as_micros() as u64;
+            let r = suture_engine::apply(pid, &b, &opts).expect("apply");
+            windows.push((a, t0.elapsed().as_micros() as u64, "apply", r.stopped_us));
+            std::thread::sleep(Duration::from_millis(50));
+            let a = t0.elapsed().as_micros() as u64;
+            let r = suture_engine::revert(pid, None, &opts).expect("revert");
+            windows.push((a, t0.elapsed().as_micros() as u64, "revert", r.stopped_us));
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        stop.store(true, Ordering::Relaxed);
+    });
+    let samples = samples.into_inner().expect("samples");
+    let baseline: Vec<u64> = samples
+        .iter()
+        .filter(|s| s.0 < 2_000_000)
+        .map(|s| s.1)
+        .collect();
+    let wrong = samples.iter().filter(|s| s.2 != 1 && s.2 != 2).count();
+    let worst_in = |kind: &str| {
+        windows
+            .iter()
+            .filter(|w| w.2 == kind)
+            .map(|&(a, e, _, _)| {
+                // A round trip that overlaps the operation's window.
+                samples
+                    .iter()
+                    .filter(|s| s.0 <= e && s.0 + s.1 >= a)
+                    .map(|s| s.1)
+                    .max()
+                    .unwrap_or(0)
+            })
+            .max()
+            .unwrap_or(0)
+    };
+    let reported = |kind: &str| {
+        windows
+            .iter()
+            .filter(|w| w.2 == kind)
+            .map(|w| w.3)
+            .max()
+            .unwrap_or(0)
+    };
+    let mut sorted = baseline.clone();
+    sorted.sort_unstable();
+    let (bmed, bp99, bmax) = (
+        sorted[sorted.len() / 2],
+        sorted[sorted.len() * 99 / 100],
+        sorted[sorted.len() - 1],
+    );
+    println!("\n## A client of a single-threaded server: round trips around {rounds} applies and reverts\n");
+    println!("| baseline median µs | baseline p99 µs | baseline worst µs | worst around apply µs | worst around revert µs | (worst around op) / (baseline worst) | largest reported stopped µs (apply / revert) | wrong answers |\n|---:|---:|---:|---:|---:|---:|---:|---:|");
+    let (wa, wr) = (worst_in("apply"), worst_in("revert"));
+    println!(
+        "| {bmed} | {bp99} | {bmax} | {wa} | {wr} | {:.2}× | {} / {} | {wrong} |",
+        wa.max(wr) as f64 / bmax.max(1) as f64,
+        reported("apply"),
+        reported("revert")
+    );
+    drop(conn);
+    let _ = server.child.kill();
 }

@@ -3,6 +3,7 @@
 
 mod common;
 
+use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -108,6 +109,10 @@ impl Host {
     }
 
     fn agent(&self, extra: &[&str]) -> Agent {
+        self.agent_with_env(extra, &[])
+    }
+
+    fn agent_with_env(&self, extra: &[&str], env: &[(&str, &str)]) -> Agent {
         let log = self.work.path(&format!("agent-{}.log", now_ns()));
         let mut args = vec!["agent".to_string(), "run".into()];
         args.extend(self.dirs());
@@ -125,6 +130,7 @@ impl Host {
         let child = Command::new(env!("CARGO_BIN_EXE_suture"))
             .args(&args)
             .env("SUTURE_LOG", "info")
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(&log).unwrap())
@@ -1039,4 +1045,38 @@ fn starts_never_hang_or_break_when_the_agent_dies_holding_them() {
     // After the agent: programs start as they always did.
     assert_eq!(first_answer(&first, &[]).unwrap(), "3");
     assert_eq!(first_answer(&dlopen, &[&lib]).unwrap(), "3");
+}
+
+#[test]
+fn an_agent_killed_at_any_step_of_a_hold_lets_the_process_start() {
+    let (h, exe_fix, lib_fix) = first_call_host("holdfaults");
+    let first = h.work.path("first");
+    let dlopen = h.work.path("first_dlopen");
+    let lib = h.work.path("libfirst.so").display().to_string();
+    h.offer(&exe_fix);
+    h.offer(&lib_fix);
+    for point in ["hold:seized", "hold:loaded", "hold:applied"] {
+        for (program, args) in [(&first, vec![]), (&dlopen, vec![lib.as_str()])] {
+            let mut agent = h.agent_with_env(&[], &[("SUTURE_FAULT", point)]);
+            wait_for("the gate watches both files", 30, || {
+                let log = agent.log();
+                log.contains("/first build_id=") && log.contains("/libfirst.so build_id=")
+            });
+            // The agent dies holding this process, at `point`.
+            let answer = first_answer(program, &args);
+            let died = agent.child.as_mut().unwrap().wait().unwrap();
+            assert_eq!(
+                died.signal(),
+                Some(libc::SIGKILL),
+                "{point}: the agent did not die there: {}",
+                agent.log()
+            );
+            let answer = answer.unwrap_or_else(|e| panic!("{point}: {e}"));
+            let want = if point == "hold:applied" { "-1" } else { "3" };
+            assert_eq!(answer, want, "{point}: {}", program.display());
+            // Whatever it left behind (the loader hook at worst), the next start is normal.
+            assert_eq!(first_answer(program, &args).unwrap(), "3", "{point}");
+            agent.child = None;
+        }
+    }
 }

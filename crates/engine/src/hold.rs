@@ -32,7 +32,7 @@ use crate::apply::{apply_held, ApplyOptions, ApplyReport};
 use crate::procfs::{self, Memory};
 use crate::seccomp::{self, SeccompData, AUDIT_ARCH_X86_64};
 use crate::stop::{gone, pause, poll, ptrace_req, Session, Stop};
-use crate::{lock, modules, EngineError};
+use crate::{fault, lock, modules, EngineError};
 
 /// How the held process came to open the module.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -254,6 +254,7 @@ impl Hold {
         }
         // Stops the thread as soon as its open (or exec) returns to user space.
         let _ = ptrace_req(libc::PTRACE_INTERRUPT, tid, 0);
+        fault::point("hold:seized");
         Ok(hold)
     }
 
@@ -276,7 +277,10 @@ impl Hold {
         let mut spins = 0u32;
         loop {
             let stop = match poll(self.tid)? {
-                Some(s) => s,
+                Some(s) => {
+                    spins = 0; // the next stop usually comes within microseconds again
+                    s
+                }
                 None => {
                     if Instant::now() > deadline {
                         bail!(
@@ -315,6 +319,7 @@ impl Hold {
                         // acts from (`getpid` completes; nothing else runs).
                         self.session.leave_syscall_stop(self.tid)?;
                         self.session.pin(self.tid);
+                        fault::point("hold:loaded");
                         return Ok(());
                     }
                 }
@@ -382,6 +387,7 @@ impl Hold {
 
     /// Puts the loader back as it was and lets the process go.
     pub fn release(mut self) -> Result<()> {
+        fault::point("hold:applied");
         self.release_inner()
     }
 

@@ -459,6 +459,8 @@ fn map_with(session: &mut Session, remote: &mut Remote, p: &Prepared) -> Result<
     let image_at = header_len + PAGE;
     let total = image_at + p.plan.size() + if p.unwind.is_some() { PAGE } else { 0 };
 
+    let t_map = Instant::now();
+    let step = |what: &str| debug!(pid, us = t_map.elapsed().as_micros() as u64, "map: {what}");
     let mut name: Vec<u8> = format!("{MEMFD_PREFIX}{}", record.id).into_bytes();
     name.truncate(240);
     name.push(0);
@@ -474,6 +476,7 @@ fn map_with(session: &mut Session, remote: &mut Remote, p: &Prepared) -> Result<
         .map_err(ex)?;
     let fd = remote.check("memfd_create", fd).map_err(ex)?;
     fault::point("apply:memfd");
+    step("memfd created");
     // The descriptor is the target's: it sizes and maps it itself, with its own rights. We
     // never open it; the contents go into the private mapping through /proc/PID/mem.
     let mut all_stopped = None;
@@ -481,6 +484,7 @@ fn map_with(session: &mut Session, remote: &mut Remote, p: &Prepared) -> Result<
         let ret = remote.syscall(session, &p.mem, &p.maps, libc::SYS_ftruncate, &[fd, total])?;
         remote.check("ftruncate of the patch memfd", ret)?;
         let maps = procfs::read_maps(pid)?;
+        step("sized, maps read");
         // Between mmap and madvise the memory would be inherited by a fork: no thread may run
         // in that window. (No flag of mmap sets VM_DONTCOPY.)
         all_stopped = Some(Instant::now());
@@ -535,6 +539,7 @@ fn map_with(session: &mut Session, remote: &mut Remote, p: &Prepared) -> Result<
     })();
     // The other threads run again as soon as the memory cannot be inherited.
     session.resume(Some(remote.tid()));
+    step("mapped, uninheritable");
     let all_stopped_us = all_stopped.map_or(0, |t| t.elapsed().as_micros() as u64);
     let closed = remote.syscall(session, &p.mem, &p.maps, libc::SYS_close, &[fd]);
     let base = match placed.map_err(ex)? {
@@ -564,6 +569,7 @@ fn map_with(session: &mut Session, remote: &mut Remote, p: &Prepared) -> Result<
         remote.check("mprotect of the engine page", ret)?;
         remote.set_landing(landing);
         record.landing = landing;
+        step("engine page");
         // GNU indirect functions: their resolvers choose the implementation in the process.
         let mut symbols = Symbols {
             known: p.symbols.known.clone(),
@@ -574,6 +580,7 @@ fn map_with(session: &mut Session, remote: &mut Remote, p: &Prepared) -> Result<
             symbols.known.insert(name.clone(), Resolved::Address(addr));
         }
         fault::point("apply:resolved");
+        step("ifuncs resolved");
         let image = p
             .plan
             .link(base + image_at, &|n| symbols.lookup(n))
@@ -595,6 +602,7 @@ fn map_with(session: &mut Session, remote: &mut Remote, p: &Prepared) -> Result<
                 .ok_or_else(|| anyhow!("patch object does not define `{}`", t.replacement))?;
         }
         p.mem.write(base + image_at, &image.bytes)?;
+        step("linked, written");
         let unwinder_page = p
             .unwind
             .map(|_| (total - PAGE - image_at, PAGE, Prot::ReadWrite));
@@ -618,6 +626,7 @@ fn map_with(session: &mut Session, remote: &mut Remote, p: &Prepared) -> Result<
             )?;
             remote.check("mprotect of patch memory", ret)?;
         }
+        step("protections set");
         // The record before the unwind tables are registered: memory without a record was
         // never registered anywhere, so it can always be unmapped.
         p.mem.write(base, &record.encode()?)?;
@@ -634,6 +643,7 @@ fn map_with(session: &mut Session, remote: &mut Remote, p: &Prepared) -> Result<
                 )
                 .map_err(|e| e.context("registering the patch's unwind tables"))?;
             registered = true;
+            step("unwind tables registered");
         }
         Ok(())
     })();

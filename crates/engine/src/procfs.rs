@@ -173,6 +173,11 @@ impl Memory {
         Ok(Memory { pid, file })
     }
 
+    /// The process this is the memory of.
+    pub fn pid(&self) -> i32 {
+        self.pid
+    }
+
     pub fn read(&self, addr: u64, len: usize) -> Result<Vec<u8>> {
         let mut buf = vec![0u8; len];
         self.read_into(addr, &mut buf)?;

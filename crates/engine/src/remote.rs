@@ -104,10 +104,7 @@ fn gadget_cache() -> &'static GadgetCache {
 }
 
 fn find_in(bytes: &[u8], pattern: &[u8]) -> Option<u64> {
-    bytes
-        .windows(pattern.len())
-        .position(|w| w == pattern)
-        .map(|i| i as u64)
+    memchr::memmem::find(bytes, pattern).map(|i| i as u64)
 }
 
 /// Finds the gadgets in the target's executable memory: the vDSO first (small, always there),
@@ -135,12 +132,31 @@ pub fn find_gadgets(mem: &Memory, maps: &[Mapping]) -> Result<Gadgets> {
         let (sr, sg) = match cached {
             Some(found) => found,
             None => {
-                let Ok(bytes) = mem.read(m.start, len as usize) else {
-                    continue;
+                // A module being patched has been read whole already: search its file's bytes
+                // rather than copy megabytes out of the process (checked there below).
+                let file = m
+                    .is_file()
+                    .then(|| crate::modules::facts(mem.pid(), m).ok())
+                    .flatten();
+                let from_file = file.as_ref().and_then(|f| {
+                    let at = usize::try_from(m.offset).ok()?;
+                    let end = at.checked_add(len as usize)?.min(f.data().len());
+                    f.data().get(at..end)
+                });
+                let read;
+                let bytes: &[u8] = match from_file {
+                    Some(b) => b,
+                    None => match mem.read(m.start, len as usize) {
+                        Ok(b) => {
+                            read = b;
+                            &read
+                        }
+                        Err(_) => continue,
+                    },
                 };
                 let found = (
-                    find_in(&bytes, SYSCALL_RET),
-                    SIGRETURN.iter().find_map(|p| find_in(&bytes, p)),
+                    find_in(bytes, SYSCALL_RET),
+                    SIGRETURN.iter().find_map(|p| find_in(bytes, p)),
                 );
                 if let (Some(k), Ok(mut c)) = (key, gadget_cache().lock()) {
                     c.insert(k, found);
@@ -335,6 +351,7 @@ impl Remote {
         gadgets: Gadgets,
     ) -> Result<Remote> {
         let pid = session.pid();
+        let t = std::time::Instant::now();
         let filters = seccomp::filters(pid, tid)?;
         if let Err(name) = seccomp::check_injected(&filters, gadgets.syscall_ret)? {
             return Err(anyhow::Error::new(SeccompBlocks { pid, syscall: name }));
@@ -361,6 +378,12 @@ impl Remote {
             filters,
         };
         r.lay_frame(session, mem, maps)?;
+        tracing::debug!(
+            pid,
+            tid,
+            us = t.elapsed().as_micros() as u64,
+            "injection frame laid"
+        );
         Ok(r)
     }
 

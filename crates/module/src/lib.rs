@@ -96,6 +96,8 @@ pub struct Symbol {
     pub source: SymbolSource,
     /// A non-default symbol version (`foo@VER`, not `foo@@VER`).
     pub hidden_version: bool,
+    /// In the dynamic symbol table (an export), whichever table the entry was read from.
+    pub exported: bool,
 }
 
 /// The answer to "which definition does this name mean?".
@@ -350,6 +352,8 @@ impl<'data> Module<'data> {
         } = segments_of(phdrs, endian);
         let build_id = build_id_of(h, endian, data)?;
         let mut symbols = Vec::new();
+        let mut in_symtab: std::collections::HashMap<(String, u64), usize> =
+            std::collections::HashMap::new();
         let mut has_symtab = false;
         let mut eh_frame = None;
         // Section headers are optional at run time; a module without them has no symbols.
@@ -419,15 +423,21 @@ impl<'data> Module<'data> {
                         binding,
                         source,
                         hidden_version,
+                        exported: source == SymbolSource::Dynsym,
                     };
-                    // .dynsym mostly repeats .symtab: keep the first (the symtab one has sizes of locals).
-                    let dup = source == SymbolSource::Dynsym
-                        && symbols.iter().any(|o: &Symbol| {
-                            o.name == s.name && o.address == s.address && o.kind == s.kind
-                        });
-                    if !dup {
-                        symbols.push(s);
+                    // .dynsym mostly repeats .symtab: one entry (the symtab one, which has the
+                    // sizes of locals) that says it is exported too.
+                    if source == SymbolSource::Symtab {
+                        in_symtab.insert((s.name.clone(), s.address), symbols.len());
+                    } else if let Some(&i) = in_symtab.get(&(s.name.clone(), s.address)) {
+                        let o: &mut Symbol = &mut symbols[i];
+                        if o.kind == s.kind {
+                            o.exported = true;
+                            o.hidden_version = s.hidden_version;
+                            continue;
+                        }
                     }
+                    symbols.push(s);
                 }
             }
         }
@@ -516,12 +526,7 @@ impl<'data> Module<'data> {
                 .iter()
                 .filter(move |s| s.name == name && s.binding != SymbolBinding::Local)
         };
-        let in_dynsym = |s: &&Symbol| {
-            s.source == SymbolSource::Dynsym
-                || self.symbols.iter().any(|d| {
-                    d.source == SymbolSource::Dynsym && d.name == s.name && d.address == s.address
-                })
-        };
+        let in_dynsym = |s: &&Symbol| s.exported;
         exported()
             .filter(in_dynsym)
             .find(|s| !s.hidden_version)
@@ -617,7 +622,7 @@ pub fn lookup_in<'a>(symbols: &'a [Symbol], name: &str) -> Lookup<'a> {
 pub fn dynamic_exports_in(symbols: &[Symbol]) -> std::collections::HashMap<&str, &Symbol> {
     let mut map: std::collections::HashMap<&str, &Symbol> = std::collections::HashMap::new();
     for s in symbols {
-        if s.source != SymbolSource::Dynsym || s.binding == SymbolBinding::Local {
+        if !s.exported || s.binding == SymbolBinding::Local {
             continue;
         }
         map.entry(s.name.as_str())

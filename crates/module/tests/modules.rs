@@ -199,3 +199,32 @@ fn garbage_and_truncated_modules_are_errors_not_panics() {
     elf32[4] = 1;
     assert_eq!(Module::parse(&elf32).err(), Some(ModuleError::Elf32));
 }
+
+#[test]
+fn an_unstripped_library_still_lists_its_exports() {
+    // Its .symtab repeats every export of .dynsym: the exports must not be lost in the merge.
+    let dir = tempfile::tempdir().unwrap();
+    let lib = build(
+        dir.path(),
+        "libunstripped.so",
+        &["-O2", "-shared", "-fPIC"],
+        &[("lib.c", "int shared_fn(int x) { return x + 1; } static int hidden(int x) { return x; } int (*keep)(int) = hidden;")],
+    );
+    let data = std::fs::read(&lib).unwrap();
+    let m = Module::parse(&data).unwrap();
+    let exports = m.dynamic_exports();
+    assert_eq!(
+        exports.get("shared_fn").map(|s| s.address),
+        Some(nm(&lib, "shared_fn"))
+    );
+    assert!(
+        !exports.contains_key("hidden"),
+        "a static function is no export"
+    );
+    assert!(m.lookup_dynamic("shared_fn").is_some());
+    // One entry per function: the merge does not duplicate it.
+    assert_eq!(
+        m.symbols().iter().filter(|s| s.name == "shared_fn").count(),
+        1
+    );
+}

@@ -358,13 +358,15 @@ fn print_applied(r: &ApplyReport) {
         .map(|p| format!(", superseding {}", output::clean(p)))
         .unwrap_or_default();
     println!(
-        "applied {} (level {}) to pid {}: {} function(s), {} thread(s) stopped {} µs{}",
+        "applied {} (level {}) to pid {}: {} function(s); threads stopped {} µs in all ({} µs all {} at once, longest for one thread {} µs){}",
         output::clean(&r.patch),
         r.level,
         r.pid,
         r.functions,
-        r.threads,
         r.stopped_us,
+        r.all_stopped_us,
+        r.threads,
+        r.longest_thread_stop_us,
         replaced
     );
 }
@@ -512,13 +514,14 @@ fn status(j: bool, pid: Option<i32>) -> Result<i32> {
 
 fn print_reverted(r: &RevertReport) {
     println!(
-        "reverted {} (level {}, was {}) in pid {}: {} function(s) restored, stopped {} µs",
+        "reverted {} (level {}, was {}) in pid {}: {} function(s) restored; threads stopped {} µs in all ({} µs all at once)",
         output::clean(&r.patch),
         r.level,
         r.was,
         r.pid,
         r.functions,
-        r.stopped_us
+        r.stopped_us,
+        r.all_stopped_us
     );
 }
 

@@ -124,8 +124,8 @@ fn run_in(dir: &Path) -> Result<()> {
     bundle.verify(&trusted)?;
     let report = suture_engine::apply(pid, &bundle, &ApplyOptions::default())?;
     println!(
-        "   applied {} to pid {}: {} thread(s) stopped for {} µs",
-        report.patch, report.pid, report.threads, report.stopped_us
+        "   applied {} to pid {}: {} thread(s) all stopped for {} µs (one thread for {} µs in all)",
+        report.patch, report.pid, report.threads, report.all_stopped_us, report.stopped_us
     );
 
     step("6. Same process, fixed behaviour, state preserved");

@@ -70,9 +70,14 @@ pub struct ApplyReport {
     pub replaced: Option<String>,
     pub functions: usize,
     pub threads: usize,
-    /// Time every thread of the process was stopped (creating patch memory, then all commit
-    /// attempts), microseconds.
+    /// Time in which any thread of the process was stopped (what a client of a one-thread
+    /// server waits at most), microseconds: the map phase, the commit attempts and the
+    /// release.
     pub stopped_us: u64,
+    /// Time every thread was stopped at once (creating patch memory, every commit attempt).
+    pub all_stopped_us: u64,
+    /// The longest time one thread stayed stopped without running in between.
+    pub longest_thread_stop_us: u64,
     /// Time one thread was stopped beforehand to map patch memory, microseconds.
     pub prep_us: u64,
     /// Time one thread was stopped afterwards to remove superseded memory, microseconds.
@@ -89,7 +94,10 @@ pub struct RevertReport {
     pub functions: usize,
     /// What the patch was before the revert (`applied`, `partial`, `orphaned`).
     pub was: &'static str,
+    /// Time in which any thread was stopped (commit and release), microseconds.
     pub stopped_us: u64,
+    /// Time every thread was stopped at once.
+    pub all_stopped_us: u64,
     pub release_us: u64,
     pub attempts: u32,
 }
@@ -233,8 +241,8 @@ fn apply_with(session: &mut Session, p: &Prepared, opts: &ApplyOptions) -> Resul
             "interrupted; process {pid} was left as it was"
         )));
     }
-    let (stopped_us, attempts) = match commit(session, p, &mapped, opts) {
-        Ok((us, attempts)) => (us + mapped.stopped_us, attempts),
+    let (commit_us, attempts, finish_us) = match commit(session, p, &mapped, opts) {
+        Ok(v) => v,
         Err(e) => {
             undo_map(session, p, &mapped);
             return Err(e);
@@ -259,7 +267,17 @@ fn apply_with(session: &mut Session, p: &Prepared, opts: &ApplyOptions) -> Resul
         t_release.elapsed().as_micros() as u64
     };
     let m = &bundle.manifest;
-    info!(pid, patch = %m.id, level = m.level, stopped_us, "applied");
+    let all_stopped_us = commit_us + mapped.stopped_us;
+    // (The map phase's all-threads interval lies within prep.)
+    let stopped_us = prep_us + commit_us + finish_us + release_us;
+    let longest_thread_stop_us = prep_us
+        .max(if attempts == 1 {
+            commit_us + finish_us
+        } else {
+            finish_us
+        })
+        .max(release_us);
+    info!(pid, patch = %m.id, level = m.level, stopped_us, all_stopped_us, "applied");
     Ok(ApplyReport {
         pid,
         patch: m.id.clone(),
@@ -268,6 +286,8 @@ fn apply_with(session: &mut Session, p: &Prepared, opts: &ApplyOptions) -> Resul
         functions: p.targets.len(),
         threads,
         stopped_us,
+        all_stopped_us,
+        longest_thread_stop_us,
         prep_us,
         release_us,
         attempts,
@@ -725,12 +745,13 @@ fn remove_memory(
 
 /// Phase **commit** of apply: every thread stopped, detours written. Returns the stopped time
 /// and the number of attempts. On error nothing of the process's code was changed.
+/// Returns (all-threads stopped µs, attempts, µs the injection thread stayed stopped after).
 fn commit(
     session: &mut Session,
     p: &Prepared,
     mapped: &Mapped,
     opts: &ApplyOptions,
-) -> Result<(u64, u32)> {
+) -> Result<(u64, u32, u64)> {
     let rec = &mapped.record;
     let mut writes: Vec<Write> = Vec::new();
     for (t, d) in p.targets.iter().zip(&rec.functions) {
@@ -792,10 +813,12 @@ fn commit(
         fault::point("apply:inheritable");
         write_all(mem, &writes)
     });
+    let t_finish = Instant::now();
     let finished = finish_pending(session, &p.mem, pending);
-    let stopped = result?;
+    let finish_us = t_finish.elapsed().as_micros() as u64;
+    let (stopped, attempts) = result?;
     finished?;
-    Ok(stopped)
+    Ok((stopped, attempts, finish_us))
 }
 
 /// Changes whether `fork` children inherit the patch memory, through a thread of the stopped
@@ -990,8 +1013,8 @@ fn revert_in(
         keep: None,
     };
     let mut session = Session::seize(pid).map_err(|e| exited_or(pid, e))?;
-    let (stopped_us, attempts) = if writes.is_empty() {
-        (0, 0)
+    let (all_stopped_us, attempts, finish_us) = if writes.is_empty() {
+        (0, 0, 0)
     } else {
         privatize(mem, &writes)?;
         // Threads inside the patch's code finish there; its memory goes on release, once
@@ -1025,10 +1048,12 @@ fn revert_in(
             fault::point("revert:uninheritable");
             write_all(mem, &writes)
         });
+        let t_finish = Instant::now();
         let finished = finish_pending(&mut session, mem, pending);
-        let stopped = result?;
+        let finish_us = t_finish.elapsed().as_micros() as u64;
+        let (stopped, attempts) = result?;
         finished?;
-        stopped
+        (stopped, attempts, finish_us)
     };
     fault::point("revert:committed");
     let t_release = Instant::now();
@@ -1047,7 +1072,8 @@ fn revert_in(
         .as_ref()
         .map(|r| (r.level, r.functions.len()))
         .unwrap_or((0, 0));
-    info!(pid, patch = %f.name, stopped_us, was = f.state.as_str(), "reverted");
+    let stopped_us = all_stopped_us + finish_us + release_us;
+    info!(pid, patch = %f.name, stopped_us, all_stopped_us, was = f.state.as_str(), "reverted");
     Ok(RevertReport {
         pid,
         patch: f.name.clone(),
@@ -1055,6 +1081,7 @@ fn revert_in(
         functions,
         was: f.state.as_str(),
         stopped_us,
+        all_stopped_us,
         release_us,
         attempts,
     })

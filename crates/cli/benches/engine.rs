@@ -144,8 +144,8 @@ fn main() {
     println!(
         "## Pause (median of {reps}; floor = bare seize+interrupt+detach of the same threads)\n"
     );
-    println!("| threads | functions | floor µs | apply, all threads at once µs | ratio | apply, any thread stopped µs | longest one-thread stop µs | prep µs (1 thread) | revert, all at once µs | revert, any µs |");
-    println!("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+    println!("| threads | functions | floor µs | apply, all threads at once µs | ratio | apply, any thread stopped µs | longest one-thread stop µs | prep µs (1 thread) | apply wall µs | revert, all at once µs | revert, any µs |");
+    println!("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
     let one = vec!["f0".to_string()];
     let twenty: Vec<String> = (0..20).map(|i| format!("f{i}")).collect();
     let b1 = bundle(d, "bench_target", "bench_patch.o", &one, &key);
@@ -157,9 +157,12 @@ fn main() {
         for (nf, b) in [(1, &b1), (20, &b20)] {
             let (mut floor, mut all, mut any, mut longest, mut prep, mut rev_all, mut rev_any) =
                 (vec![], vec![], vec![], vec![], vec![], vec![], vec![]);
+            let mut wall = vec![];
             for _ in 0..reps {
                 floor.push(suture_engine::bare_stop(pid).expect("floor"));
+                let t = Instant::now();
                 let r = suture_engine::apply(pid, b, &opts).expect("apply");
+                wall.push(t.elapsed().as_micros() as u64);
                 all.push(r.all_stopped_us);
                 any.push(r.stopped_us);
                 longest.push(r.longest_thread_stop_us);
@@ -170,11 +173,12 @@ fn main() {
             }
             let (f, s) = (median(floor), median(all));
             println!(
-                "| {threads} | {nf} | {f} | {s} | {:.2}× | {} | {} | {} | {} | {} |",
+                "| {threads} | {nf} | {f} | {s} | {:.2}× | {} | {} | {} | {} | {} | {} |",
                 s as f64 / f.max(1) as f64,
                 median(any),
                 median(longest),
                 median(prep),
+                median(wall),
                 median(rev_all),
                 median(rev_any)
             );

@@ -39,8 +39,15 @@ const RET_LOG: u32 = 0x7ffc_0000;
 /// Threads without a filter (`Seccomp: 0` in their status) are not asked.
 pub fn filters(pid: i32, tid: i32) -> Result<Vec<Vec<SockFilter>>> {
     let mut out = Vec::new();
-    let status =
-        std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/status")).unwrap_or_default();
+    // One read call (a growing buffer would take eight inside the stop).
+    let status = {
+        use std::io::Read;
+        let mut buf = vec![0u8; 16 << 10];
+        let n = std::fs::File::open(format!("/proc/{pid}/task/{tid}/status"))
+            .and_then(|mut f| f.read(&mut buf))
+            .unwrap_or(0);
+        String::from_utf8_lossy(&buf[..n]).into_owned()
+    };
     let mode = status
         .lines()
         .find_map(|l| l.strip_prefix("Seccomp:"))

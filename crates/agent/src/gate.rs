@@ -414,7 +414,13 @@ fn hold(
     drop(ev);
     let results = match held {
         Err(e) => {
-            tracing::info!(pid, "gate: not holding ({e:#}); patched after it starts");
+            // An exec also opens the file without the exec flag (not through the loader), and
+            // any reader of a library is no loader: not worth a line each.
+            if opening == Opening::Load {
+                tracing::debug!(pid, "gate: not holding ({e:#})");
+            } else {
+                tracing::info!(pid, "gate: not holding ({e:#}); patched after it starts");
+            }
             None
         }
         Ok(mut h) => match h.run_to_loaded(Instant::now() + shared.deadline) {

@@ -990,16 +990,15 @@ fn a_process_started_after_the_fix_runs_it_from_its_first_call() {
         &old[..old.len().min(5)],
         agent.log()
     );
-    // Each start was held and patched by the gate, not by the after-the-fact path.
-    assert!(
+    // Each start was held and patched by the gate, not by the after-the-fact path (the log
+    // line comes when the controller has journaled it, a moment after the start).
+    wait_for("300 starts reported as held and patched", 20, || {
         agent
             .log()
             .matches("new process patched before it ran")
             .count()
-            >= 300,
-        "{}",
-        agent.log()
-    );
+            >= 300
+    });
 }
 
 #[test]
@@ -1079,4 +1078,53 @@ fn an_agent_killed_at_any_step_of_a_hold_lets_the_process_start() {
             agent.child = None;
         }
     }
+}
+
+#[test]
+fn a_process_started_inside_a_container_runs_the_fix_from_its_first_call() {
+    let (h, exe_fix, _) = first_call_host("gatens");
+    // The program lives only on a tmpfs of another mount namespace (a container's own files):
+    // no watched folder of the agent's namespace has it; a running service there maps it.
+    let hidden = h.work.path("container");
+    std::fs::create_dir_all(&hidden).unwrap();
+    let mut service = Command::new("unshare")
+        .args(["--mount", "--propagation", "private", "sh", "-c"])
+        .arg(format!(
+            "mount -t tmpfs none {d} && cp {exe} {d}/first && exec {d}/first --stay",
+            d = hidden.display(),
+            exe = h.work.path("first").display()
+        ))
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(service.stdout.as_mut().unwrap()),
+        &mut line,
+    )
+    .unwrap();
+    assert_eq!(line.trim(), "3", "the service ran before any fix");
+    let pid = service.id() as i32;
+    let agent = h.agent(&[]);
+    h.offer(&exe_fix);
+    wait_for("the container's file watched", 30, || {
+        agent.log().contains(&format!("/proc/{pid}/map_files/"))
+    });
+    // New starts inside the container, by its own path.
+    for i in 0..20 {
+        let out = Command::new("nsenter")
+            .args(["-t", &pid.to_string(), "-m"])
+            .arg(hidden.join("first"))
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "start {i}: {out:?}");
+        assert_eq!(
+            String::from_utf8_lossy(&out.stdout).trim(),
+            "-1",
+            "start {i} ran the old code: {}",
+            agent.log()
+        );
+    }
+    let _ = service.kill();
+    let _ = service.wait();
 }

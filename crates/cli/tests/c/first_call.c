@@ -3,6 +3,8 @@
  * -DLIBRARY: the function comes from libfirst.so (linked, or with -DDLOPEN loaded by dlopen
  * after a second thread is already running). */
 #include <stdio.h>
+#include <string.h>
+#include <unistd.h>
 #ifdef DLOPEN
 #include <dlfcn.h>
 #include <pthread.h>
@@ -28,8 +30,10 @@ int main(int argc, char **argv) {
     int (*check)(const char *) = (int (*)(const char *))dlsym(h, "first_check");
     printf("%d\n", check("banana"));
 #else
-    (void)argc; (void)argv;
     printf("%d\n", first_check("banana"));
+    fflush(stdout);
+    /* --stay: keep running (a service that maps the file, as in a container). */
+    if (argc > 1 && strcmp(argv[1], "--stay") == 0) pause();
 #endif
     return 0;
 }

@@ -613,6 +613,9 @@ impl Agent {
 
     /// One full pass. Returns the status it wrote.
     pub fn pass(&mut self) -> Result<Status> {
+        // Files no process asked about for six passes leave the engine's caches (updated
+        // packages, processes gone): the agent's memory stays what the host needs now.
+        suture_engine::modules::evict_unused_files(6);
         self.journal.refresh()?;
         self.make_plan()?;
         let state = self.journal.state().clone();

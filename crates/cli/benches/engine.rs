@@ -349,7 +349,6 @@ fn host_scan(d: &Path, reps: usize) {
 /// alternated in one run. Same for a library the program links.
 fn startup(d: &Path) {
     let tests_c = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/c");
-    let suture = env!("CARGO_BIN_EXE_suture");
     let n: usize = std::env::var("SUTURE_BENCH_STARTS")
         .ok()
         .and_then(|s| s.parse().ok())
@@ -409,71 +408,21 @@ fn startup(d: &Path) {
             "patch_first.o",
         ],
     );
-    let run = |args: &[&str]| {
-        let o = Command::new(suture)
-            .args(args)
-            .current_dir(d)
-            .output()
-            .expect("suture");
-        assert!(
-            o.status.success(),
-            "suture {args:?}: {}",
-            String::from_utf8_lossy(&o.stderr)
-        );
-    };
-    let (bundles, trust, state) = (
-        d.join("gate-bundles"),
-        d.join("gate-trust"),
-        d.join("gate-state"),
-    );
-    for dir in [&bundles, &trust] {
-        std::fs::create_dir_all(dir).expect("dir");
-    }
-    run(&[
-        "keygen",
-        "--name",
-        "gate",
-        "--out",
-        &trust.display().to_string(),
-    ]);
+    let dirs = AgentDirs::new(d, "gate");
     for (target, out) in [
         ("first", "first.suture"),
         ("libfirst.so", "libfirst.suture"),
     ] {
-        run(&[
-            "bundle",
-            "--target",
+        dirs.bundle(
+            "gate",
             target,
-            "--object",
             "patch_first.o",
-            "--replace",
             "first_check",
-            "--level",
-            "1",
-            "--key",
-            &trust.join("gate.key").display().to_string(),
-            "--out",
-            &bundles.join(out).display().to_string(),
-        ]);
+            &dirs.bundles.join(out),
+        );
     }
-    std::fs::remove_file(trust.join("gate.key")).expect("key");
-    let log = std::fs::File::create(d.join("gate-agent.log")).expect("log");
-    let mut agent = Command::new(suture)
-        .args([
-            "agent",
-            "run",
-            "--bundle-dir",
-            &bundles.display().to_string(),
-            "--trust-dir",
-            &trust.display().to_string(),
-            "--state-dir",
-            &state.display().to_string(),
-            "--watch-path",
-            &d.display().to_string(),
-        ])
-        .stderr(log)
-        .spawn()
-        .expect("agent");
+    std::fs::remove_file(dirs.trust.join("gate.key")).expect("key");
+    let mut agent = dirs.agent("gate-agent.log");
     let start = |exe: &str| {
         let t = Instant::now();
         let o = Command::new(d.join(exe)).output().expect("start");
@@ -525,7 +474,6 @@ fn startup(d: &Path) {
 /// bundle dropped into its folder to the bundle live in every one of them (journal lines),
 /// then the agent's own CPU time and memory while nothing changes (default 10 s passes).
 fn agent_fleet(d: &Path) {
-    let suture = env!("CARGO_BIN_EXE_suture");
     let n: usize = std::env::var("SUTURE_BENCH_PROCS")
         .ok()
         .and_then(|s| s.parse().ok())
@@ -544,50 +492,11 @@ fn agent_fleet(d: &Path) {
             "fleet_idle",
         ],
     );
-    let run = |args: &[&str]| {
-        let o = Command::new(suture)
-            .args(args)
-            .current_dir(d)
-            .output()
-            .expect("suture");
-        assert!(
-            o.status.success(),
-            "suture {args:?}: {}",
-            String::from_utf8_lossy(&o.stderr)
-        );
-    };
-    let (bundles, trust, state) = (
-        d.join("fleet-bundles"),
-        d.join("fleet-trust"),
-        d.join("fleet-state"),
-    );
-    for dir in [&bundles, &trust] {
-        std::fs::create_dir_all(dir).expect("dir");
-    }
-    run(&[
-        "keygen",
-        "--name",
-        "fleet",
-        "--out",
-        &trust.display().to_string(),
-    ]);
+    let dirs = AgentDirs::new(d, "fleet");
     let staged = d.join("fleet.suture");
-    run(&[
-        "bundle",
-        "--target",
-        "fleet_idle",
-        "--object",
-        "idle_patch.o",
-        "--replace",
-        "handle",
-        "--level",
-        "1",
-        "--key",
-        &trust.join("fleet.key").display().to_string(),
-        "--out",
-        &staged.display().to_string(),
-    ]);
-    std::fs::remove_file(trust.join("fleet.key")).expect("key");
+    dirs.bundle("fleet", "fleet_idle", "idle_patch.o", "handle", &staged);
+    std::fs::remove_file(dirs.trust.join("fleet.key")).expect("key");
+    let (bundles, state) = (&dirs.bundles, &dirs.state);
     let mut kids: Vec<Child> = (0..n)
         .map(|_| {
             Command::new(d.join("fleet_idle"))
@@ -596,23 +505,7 @@ fn agent_fleet(d: &Path) {
                 .expect("spawn")
         })
         .collect();
-    let log = std::fs::File::create(d.join("fleet-agent.log")).expect("log");
-    let mut agent = Command::new(suture)
-        .args([
-            "agent",
-            "run",
-            "--bundle-dir",
-            &bundles.display().to_string(),
-            "--trust-dir",
-            &trust.display().to_string(),
-            "--state-dir",
-            &state.display().to_string(),
-            "--watch-path",
-            &d.display().to_string(),
-        ])
-        .stderr(log)
-        .spawn()
-        .expect("agent");
+    let mut agent = dirs.agent("fleet-agent.log");
     std::thread::sleep(Duration::from_secs(2));
     let applied = || {
         std::fs::read_to_string(state.join("journal.jsonl"))
@@ -793,4 +686,88 @@ fn client_rtt(d: &Path, key: &Path) {
     );
     drop(conn);
     let _ = server.child.kill();
+}
+
+/// A real `suture` agent's folders in `d` (named `{prefix}-…`), with a fresh trusted key.
+struct AgentDirs {
+    dir: PathBuf,
+    bundles: PathBuf,
+    trust: PathBuf,
+    state: PathBuf,
+}
+
+impl AgentDirs {
+    fn new(d: &Path, prefix: &str) -> AgentDirs {
+        let a = AgentDirs {
+            dir: d.to_path_buf(),
+            bundles: d.join(format!("{prefix}-bundles")),
+            trust: d.join(format!("{prefix}-trust")),
+            state: d.join(format!("{prefix}-state")),
+        };
+        for dir in [&a.bundles, &a.trust] {
+            std::fs::create_dir_all(dir).expect("dir");
+        }
+        a.suture(&[
+            "keygen",
+            "--name",
+            prefix,
+            "--out",
+            &a.trust.display().to_string(),
+        ]);
+        a
+    }
+
+    /// Runs a `suture` command in `d`, asserting success.
+    fn suture(&self, args: &[&str]) {
+        let o = Command::new(env!("CARGO_BIN_EXE_suture"))
+            .args(args)
+            .current_dir(&self.dir)
+            .output()
+            .expect("suture");
+        assert!(
+            o.status.success(),
+            "suture {args:?}: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+    }
+
+    /// Signs a bundle of `object` replacing `function` in `target`; the key then goes away
+    /// (only its public half stays trusted).
+    fn bundle(&self, key: &str, target: &str, object: &str, function: &str, out: &Path) {
+        self.suture(&[
+            "bundle",
+            "--target",
+            target,
+            "--object",
+            object,
+            "--replace",
+            function,
+            "--level",
+            "1",
+            "--key",
+            &self.trust.join(format!("{key}.key")).display().to_string(),
+            "--out",
+            &out.display().to_string(),
+        ]);
+    }
+
+    /// Starts `suture agent run` on these folders, watching `d`; its log goes to `log`.
+    fn agent(&self, log: &str) -> Child {
+        Command::new(env!("CARGO_BIN_EXE_suture"))
+            .args([
+                "agent",
+                "run",
+                "--bundle-dir",
+                &self.bundles.display().to_string(),
+                "--trust-dir",
+                &self.trust.display().to_string(),
+                "--state-dir",
+                &self.state.display().to_string(),
+                "--watch-path",
+                &self.dir.display().to_string(),
+            ])
+            .stderr(std::fs::File::create(self.dir.join(log)).expect("log"))
+            .spawn()
+            .expect("agent")
+    }
 }

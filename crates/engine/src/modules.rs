@@ -129,7 +129,11 @@ struct FileKey {
 /// works on several processes at once); a failure is remembered too (a font or a locale
 /// archive is not ELF, whoever maps it).
 type Slot<T> = Arc<OnceLock<Result<Arc<T>, String>>>;
-type Cache<T> = Mutex<HashMap<FileKey, Slot<T>>>;
+/// Each entry with the generation ([`evict_unused_files`]) in which it was last asked for.
+type Cache<T> = Mutex<HashMap<FileKey, (Slot<T>, u64)>>;
+
+/// The current cache generation: a long-running caller (the agent) starts one per pass.
+static GENERATION: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 
 fn identities() -> &'static Cache<Identity> {
     static CACHE: OnceLock<Cache<Identity>> = OnceLock::new();
@@ -144,7 +148,41 @@ fn full_facts() -> &'static Cache<ModuleFacts> {
 fn slot<T>(cache: &Cache<T>, key: FileKey) -> Slot<T> {
     // A panic while holding the lock cannot leave the map half-changed: recover it.
     let mut map = cache.lock().unwrap_or_else(PoisonError::into_inner);
-    map.entry(key).or_default().clone()
+    let entry = map.entry(key).or_default();
+    entry.1 = GENERATION.load(std::sync::atomic::Ordering::Relaxed);
+    entry.0.clone()
+}
+
+/// Starts a new cache generation and forgets the files nobody asked for in the last `keep`
+/// generations (a package update or a process that is gone leaves its files behind). What an
+/// operation in progress holds stays valid: entries are shared, only the cache lets go.
+pub fn evict_unused_files(keep: u64) {
+    let now = GENERATION.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
+    let oldest = now.saturating_sub(keep);
+    evict(identities(), oldest);
+    evict(full_facts(), oldest);
+}
+
+fn evict<T>(cache: &Cache<T>, oldest: u64) {
+    cache
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .retain(|_, (_, used)| *used >= oldest);
+}
+
+/// How many files the caches hold (identities, full reads).
+#[doc(hidden)]
+pub fn cached_files() -> (usize, usize) {
+    (
+        identities()
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .len(),
+        full_facts()
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .len(),
+    )
 }
 
 fn fill<T>(

@@ -215,6 +215,24 @@ pub struct Session {
 const OPTIONS: usize =
     (libc::PTRACE_O_TRACECLONE | libc::PTRACE_O_TRACESYSGOOD | libc::PTRACE_O_TRACEEXEC) as usize;
 
+/// `PTRACE_SEIZE` of one thread with our options (it keeps running).
+fn seize_raw(tid: i32) -> Result<(), Errno> {
+    // SAFETY: PTRACE_SEIZE takes the options as data and no pointer.
+    let r = unsafe {
+        libc::ptrace(
+            libc::PTRACE_SEIZE,
+            tid,
+            std::ptr::null_mut::<libc::c_void>(),
+            OPTIONS as *mut libc::c_void,
+        )
+    };
+    if r < 0 {
+        Err(Errno::last())
+    } else {
+        Ok(())
+    }
+}
+
 impl Session {
     /// Seizes every thread of `pid` without stopping any.
     pub fn seize(pid: i32) -> Result<Session> {
@@ -240,17 +258,8 @@ impl Session {
     /// Seizes one thread only, without stopping it (a thread that is about to `exec` or to
     /// load a module: [`crate::hold`]).
     pub(crate) fn seize_thread(pid: i32, tid: i32) -> Result<Session> {
-        // SAFETY: PTRACE_SEIZE takes the options as data and no pointer.
-        let r = unsafe {
-            libc::ptrace(
-                libc::PTRACE_SEIZE,
-                tid,
-                std::ptr::null_mut::<libc::c_void>(),
-                OPTIONS as *mut libc::c_void,
-            )
-        };
-        if r < 0 {
-            return Err(match Errno::last() {
+        if let Err(e) = seize_raw(tid) {
+            return Err(match e {
                 Errno::ESRCH => gone(pid),
                 _ => seize_refused(pid, tid),
             });
@@ -319,16 +328,7 @@ impl Session {
             if self.tracees.contains_key(&tid) {
                 continue;
             }
-            // SAFETY: PTRACE_SEIZE takes the options as data and no pointer.
-            let r = unsafe {
-                libc::ptrace(
-                    libc::PTRACE_SEIZE,
-                    tid,
-                    std::ptr::null_mut::<libc::c_void>(),
-                    OPTIONS as *mut libc::c_void,
-                )
-            };
-            match if r < 0 { Err(Errno::last()) } else { Ok(()) } {
+            match seize_raw(tid) {
                 Ok(()) => {
                     self.tracees.insert(tid, Tracee::default());
                     new += 1;

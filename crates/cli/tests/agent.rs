@@ -1014,18 +1014,30 @@ fn starts_never_hang_or_break_when_the_agent_dies_holding_them() {
         let log = agent.log();
         log.contains("/first build_id=") && log.contains("/libfirst.so build_id=")
     });
-    // Starts run back to back from two threads while the agent is killed among them.
+    // Starts run back to back from two threads while the agent is killed among them (once
+    // a first start has been patched: the kill lands while holds are going on).
+    let patched = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let starter = |program: PathBuf, args: Vec<String>| {
+        let patched = patched.clone();
         std::thread::spawn(move || {
             let args: Vec<&str> = args.iter().map(String::as_str).collect();
             (0..60)
-                .map(|_| first_answer(&program, &args))
+                .map(|_| {
+                    let r = first_answer(&program, &args);
+                    if r.as_deref() == Ok("-1") {
+                        patched.store(true, std::sync::atomic::Ordering::SeqCst);
+                    }
+                    r
+                })
                 .collect::<Vec<_>>()
         })
     };
     let a = starter(first.clone(), vec![]);
     let b = starter(dlopen.clone(), vec![lib.clone()]);
-    std::thread::sleep(Duration::from_millis(150));
+    wait_for("a first start patched", 30, || {
+        patched.load(std::sync::atomic::Ordering::SeqCst)
+    });
+    std::thread::sleep(Duration::from_millis(20));
     agent.kill9();
     let answers: Vec<_> = a
         .join()

@@ -1244,6 +1244,7 @@ impl Agent {
             taken_ms: now_ms(),
             agent_pid: (!self.dry).then(std::process::id),
             process_events: (!self.dry).then_some(self.connector_up),
+            gate: self.gate.as_ref().map(crate::gate::Gate::status),
             bundles,
         }
     }

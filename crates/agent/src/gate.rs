@@ -78,6 +78,9 @@ struct Shared {
     active: AtomicUsize,
     /// Shutting down: nothing new is held.
     closing: AtomicBool,
+    /// Processes held and patched; let through (with the last reason).
+    held_total: AtomicUsize,
+    let_through: Mutex<(u64, Option<String>)>,
     opts: ApplyOptions,
     deadline: Duration,
 }
@@ -128,6 +131,8 @@ impl Gate {
             held: Mutex::new(HashSet::new()),
             active: AtomicUsize::new(0),
             closing: AtomicBool::new(false),
+            held_total: AtomicUsize::new(0),
+            let_through: Mutex::new((0, None)),
             opts,
             deadline,
         });
@@ -234,9 +239,20 @@ impl Gate {
         }
     }
 
-    /// Files watched now.
-    pub fn watched(&self) -> usize {
-        lock(&self.shared.marked).len()
+    /// What it watches and what it did.
+    pub fn status(&self) -> crate::report::GateStatus {
+        let mut watching: Vec<String> = lock(&self.shared.marked)
+            .values()
+            .map(|m| m.path.display().to_string())
+            .collect();
+        watching.sort();
+        let (let_through, last_let_through) = lock(&self.shared.let_through).clone();
+        crate::report::GateStatus {
+            watching,
+            held: self.shared.held_total.load(Ordering::SeqCst) as u64,
+            let_through,
+            last_let_through,
+        }
     }
 
     /// Holds nothing new and waits (up to `wait`) for the processes held now to be patched and
@@ -412,20 +428,27 @@ fn hold(
         allow(fan, fd);
     }
     drop(ev);
+    let let_through = |why: String| {
+        let mut l = lock(&shared.let_through);
+        l.0 += 1;
+        l.1 = Some(format!("pid {pid}: {why}"));
+    };
     let results = match held {
-        Err(e) => {
+        Err(e) if e.is::<suture_engine::hold::NotLoading>() => {
             // An exec also opens the file without the exec flag (not through the loader), and
-            // any reader of a library is no loader: not worth a line each.
-            if opening == Opening::Load {
-                tracing::debug!(pid, "gate: not holding ({e:#})");
-            } else {
-                tracing::info!(pid, "gate: not holding ({e:#}); patched after it starts");
-            }
+            // any reader of a library is no loader: neither is a start let through.
+            tracing::debug!(pid, "gate: not holding ({e:#})");
+            None
+        }
+        Err(e) => {
+            tracing::info!(pid, "gate: not holding ({e:#}); patched after it starts");
+            let_through(format!("{e:#}"));
             None
         }
         Ok(mut h) => match h.run_to_loaded(Instant::now() + shared.deadline) {
             Err(e) => {
                 tracing::warn!(pid, "gate: released unpatched: {e:#}");
+                let_through(format!("{e:#}"));
                 None
             }
             Ok(()) => {
@@ -438,6 +461,9 @@ fn hold(
                     }
                 }
                 let applied_us = t0.elapsed().as_micros() as u64;
+                if results.iter().any(|(_, r)| r.is_ok()) {
+                    shared.held_total.fetch_add(1, Ordering::SeqCst);
+                }
                 if let Err(e) = h.release() {
                     tracing::warn!(pid, "gate: releasing: {e:#}");
                 }

@@ -82,7 +82,24 @@ pub struct Status {
     /// Whether the running agent sees process events (crash rollback, new processes).
     #[serde(default)]
     pub process_events: Option<bool>,
+    /// The gate that holds starting processes until patched (absent: off, or no agent).
+    #[serde(default)]
+    pub gate: Option<GateStatus>,
     pub bundles: Vec<BundleStatus>,
+}
+
+/// What the gate watches and what it did since the agent started.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GateStatus {
+    /// The files watched now (paths as they were found: a folder path, or a
+    /// `/proc/PID/map_files/…` path for a file in another mount namespace).
+    pub watching: Vec<String>,
+    /// Starting processes held and patched before they ran.
+    pub held: u64,
+    /// Starting processes let through unpatched (then patched after their start), and why the
+    /// last one was.
+    pub let_through: u64,
+    pub last_let_through: Option<String>,
 }
 
 /// Something that wants to hear what the agent does.

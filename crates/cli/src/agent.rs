@@ -82,6 +82,26 @@ fn print_status(st: &Status, live: bool) {
     if st.process_events == Some(false) {
         println!("WARNING: the agent sees no process events: crashes do not roll back, new processes wait for the next pass");
     }
+    match (&st.gate, live) {
+        (Some(g), _) => {
+            println!(
+                "gate: {} file(s) watched; {} starting process(es) held and patched before they ran, {} let through",
+                g.watching.len(),
+                g.held,
+                g.let_through
+            );
+            for w in &g.watching {
+                println!("  watching {}", output::clean(w));
+            }
+            if let Some(why) = &g.last_let_through {
+                println!("  last let through: {}", output::clean(why));
+            }
+        }
+        (None, true) => println!(
+            "WARNING: the gate is off (no fanotify permission events): new processes run unpatched until patched after their start"
+        ),
+        (None, false) => {}
+    }
     if st.bundles.is_empty() {
         println!("no bundles");
     }

@@ -921,6 +921,23 @@ fn first_call_host(name: &str) -> (Host, PathBuf, PathBuf) {
     (h, exe_fix, lib_fix)
 }
 
+/// The files the running agent's gate watches (from its status).
+fn gate_watching(h: &Host) -> Vec<String> {
+    h.status()["gate"]["watching"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .filter_map(|w| w.as_str().map(String::from))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+fn gate_watches_first_call(h: &Host) -> bool {
+    let w = gate_watching(h);
+    w.iter().any(|p| p.ends_with("/first")) && w.iter().any(|p| p.ends_with("/libfirst.so"))
+}
+
 /// Runs a program of first_call.c; its output (the first call's answer), or why it failed.
 fn first_answer(program: &Path, args: &[&str]) -> Result<String, String> {
     let mut child = Command::new(program)
@@ -967,8 +984,7 @@ fn a_process_started_after_the_fix_runs_it_from_its_first_call() {
     h.offer(&lib_fix);
     // Nothing runs these programs now: the files themselves are watched.
     wait_for("the gate watches both files", 30, || {
-        let log = agent.log();
-        log.contains("/first build_id=") && log.contains("/libfirst.so build_id=")
+        gate_watches_first_call(&h)
     });
     let mut old = Vec::new();
     for (program, args) in [
@@ -1011,8 +1027,7 @@ fn starts_never_hang_or_break_when_the_agent_dies_holding_them() {
     h.offer(&exe_fix);
     h.offer(&lib_fix);
     wait_for("the gate watches both files", 30, || {
-        let log = agent.log();
-        log.contains("/first build_id=") && log.contains("/libfirst.so build_id=")
+        gate_watches_first_call(&h)
     });
     // Starts run back to back from two threads while the agent is killed among them (once
     // a first start has been patched: the kill lands while holds are going on).
@@ -1068,14 +1083,19 @@ fn an_agent_killed_at_any_step_of_a_hold_lets_the_process_start() {
     h.offer(&lib_fix);
     for point in ["hold:seized", "hold:loaded", "hold:applied"] {
         for (program, args) in [(&first, vec![]), (&dlopen, vec![lib.as_str()])] {
+            // (The last agent's status must not pass for this one's.)
+            let _ = std::fs::remove_file(h.state.join("status.json"));
             let mut agent = h.agent_with_env(&[], &[("SUTURE_FAULT", point)]);
             wait_for("the gate watches both files", 30, || {
-                let log = agent.log();
-                log.contains("/first build_id=") && log.contains("/libfirst.so build_id=")
+                gate_watches_first_call(&h)
             });
             // The agent dies holding this process, at `point`.
             let answer = first_answer(program, &args);
-            let died = agent.child.as_mut().unwrap().wait().unwrap();
+            let child = agent.child.as_mut().unwrap();
+            wait_for("the agent to die at the fault point", 20, || {
+                child.try_wait().unwrap().is_some()
+            });
+            let died = child.wait().unwrap();
             assert_eq!(
                 died.signal(),
                 Some(libc::SIGKILL),
@@ -1120,7 +1140,9 @@ fn a_process_started_inside_a_container_runs_the_fix_from_its_first_call() {
     let agent = h.agent(&[]);
     h.offer(&exe_fix);
     wait_for("the container's file watched", 30, || {
-        agent.log().contains(&format!("/proc/{pid}/map_files/"))
+        gate_watching(&h)
+            .iter()
+            .any(|w| w.starts_with(&format!("/proc/{pid}/map_files/")))
     });
     // New starts inside the container, by its own path.
     for i in 0..20 {

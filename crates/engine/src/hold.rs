@@ -198,6 +198,14 @@ fn in_loader(pid: i32, tid: i32) -> Result<bool> {
         .any(|m| m.dev == ld.dev && m.inode == ld.inode && m.contains(pc)))
 }
 
+/// The opening is no start: a process reads the file, its loader does not load it (or an
+/// `exec` opens it a second time, without the exec flag).
+#[derive(Debug, thiserror::Error)]
+#[error("process {pid} opens the module, but not through the dynamic loader")]
+pub struct NotLoading {
+    pub pid: i32,
+}
+
 /// A process held at the door. Dropping it releases the process.
 pub struct Hold {
     session: Session,
@@ -231,7 +239,7 @@ impl Hold {
             bail!("process {pid}: its seccomp filters do not allow getpid");
         }
         if opening == Opening::Load && !in_loader(pid, tid)? {
-            bail!("process {pid} opens the module, but not through the dynamic loader");
+            return Err(anyhow::Error::new(NotLoading { pid }));
         }
         let lock = lock::lock_process(pid, Duration::from_millis(100))?
             .map_err(|busy| anyhow!("{busy}"))?;

@@ -579,12 +579,25 @@ fn map_with(session: &mut Session, remote: &mut Remote, p: &Prepared) -> Result<
         closed?;
         let landing = base + header_len;
         p.mem.write(landing, &remote::LANDING)?;
+        // The patch's text right after the engine page turns R-X with it, in one call (its
+        // bytes come later through /proc/PID/mem; nothing leads there before the commit).
+        let text_first = p
+            .plan
+            .segments()
+            .first()
+            .filter(|s| s.offset == 0 && matches!(s.prot, Prot::ReadExecute))
+            .map(|s| s.len)
+            .unwrap_or(0);
         let ret = remote.syscall(
             session,
             &p.mem,
             &p.maps,
             libc::SYS_mprotect,
-            &[landing, PAGE, (libc::PROT_READ | libc::PROT_EXEC) as u64],
+            &[
+                landing,
+                PAGE + text_first,
+                (libc::PROT_READ | libc::PROT_EXEC) as u64,
+            ],
         )?;
         remote.check("mprotect of the engine page", ret)?;
         remote.set_landing(landing);
@@ -629,6 +642,7 @@ fn map_with(session: &mut Session, remote: &mut Remote, p: &Prepared) -> Result<
         let ranges = image
             .segments
             .iter()
+            .filter(|s| !(text_first > 0 && s.offset == 0))
             .map(|s| (s.offset, s.len, s.prot))
             .chain(unwinder_page);
         for (offset, len, prot) in ranges {

@@ -528,6 +528,12 @@ impl Plan {
     }
 
     /// Whether the object carries unwind tables (`.eh_frame`).
+    /// The image's segments (offsets from the image's start), as [`Plan::link`] lays them out
+    /// wherever the image goes.
+    pub fn segments(&self) -> &[Segment] {
+        &self.segments
+    }
+
     pub fn has_eh_frame(&self) -> bool {
         self.eh_frame.is_some()
     }

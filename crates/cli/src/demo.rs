@@ -124,7 +124,7 @@ fn run_in(dir: &Path) -> Result<()> {
     bundle.verify(&trusted)?;
     let report = suture_engine::apply(pid, &bundle, &ApplyOptions::default())?;
     println!(
-        "   applied {} to pid {}: {} thread(s) all stopped for {} µs (one thread for {} µs in all)",
+        "   applied {} to pid {}: all {} thread(s) stopped together for {} µs (a thread stopped {} µs in all)",
         report.patch, report.pid, report.threads, report.all_stopped_us, report.stopped_us
     );
 

@@ -639,12 +639,21 @@ fn map_with(session: &mut Session, remote: &mut Remote, p: &Prepared) -> Result<
         let unwinder_page = p
             .unwind
             .map(|_| (total - PAGE - image_at, PAGE, Prot::ReadWrite));
-        let ranges = image
+        // Neighbours with the same protection change in one call (the data segment and the
+        // unwinder's page usually are).
+        let mut ranges: Vec<(u64, u64, Prot)> = Vec::new();
+        for (offset, len, prot) in image
             .segments
             .iter()
             .filter(|s| !(text_first > 0 && s.offset == 0))
             .map(|s| (s.offset, s.len, s.prot))
-            .chain(unwinder_page);
+            .chain(unwinder_page)
+        {
+            match ranges.last_mut() {
+                Some(last) if last.2 == prot && last.0 + last.1 == offset => last.1 += len,
+                _ => ranges.push((offset, len, prot)),
+            }
+        }
         for (offset, len, prot) in ranges {
             let prot = match prot {
                 Prot::ReadExecute => libc::PROT_READ | libc::PROT_EXEC,

@@ -568,16 +568,19 @@ fn agent_fleet(d: &Path) {
 /// round trip while nothing happens is compared with its worst round trip over windows in
 /// which the server is patched and unpatched (apply and revert in-process), in one run.
 fn client_rtt(d: &Path, key: &Path) {
-    use std::io::Read;
-    use std::sync::atomic::{AtomicBool, Ordering};
-    use std::sync::Mutex;
     let rounds: usize = std::env::var("SUTURE_BENCH_ROUNDS")
         .ok()
         .and_then(|s| s.parse().ok())
         .unwrap_or(20);
     gcc(
         d,
-        &["-O2", &format!("{C}/rtt_server.c"), "-o", "rtt_server"],
+        &[
+            "-O2",
+            "-pthread",
+            &format!("{C}/rtt_server.c"),
+            "-o",
+            "rtt_server",
+        ],
     );
     gcc(
         d,
@@ -591,20 +594,41 @@ fn client_rtt(d: &Path, key: &Path) {
         ],
     );
     let b = bundle(d, "rtt_server", "rtt_patch.o", &["handle".to_string()], key);
+    println!("\n## A client of a server with one serving thread: round trips around {rounds} applies and reverts\n");
+    println!("| background threads | baseline median µs | baseline p99 µs | baseline worst µs | worst around apply µs | worst around revert µs | (worst around op) / (baseline worst) | largest reported stop µs: all at once / any (apply) | wrong answers |\n|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+    for idle in [0, 3] {
+        client_rtt_row(d, &b, rounds, idle);
+    }
+}
+
+/// One row of [`client_rtt`]: the server with `idle` background threads.
+fn client_rtt_row(d: &Path, b: &Bundle, rounds: usize, idle: usize) {
+    use std::io::Read;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Mutex;
     let port = std::net::TcpListener::bind("127.0.0.1:0")
         .expect("port")
         .local_addr()
         .expect("addr")
         .port();
-    let mut server = Proc::start(&d.join("rtt_server"), &port.to_string());
-    let pid = server.child.id() as i32;
+    let mut server = Command::new(d.join("rtt_server"))
+        .args([port.to_string(), idle.to_string()])
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("server");
+    let mut ready = String::new();
+    BufReader::new(server.stdout.take().expect("stdout"))
+        .read_line(&mut ready)
+        .expect("ready");
+    let pid = server.id() as i32;
     let mut conn = std::net::TcpStream::connect(("127.0.0.1", port)).expect("connect");
     conn.set_nodelay(true).expect("nodelay");
     // (microseconds since start, round trip in microseconds, answer)
     let samples: Mutex<Vec<(u64, u64, i64)>> = Mutex::new(Vec::new());
     let stop = AtomicBool::new(false);
     let t0 = Instant::now();
-    let mut windows: Vec<(u64, u64, &str, u64)> = Vec::new();
+    // (start µs, end µs, kind, all-at-once µs, any µs)
+    let mut windows: Vec<(u64, u64, &str, u64, u64)> = Vec::new();
     std::thread::scope(|s| {
         s.spawn(|| {
             let mut x: i64 = 0;
@@ -627,12 +651,24 @@ fn client_rtt(d: &Path, key: &Path) {
         let opts = ApplyOptions::default();
         for _ in 0..rounds {
             let a = t0.elapsed().as_micros() as u64;
-            let r = suture_engine::apply(pid, &b, &opts).expect("apply");
-            windows.push((a, t0.elapsed().as_micros() as u64, "apply", r.stopped_us));
+            let r = suture_engine::apply(pid, b, &opts).expect("apply");
+            windows.push((
+                a,
+                t0.elapsed().as_micros() as u64,
+                "apply",
+                r.all_stopped_us,
+                r.stopped_us,
+            ));
             std::thread::sleep(Duration::from_millis(50));
             let a = t0.elapsed().as_micros() as u64;
             let r = suture_engine::revert(pid, None, &opts).expect("revert");
-            windows.push((a, t0.elapsed().as_micros() as u64, "revert", r.stopped_us));
+            windows.push((
+                a,
+                t0.elapsed().as_micros() as u64,
+                "revert",
+                r.all_stopped_us,
+                r.stopped_us,
+            ));
             std::thread::sleep(Duration::from_millis(50));
         }
         stop.store(true, Ordering::Relaxed);
@@ -648,7 +684,7 @@ fn client_rtt(d: &Path, key: &Path) {
         windows
             .iter()
             .filter(|w| w.2 == kind)
-            .map(|&(a, e, _, _)| {
+            .map(|&(a, e, _, _, _)| {
                 // A round trip that overlaps the operation's window.
                 samples
                     .iter()
@@ -660,14 +696,18 @@ fn client_rtt(d: &Path, key: &Path) {
             .max()
             .unwrap_or(0)
     };
-    let reported = |kind: &str| {
-        windows
-            .iter()
-            .filter(|w| w.2 == kind)
-            .map(|w| w.3)
-            .max()
-            .unwrap_or(0)
-    };
+    let apply_all = windows
+        .iter()
+        .filter(|w| w.2 == "apply")
+        .map(|w| w.3)
+        .max()
+        .unwrap_or(0);
+    let apply_any = windows
+        .iter()
+        .filter(|w| w.2 == "apply")
+        .map(|w| w.4)
+        .max()
+        .unwrap_or(0);
     let mut sorted = baseline.clone();
     sorted.sort_unstable();
     let (bmed, bp99, bmax) = (
@@ -675,17 +715,11 @@ fn client_rtt(d: &Path, key: &Path) {
         sorted[sorted.len() * 99 / 100],
         sorted[sorted.len() - 1],
     );
-    println!("\n## A client of a single-threaded server: round trips around {rounds} applies and reverts\n");
-    println!("| baseline median µs | baseline p99 µs | baseline worst µs | worst around apply µs | worst around revert µs | (worst around op) / (baseline worst) | largest reported stopped µs (apply / revert) | wrong answers |\n|---:|---:|---:|---:|---:|---:|---:|---:|");
     let (wa, wr) = (worst_in("apply"), worst_in("revert"));
-    println!(
-        "| {bmed} | {bp99} | {bmax} | {wa} | {wr} | {:.2}× | {} / {} | {wrong} |",
-        wa.max(wr) as f64 / bmax.max(1) as f64,
-        reported("apply"),
-        reported("revert")
-    );
+    println!("| {idle} | {bmed} | {bp99} | {bmax} | {wa} | {wr} | {:.2}× | {apply_all} / {apply_any} | {wrong} |", wa.max(wr) as f64 / bmax.max(1) as f64);
     drop(conn);
-    let _ = server.child.kill();
+    let _ = server.kill();
+    let _ = server.wait();
 }
 
 /// A real `suture` agent's folders in `d` (named `{prefix}-…`), with a fresh trusted key.

@@ -139,6 +139,21 @@ fn thread_exiting(pid: i32, tid: i32) -> bool {
 }
 
 /// The scheduler state letter of a thread (`R`, `S`, `D`, `Z`, `T`, `t`, …).
+/// At most this many threads are weighed to choose the injection thread.
+const MAX_CANDIDATES: usize = 64;
+
+/// A thread's state letter and the CPU time it has used (clock ticks, user + system).
+fn thread_activity(pid: i32, tid: i32) -> Option<(char, u64)> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/stat")).ok()?;
+    let rest = stat.rsplit_once(')')?.1;
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    // After the name: state(0) ppid pgrp session tty tpgid flags minflt cminflt majflt
+    // cmajflt utime(11) stime(12).
+    let state = f.first()?.chars().next()?;
+    let cpu = f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?;
+    Some((state, cpu))
+}
+
 pub(crate) fn thread_state(pid: i32, tid: i32) -> Option<char> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/stat")).ok()?;
     // The state follows the command name in parentheses, which may itself hold spaces.
@@ -210,6 +225,8 @@ pub struct Session {
     /// Signals delivered while the session ran (the memory below a thread's stack may then
     /// hold a live signal frame).
     pub(crate) delivered: u64,
+    /// The thread chosen to act through ([`Session::injection_thread`]).
+    injector: std::cell::Cell<Option<i32>>,
 }
 
 const OPTIONS: usize =
@@ -241,6 +258,7 @@ impl Session {
             tracees: BTreeMap::new(),
             stop_timeout: Duration::from_secs(2),
             delivered: 0,
+            injector: std::cell::Cell::new(None),
         };
         // Converge before anything stops: once every listed thread is seized, any thread created
         // later is born traced (TRACECLONE), so the stop itself need not list /proc again.
@@ -271,6 +289,7 @@ impl Session {
             tracees,
             stop_timeout: Duration::from_secs(2),
             delivered: 0,
+            injector: std::cell::Cell::new(None),
         })
     }
 
@@ -363,11 +382,28 @@ impl Session {
             .collect()
     }
 
-    /// The thread to act through: the main thread if it lives, else any.
+    /// The thread to act through, the same for the whole session while it lives: the one
+    /// that has used the least CPU among those asleep (a background thread rather than the
+    /// one serving clients, who then wait only for the all-threads stops), else the main
+    /// thread, else any.
     pub fn injection_thread(&self) -> Option<i32> {
-        self.threads()
-            .find(|&t| t == self.pid && !self.tracees[&t].group)
-            .or_else(|| self.tracees.iter().find(|(_, t)| !t.group).map(|(k, _)| *k))
+        let usable = |tid: i32| self.tracees.get(&tid).is_some_and(|t| !t.group);
+        if let Some(tid) = self.injector.get().filter(|&t| usable(t)) {
+            return Some(tid);
+        }
+        let quietest = self
+            .threads()
+            .filter(|&t| usable(t))
+            .take(MAX_CANDIDATES)
+            .filter_map(|t| thread_activity(self.pid, t).map(|(state, cpu)| (t, state, cpu)))
+            .filter(|&(_, state, _)| state == 'S')
+            .min_by_key(|&(t, _, cpu)| (cpu, t != self.pid))
+            .map(|(t, _, _)| t);
+        let chosen = quietest
+            .or_else(|| self.threads().find(|&t| t == self.pid && usable(t)))
+            .or_else(|| self.threads().find(|&t| usable(t)));
+        self.injector.set(chosen);
+        chosen
     }
 
     /// Stops one thread.

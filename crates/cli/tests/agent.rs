@@ -1162,3 +1162,40 @@ fn a_process_started_inside_a_container_runs_the_fix_from_its_first_call() {
     let _ = service.kill();
     let _ = service.wait();
 }
+
+#[test]
+fn a_start_under_a_seccomp_filter_that_forbids_the_hook_is_let_through_unharmed() {
+    let (h, exe_fix, _) = first_call_host("gateseccomp");
+    h.work
+        .gcc(&["-O2", &Work::src("no_getpid.c"), "-o", "no_getpid"]);
+    let agent = h.agent(&[]);
+    h.offer(&exe_fix);
+    wait_for("the gate watches the program", 30, || {
+        gate_watching(&h).iter().any(|w| w.ends_with("/first"))
+    });
+    // Its parent's filter kills the process on getpid: the hook would kill it.
+    let out = Command::new(h.work.path("no_getpid"))
+        .arg(h.work.path("first"))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "the start was harmed: {out:?}\n{}",
+        agent.log()
+    );
+    let answer = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    assert!(answer == "3" || answer == "-1", "{answer}");
+    wait_for(
+        "the start counted as let through, with the reason",
+        10,
+        || {
+            let g = &h.status()["gate"];
+            g["let_through"].as_u64() >= Some(1)
+                && g["last_let_through"]
+                    .as_str()
+                    .is_some_and(|w| w.contains("seccomp"))
+        },
+    );
+    // Without the filter the same program is held and patched as usual.
+    assert_eq!(first_answer(&h.work.path("first"), &[]).unwrap(), "-1");
+}

@@ -224,27 +224,16 @@ pub struct Hold {
 
 impl Hold {
     /// Seizes thread `tid` of `pid`, which is blocked in a permission-checked open of the
-    /// module (the caller answers the open afterwards). Refuses a thread that would not reach
-    /// the loader's hook: a `Load` opening not made by the loader, a process whose seccomp
-    /// filters would not let the hook's `getpid` through.
+    /// module (the caller answers the open afterwards). Refuses a `Load` opening not made by
+    /// the loader.
     pub fn seize(pid: i32, tid: i32, opening: Opening) -> Result<Hold> {
-        let filters = seccomp::filters(pid, tid).unwrap_or_default();
-        let getpid = SeccompData {
-            nr: libc::SYS_getpid as i32,
-            arch: AUDIT_ARCH_X86_64,
-            instruction_pointer: 0,
-            args: [0; 6],
-        };
-        if !seccomp::allows(&filters, &getpid)? {
-            bail!("process {pid}: its seccomp filters do not allow getpid");
-        }
         if opening == Opening::Load && !in_loader(pid, tid)? {
             return Err(anyhow::Error::new(NotLoading { pid }));
         }
         let lock = lock::lock_process(pid, Duration::from_millis(100))?
             .map_err(|busy| anyhow!("{busy}"))?;
         let session = Session::seize_thread(pid, tid)?;
-        let mut hold = Hold {
+        let hold = Hold {
             session,
             _lock: lock,
             pid,
@@ -255,12 +244,8 @@ impl Hold {
             in_stop: false,
             syscalls: 0,
         };
-        if opening == Opening::Load {
-            let mem = Memory::open(pid)?;
-            hold.hook = Some(Hook::install(pid, &mem)?);
-            hold.mem = Some(mem);
-        }
-        // Stops the thread as soon as its open (or exec) returns to user space.
+        // Stops the thread as soon as its open (or exec) returns to user space; the hook goes
+        // in there (`arm`), before the loader can get to it.
         let _ = ptrace_req(libc::PTRACE_INTERRUPT, tid, 0);
         fault::point("hold:seized");
         Ok(hold)
@@ -307,9 +292,7 @@ impl Hold {
                     // A thread other than the leader that exec's takes the process id.
                     self.session.renamed(self.tid, self.pid);
                     self.tid = self.pid;
-                    let mem = Memory::open(self.pid)?;
-                    self.hook = Some(Hook::install(self.pid, &mem)?);
-                    self.mem = Some(mem);
+                    self.arm()?;
                 }
                 Stop::Gone if self.opening == Opening::Exec && self.tid != self.pid => {
                     self.session.renamed(self.tid, self.pid);
@@ -342,8 +325,14 @@ impl Hold {
                 }
                 Stop::Interrupt { group: false } => {
                     if self.hook.is_none() {
-                        // Our interrupt came before any exec: the exec failed.
-                        bail!("process {}: its exec did not happen", self.pid);
+                        match self.opening {
+                            // Our interrupt came before any exec: the exec failed.
+                            Opening::Exec => {
+                                bail!("process {}: its exec did not happen", self.pid)
+                            }
+                            // The loader's open returned: the hook goes in now.
+                            Opening::Load => self.arm()?,
+                        }
                     }
                 }
                 Stop::Clone(_) => {
@@ -356,6 +345,29 @@ impl Hold {
             self.in_stop = false;
             ptrace_req(libc::PTRACE_SYSCALL, self.tid, 0).map_err(|_| gone(self.pid))?;
         }
+    }
+
+    /// With the thread in a ptrace stop: checks that its seccomp filters let the hook's
+    /// `getpid` through (strict mode or an unreadable filter refuses), then puts the hook in.
+    fn arm(&mut self) -> Result<()> {
+        let filters = seccomp::filters(self.pid, self.tid)?;
+        let getpid = SeccompData {
+            nr: libc::SYS_getpid as i32,
+            arch: AUDIT_ARCH_X86_64,
+            instruction_pointer: 0,
+            args: [0; 6],
+        };
+        if !seccomp::allows(&filters, &getpid)? {
+            bail!(
+                "process {}: its seccomp filters do not allow getpid",
+                self.pid
+            );
+        }
+        // (After an exec the old memory handle would show the old program.)
+        let mem = Memory::open(self.pid)?;
+        self.hook = Some(Hook::install(self.pid, &mem)?);
+        self.mem = Some(mem);
+        Ok(())
     }
 
     /// Is the thread at the entry of the hook's `getpid`, with the link map consistent?

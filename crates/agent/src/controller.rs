@@ -735,11 +735,17 @@ impl Agent {
         });
         self.note_stale(&stale)?;
         let ops = self.ops_for(&mapping, &carried, &stale);
+        // Only the processes operated on can carry something else now.
+        let touched: HashSet<i32> = ops.iter().map(|(pid, _)| *pid).collect();
         if !self.dry {
             self.execute(ops);
         }
-        let pids: Vec<i32> = carried.keys().copied().collect();
-        let status = self.status_now(&pids);
+        for pid in touched {
+            if let Some(c) = carried.get_mut(&pid) {
+                *c = carried_by(pid).map(|c| c.0).unwrap_or_default();
+            }
+        }
+        let status = self.status_now(&carried);
         for r in &mut self.reports {
             r.status(&status);
         }
@@ -1134,13 +1140,13 @@ impl Agent {
     }
 
     /// The per-bundle status after a pass.
-    fn status_now(&mut self, pids: &[i32]) -> Status {
+    /// `carried`: what each scanned process carries after this pass's operations.
+    fn status_now(&mut self, carried: &BTreeMap<i32, Vec<PatchRecord>>) -> Status {
         let state = self.journal.state();
-        // What the scanned processes carry after this pass's operations.
         let mut carriers: HashMap<String, usize> = HashMap::new();
-        for &pid in pids {
-            for r in carried_by(pid).map(|c| c.0).unwrap_or_default() {
-                *carriers.entry(r.bundle_sha256).or_default() += 1;
+        for records in carried.values() {
+            for r in records {
+                *carriers.entry(r.bundle_sha256.clone()).or_default() += 1;
             }
         }
         self.carriers = carriers;

@@ -634,7 +634,11 @@ impl Agent {
         for (bid, pids) in found {
             for &pid in &pids {
                 if let std::collections::btree_map::Entry::Vacant(e) = carried.entry(pid) {
-                    match carried_by(pid) {
+                    let read = match self.scanner.maps_of(pid) {
+                        Some(maps) => carried_in(pid, maps),
+                        None => carried_by(pid),
+                    };
+                    match read {
                         Ok((live, left)) => {
                             e.insert(live);
                             if !left.is_empty() {
@@ -1261,8 +1265,22 @@ impl Agent {
 /// refuses to build on until they are reverted). Orphaned patch memory blocks nothing: the
 /// engine reclaims it on the next apply.
 fn carried_by(pid: i32) -> Result<(Vec<PatchRecord>, Vec<PatchRecord>)> {
+    split_carried(suture_engine::inspect(pid)?)
+}
+
+/// [`carried_by`] with the process's maps already read.
+fn carried_in(
+    pid: i32,
+    maps: &[suture_engine::procfs::Mapping],
+) -> Result<(Vec<PatchRecord>, Vec<PatchRecord>)> {
+    split_carried(suture_engine::inspect_maps(pid, maps)?)
+}
+
+fn split_carried(
+    found: Vec<suture_engine::FoundPatch>,
+) -> Result<(Vec<PatchRecord>, Vec<PatchRecord>)> {
     let (mut live, mut stale) = (Vec::new(), Vec::new());
-    for f in suture_engine::inspect(pid)? {
+    for f in found {
         match (f.state, f.record) {
             (PatchState::Applied, Some(r)) => live.push(r),
             (PatchState::Partial, Some(r)) => stale.push(r),

@@ -7,41 +7,35 @@ use std::collections::{HashMap, HashSet};
 use suture_engine::modules;
 use suture_engine::procfs;
 
-/// A host scan. The engine keeps the per-file cache; this keeps nothing between scans.
+/// A host scan. The engine keeps the per-file cache; this keeps the maps of the processes
+/// the last scan found, until the next one (what they carry is read from the same maps).
 #[derive(Default)]
-pub struct Scanner;
+pub struct Scanner {
+    maps: HashMap<i32, Vec<procfs::Mapping>>,
+}
 
 impl Scanner {
     pub fn new() -> Scanner {
-        Scanner
+        Scanner::default()
+    }
+
+    /// The maps the last [`Scanner::processes_mapping`] read for `pid`, if it found it.
+    pub fn maps_of(&self, pid: i32) -> Option<&[procfs::Mapping]> {
+        self.maps.get(&pid).map(Vec::as_slice)
     }
 
     /// The build-ids of the ELF files process `pid` maps (empty for a kernel thread or a
     /// process that is gone).
     pub fn build_ids(&mut self, pid: i32) -> Vec<Vec<u8>> {
-        let Ok(maps) = procfs::read_maps(pid) else {
-            return Vec::new();
-        };
-        let mut seen: HashSet<(&str, u64)> = HashSet::new();
-        let mut out = Vec::new();
-        // The ELF header sits at file offset 0: the module's first mapping.
-        for m in maps.iter().filter(|m| m.is_file() && m.offset == 0) {
-            if !seen.insert((m.dev.as_str(), m.inode)) {
-                continue;
-            }
-            if let Some(id) = modules::identity(pid, m)
-                .ok()
-                .and_then(|i| i.build_id.clone())
-            {
-                out.push(id);
-            }
-        }
-        out
+        procfs::read_maps(pid)
+            .map(|maps| build_ids_in(pid, &maps))
+            .unwrap_or_default()
     }
 
     /// For each wanted build-id, the processes (not this one) mapping a module with it.
     pub fn processes_mapping(&mut self, wanted: &HashSet<Vec<u8>>) -> HashMap<Vec<u8>, Vec<i32>> {
         let mut out: HashMap<Vec<u8>, Vec<i32>> = HashMap::new();
+        self.maps.clear();
         if wanted.is_empty() {
             return out;
         }
@@ -50,17 +44,44 @@ impl Scanner {
             return out;
         };
         for pid in pids.into_iter().filter(|&p| p != me) {
-            for id in self.build_ids(pid) {
+            let Ok(maps) = procfs::read_maps(pid) else {
+                continue;
+            };
+            let mut found = false;
+            for id in build_ids_in(pid, &maps) {
                 if wanted.contains(&id) {
+                    found = true;
                     let v = out.entry(id).or_default();
                     if !v.contains(&pid) {
                         v.push(pid);
                     }
                 }
             }
+            if found {
+                self.maps.insert(pid, maps);
+            }
         }
         out
     }
+}
+
+/// The build-ids of the ELF files in `maps` (process `pid`'s).
+fn build_ids_in(pid: i32, maps: &[procfs::Mapping]) -> Vec<Vec<u8>> {
+    let mut seen: HashSet<(&str, u64)> = HashSet::new();
+    let mut out = Vec::new();
+    // The ELF header sits at file offset 0: the module's first mapping.
+    for m in maps.iter().filter(|m| m.is_file() && m.offset == 0) {
+        if !seen.insert((m.dev.as_str(), m.inode)) {
+            continue;
+        }
+        if let Some(id) = modules::identity(pid, m)
+            .ok()
+            .and_then(|i| i.build_id.clone())
+        {
+            out.push(id);
+        }
+    }
+    out
 }
 
 /// A path to the file with this build-id that `pid` maps (`/proc/PID/map_files/…`: it

@@ -23,12 +23,16 @@ pub fn status(pid: i32) -> Result<Vec<PatchRecord>> {
 /// Every patch mapping of process `pid`, each with what checking it showed: applied, partial,
 /// orphaned or invalid.
 pub fn inspect(pid: i32) -> Result<Vec<FoundPatch>> {
-    let maps = procfs::read_maps(pid)?;
+    inspect_maps(pid, &procfs::read_maps(pid)?)
+}
+
+/// [`inspect`] with the process's maps already read (a host scan has them).
+pub fn inspect_maps(pid: i32, maps: &[procfs::Mapping]) -> Result<Vec<FoundPatch>> {
     if !maps.iter().any(record::is_patch_mapping) {
         return Ok(Vec::new());
     }
     let mem = Memory::open(pid)?;
-    Ok(record::found_patches(&mem, &maps))
+    Ok(record::found_patches(&mem, maps))
 }
 
 #[derive(Debug, Clone, Serialize)]

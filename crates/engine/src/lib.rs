@@ -36,7 +36,7 @@ mod apply;
 mod check;
 
 pub use apply::{apply, revert, ApplyOptions, ApplyReport, RevertReport};
-pub use check::{check, inspect, processes_mapping, status, CheckReport, ModuleInfo};
+pub use check::{check, inspect, inspect_maps, processes_mapping, status, CheckReport, ModuleInfo};
 pub use record::{Detour, FoundPatch, PatchRecord, PatchState};
 
 /// How an operation on a process failed.

@@ -112,6 +112,11 @@ purge_outputs() {
 # One result row: pkg patch cve result reason functions new bundle_bytes build_s detail
 row() {
     local IFS=$'\t'
+    # A re-run replaces the fix's earlier row.
+    if [ -f "$RESULTS" ]; then
+        awk -F'\t' -v p="$1" -v f="$2" '!($1 == p && $2 == f)' "$RESULTS" >"$RESULTS.new"
+        mv "$RESULTS.new" "$RESULTS"
+    fi
     printf '%s\n' "$*" >>"$RESULTS"
 }
 
@@ -176,6 +181,18 @@ run_fix() {
     local soname
     soname="$(readelf -d "$fx/deployed/$lib" | sed -n 's/.*(SONAME).*\[\(.*\)\]/\1/p')"
     [ -n "$soname" ] && [ "$soname" != "$lib" ] && ln -sf "$lib" "$fx/deployed/$soname"
+    # The driver, linked against the deployed library (built now: headers the build generates
+    # are deleted with the outputs).
+    local inc="" f
+    for f in $DRV_CFLAGS; do
+        case "$f" in -I/*) inc="$inc $f" ;; -I*) inc="$inc -I$t/${f#-I}" ;; *) inc="$inc $f" ;; esac
+    done
+    # shellcheck disable=SC2086
+    if ! gcc -O2 -pthread $inc -o "$fx/driver" "$HERE/drivers/main.c" "$HERE/drivers/$pkg.c" \
+        "$fx/deployed/$lib" $DRV_LIBS >"$fx/driver-build.log" 2>&1; then
+        row "$pkg" "$patch" "$cve" "harness-failed" "" "" "" "" "" "driver does not compile: $(grep -m1 error "$fx/driver-build.log" | one_line)"
+        return
+    fi
     purge_outputs "$t"
     echo "$((t1 - t0))" >"$fx/deployed-build.seconds"
 
@@ -219,17 +236,7 @@ run_fix() {
     extra="$(jq -r '[(.summary.pulled_in|length|tostring)+" pulled in", (.summary.noise|length|tostring)+" noise", (.summary.warnings|join("; "))] | map(select(. != "" and (startswith("0 ")|not))) | join(", ")' "$fx/build.json")"
     [ -n "$extra" ] && summary="$summary; $extra"
 
-    # The driver: linked against the deployed library, started, patched, reverted.
-    local inc="" f
-    for f in $DRV_CFLAGS; do
-        case "$f" in -I*) inc="$inc -I$t/${f#-I}" ;; *) inc="$inc $f" ;; esac
-    done
-    # shellcheck disable=SC2086
-    if ! gcc -O2 -pthread $inc -o "$fx/driver" "$HERE/drivers/main.c" "$HERE/drivers/$pkg.c" \
-        "$fx/deployed/$lib" $DRV_LIBS >"$fx/driver-build.log" 2>&1; then
-        row "$pkg" "$patch" "$cve" "harness-failed" "" "$nfun" "$nnew" "$bytes" "$secs" "driver does not compile: $(grep -m1 error "$fx/driver-build.log" | one_line)"
-        return
-    fi
+    # The driver: started, patched, reverted.
     rm -f "$fx/in"
     mkfifo "$fx/in"
     exec 3<>"$fx/in"

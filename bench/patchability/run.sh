@@ -296,16 +296,35 @@ run_fix() {
     rm -rf "$fx/tmp"
 }
 
+# What the bundle carries, from build.json: changed and pulled-in functions, warnings.
+bundle_details() {
+    jq -r '.summary as $s
+        | ([(if ($s.changed | length) > 0 then "changed: " + ($s.changed | join(", ")) else empty end),
+            (if ($s.pulled_in | length) > 0 then "pulled in: " + ($s.pulled_in | join(", ")) else empty end),
+            (if ($s.new_functions | length) > 0 then "new: " + ($s.new_functions | join(", ")) else empty end),
+            (if ($s.warnings | length) > 0 then "warnings: " + ($s.warnings | join("; ")) else empty end)]
+           | join("; "))' "$1" 2>/dev/null
+}
+
 table() {
     local md="$PB_WORK/results.md"
     {
         echo "| # | package | patch | CVE | result | reason | functions (+new) | bundle bytes | build s | details |"
         echo "|---:|---|---|---|---|---|---:|---:|---:|---|"
-        awk -F'\t' '{
-            n++; fun = ($6 == "" ? "" : $6 ($7 > 0 ? " (+" $7 ")" : ""));
-            d = $10; gsub(/\|/, "\\|", d);
-            printf "| %d | %s | `%s` | %s | %s | %s | %s | %s | %s | %s |\n", n, $1, $2, $3, $4, $5, fun, $8, $9, d
-        }' "$RESULTS"
+        local n=0 pkg patch cve res reason nfun nnew bytes secs detail id fun
+        # (tabs to \x1f: read would merge empty tab-separated fields)
+        while IFS=$'\x1f' read -r pkg patch cve res reason nfun nnew bytes secs detail; do
+            n=$((n + 1))
+            id="${patch%.patch}"
+            id="${id%.diff}"
+            if [ "$res" = "applied+reverted" ] && [ -f "$PB_WORK/$pkg/fixes/$id/build.json" ]; then
+                detail="$(bundle_details "$PB_WORK/$pkg/fixes/$id/build.json")"
+            fi
+            fun="$nfun"
+            [ -n "$nnew" ] && [ "$nnew" != "0" ] && fun="$nfun (+$nnew)"
+            printf '| %d | %s | `%s` | %s | %s | %s | %s | %s | %s | %s |\n' "$n" "$pkg" "$patch" \
+                "${cve//,/, }" "$res" "$reason" "$fun" "$bytes" "$secs" "${detail//|/\\|}"
+        done < <(tr '\t' '\037' <"$RESULTS")
         echo
         awk -F'\t' '{c[$4]++} END {for (k in c) printf "- %s: %d\n", k, c[k]}' "$RESULTS" | sort
     } >"$md"

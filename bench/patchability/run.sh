@@ -94,7 +94,8 @@ goto_before() {
             echo "the tree is past $patch (top: $top): quilt pop -a" >&2
             quilt pop -a -q >/dev/null || exit 1
         fi
-        if [ -n "$prev" ]; then
+        if [ -n "$prev" ] && [ "$(quilt top 2>/dev/null)" != "debian/patches/$prev" ] &&
+            [ "$(quilt top 2>/dev/null)" != "$prev" ]; then
             quilt push -q "$prev" >/dev/null || exit 1
         fi
     )

@@ -307,6 +307,13 @@ bundle_details() {
            | join("; "))' "$1" 2>/dev/null
 }
 
+# The rows in the order of fixes.txt (re-runs append at the end of results.tsv).
+sorted_rows() {
+    awk -F'\t' 'NR == FNR { if ($0 !~ /^#/ && NF) { split($0, w, /[ \t]+/); o[w[1] "/" w[2]] = ++n }; next }
+        { k = $1 "/" $2; printf "%d\t%s\n", (k in o ? o[k] : 99999), $0 }' \
+        "$HERE/fixes.txt" "$RESULTS" | sort -s -n -k1,1 | cut -f2-
+}
+
 table() {
     local md="$PB_WORK/results.md"
     {
@@ -325,7 +332,7 @@ table() {
             [ -n "$nnew" ] && [ "$nnew" != "0" ] && fun="$nfun (+$nnew)"
             printf '| %d | %s | `%s` | %s | %s | %s | %s | %s | %s | %s |\n' "$n" "$pkg" "$patch" \
                 "${cve//,/, }" "$res" "$reason" "$fun" "$bytes" "$secs" "${detail//|/\\|}"
-        done < <(tr '\t' '\037' <"$RESULTS")
+        done < <(sorted_rows | tr '\t' '\037')
         echo
         awk -F'\t' '{c[$4]++} END {for (k in c) printf "- %s: %d\n", k, c[k]}' "$RESULTS" | sort
     } >"$md"

@@ -90,9 +90,11 @@ goto_before() {
         top="$(quilt top 2>/dev/null || true)"
         if [ -n "$(quilt applied 2>/dev/null | grep -Fx "debian/patches/$patch")" ] ||
             [ -n "$(quilt applied 2>/dev/null | grep -Fx "$patch")" ]; then
-            # Past the fix (a re-run): back to the unpatched tree, then forward.
-            echo "the tree is past $patch (top: $top): quilt pop -a" >&2
-            quilt pop -a -q >/dev/null || exit 1
+            # Past the fix (a re-run): back to the unpatched tree (forced: configure may have
+            # rewritten files the patches touch), configured again, then forward.
+            echo "the tree is past $patch (top: $top): quilt pop -a -f" >&2
+            quilt pop -a -f -q >/dev/null || exit 1
+            rm -f "$PB_WORK/$1/.configured"
         fi
         if [ -n "$prev" ] && [ "$(quilt top 2>/dev/null)" != "debian/patches/$prev" ] &&
             [ "$(quilt top 2>/dev/null)" != "$prev" ]; then

@@ -668,9 +668,11 @@ impl Agent {
                 .iter()
                 .filter_map(|(bid, pids)| {
                     let id = hex::decode(bid).ok()?;
-                    let path = pids
-                        .iter()
-                        .find_map(|&p| crate::scan::mapped_file(p, &id))?;
+                    let path = pids.iter().find_map(|&p| {
+                        // (The scan has just read these maps.)
+                        let maps = self.scanner.maps_of(p)?;
+                        crate::scan::mapped_file(p, maps, &id)
+                    })?;
                     Some((id, path))
                 })
                 .collect();

@@ -84,10 +84,13 @@ fn build_ids_in(pid: i32, maps: &[procfs::Mapping]) -> Vec<Vec<u8>> {
     out
 }
 
-/// A path to the file with this build-id that `pid` maps (`/proc/PID/map_files/…`: it
-/// reaches the file whatever mount namespace the process lives in).
-pub fn mapped_file(pid: i32, build_id: &[u8]) -> Option<std::path::PathBuf> {
-    let maps = procfs::read_maps(pid).ok()?;
+/// A path to the file with this build-id in `maps` (process `pid`'s):
+/// `/proc/PID/map_files/…`, which reaches the file whatever mount namespace the process lives in.
+pub fn mapped_file(
+    pid: i32,
+    maps: &[procfs::Mapping],
+    build_id: &[u8],
+) -> Option<std::path::PathBuf> {
     maps.iter()
         .filter(|m| m.is_file() && m.offset == 0)
         .find(|m| {

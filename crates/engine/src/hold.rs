@@ -251,10 +251,6 @@ impl Hold {
         Ok(hold)
     }
 
-    pub fn pid(&self) -> i32 {
-        self.pid
-    }
-
     /// Runs the process (after the caller allowed the open) until its loader has finished
     /// this load: on return the held thread is stopped in the hook, before any code of what
     /// was loaded has run. Errors if that does not happen by `deadline`.
@@ -305,7 +301,6 @@ impl Hold {
                     self.syscalls += 1;
                     if self.at_consistent_hook()? {
                         self.in_stop = false;
-                        self.session.pin(self.tid);
                         // Out of the system-call stop into an interrupt stop, where the engine
                         // acts from (`getpid` completes; nothing else runs).
                         self.session.leave_syscall_stop(self.tid)?;

@@ -132,12 +132,14 @@ fn main() {
 
     // SUTURE_BENCH_ONLY=scan: only the host scan (the other scenarios take minutes);
     // =startup: only the start-up latency the agent's gate adds; =agent: the agent on a host
-    // of many processes; =rtt: what a client of a single-threaded server sees.
+    // of many processes; =rtt: what a client of a single-threaded server sees; =fleet: `apply
+    // --all` to many processes.
     match std::env::var("SUTURE_BENCH_ONLY").as_deref() {
         Ok("scan") => return host_scan(d, reps),
         Ok("startup") => return startup(d),
         Ok("agent") => return agent_fleet(d),
         Ok("rtt") => return client_rtt(d, &key),
+        Ok("fleet") => return fleet(d, &key, &opts),
         _ => {}
     }
 
@@ -207,6 +209,12 @@ fn main() {
     println!("| {:.0} | {:.0} | {:.3} |", before, after, after / before);
     drop(p);
 
+    fleet(d, &key, &opts);
+    host_scan(d, reps);
+}
+
+/// One bundle to many idle processes, the way `apply --all` does it.
+fn fleet(d: &Path, key: &Path, opts: &ApplyOptions) {
     let fleet: usize = std::env::var("SUTURE_BENCH_FLEET")
         .ok()
         .and_then(|s| s.parse().ok())
@@ -222,7 +230,7 @@ fn main() {
         })
         .collect();
     std::thread::sleep(Duration::from_millis(500));
-    let bi = bundle(d, "idle", "idle_patch.o", &["handle".to_string()], &key);
+    let bi = bundle(d, "idle", "idle_patch.o", &["handle".to_string()], key);
     let build_id = hex::decode(&bi.manifest.module.build_id).expect("hex");
     let t = Instant::now();
     let pids = suture_engine::processes_mapping(&build_id).expect("scan");
@@ -238,7 +246,7 @@ fn main() {
             s.spawn(|| loop {
                 let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 let Some(&pid) = pids.get(i) else { break };
-                if suture_engine::apply(pid, &bi, &opts).is_err() {
+                if suture_engine::apply(pid, &bi, opts).is_err() {
                     failures.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 }
             });
@@ -262,7 +270,6 @@ fn main() {
     for k in &mut kids {
         let _ = k.wait();
     }
-    host_scan(d, reps);
 }
 
 /// Finding the processes that map a module by build-id, with N copies of a small service and

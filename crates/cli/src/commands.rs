@@ -187,6 +187,7 @@ pub fn run(args: Args) -> Result<i32> {
         } => {
             let b = Bundle::read_file(&bundle)?;
             b.verify(&trust_store(&trust)?)?;
+            tracing::debug!("bundle read and verified");
             let opts = ApplyOptions {
                 timeout: Duration::from_millis(timeout_ms),
             };

@@ -49,6 +49,7 @@ fn main() {
     } else {
         log.init();
     }
+    tracing::debug!("started");
     let json = args.json;
     let code = match commands::run(args) {
         Ok(code) => code,

@@ -163,7 +163,7 @@ impl Prepared<'_> {
             modules: &self.loaded,
             guarded: &[],
             timeout: opts.timeout,
-            keep: None,
+            inject: None,
         }
     }
 }
@@ -188,8 +188,10 @@ fn explain(pid: i32, mem: &Memory, maps: &[Mapping], e: EngineError) -> EngineEr
 
 /// Applies a bundle (whose signature the caller has verified) to process `pid`.
 pub fn apply(pid: i32, bundle: &Bundle, opts: &ApplyOptions) -> Result<ApplyReport> {
+    let t = Instant::now();
     let _lock = take_lock(pid, opts)?;
     let p = prepare(pid, bundle)?;
+    debug!(pid, us = t.elapsed().as_micros() as u64, "prepared");
     apply_prepared(&p, opts).map_err(|e| explain(pid, &p.mem, &p.maps, e))
 }
 
@@ -503,57 +505,71 @@ fn map_with(session: &mut Session, remote: &mut Remote, p: &Prepared) -> Result<
     let placed = (|| -> anyhow::Result<Option<u64>> {
         let ret = remote.syscall(session, &p.mem, &p.maps, libc::SYS_ftruncate, &[fd, total])?;
         remote.check("ftruncate of the patch memfd", ret)?;
-        let maps = procfs::read_maps(pid)?;
-        step("sized, maps read");
+        step("sized");
         // Between mmap and madvise the memory would be inherited by a fork: no thread may run
         // in that window. (No flag of mmap sets VM_DONTCOPY.)
         all_stopped = Some(Instant::now());
         session.stop_all()?;
-        let candidates = crate::placement::candidates(
-            &maps,
-            p.module.lo,
-            p.module.hi,
-            total,
-            p.plan.needs_low_address(),
-        );
-        for base in candidates.into_iter().take(8) {
-            let ret = remote.syscall(
-                session,
-                &p.mem,
-                &p.maps,
-                libc::SYS_mmap,
-                &[
-                    base,
-                    total,
-                    libc::PROT_READ as u64,
-                    (libc::MAP_PRIVATE | libc::MAP_FIXED_NOREPLACE) as u64,
-                    fd,
-                    0,
-                ],
-            )?;
-            if ret == -(libc::EEXIST as i64) {
-                continue; // someone mapped there meanwhile: next candidate
+        // Places free in the maps read before anything stopped; if the process has mapped
+        // something at each since (the kernel refuses with EEXIST), places in fresh maps.
+        let place = |maps: &[Mapping]| {
+            crate::placement::candidates(
+                maps,
+                p.module.lo,
+                p.module.hi,
+                total,
+                p.plan.needs_low_address(),
+            )
+            .into_iter()
+            .take(8)
+        };
+        for round in 0..2 {
+            let candidates: Vec<u64> = if round == 0 {
+                place(&p.maps).collect()
+            } else {
+                place(&procfs::read_maps(pid)?).collect()
+            };
+            for base in candidates {
+                let ret = remote.syscall(
+                    session,
+                    &p.mem,
+                    &p.maps,
+                    libc::SYS_mmap,
+                    &[
+                        base,
+                        total,
+                        libc::PROT_READ as u64,
+                        (libc::MAP_PRIVATE | libc::MAP_FIXED_NOREPLACE) as u64,
+                        fd,
+                        0,
+                    ],
+                )?;
+                if ret == -(libc::EEXIST as i64) {
+                    continue; // someone mapped there meanwhile: next candidate
+                }
+                let got = remote.check("mmap of patch memory", ret)?;
+                if got != base {
+                    let _ =
+                        remote.syscall(session, &p.mem, &p.maps, libc::SYS_munmap, &[got, total]);
+                    anyhow::bail!("kernel placed patch memory at {got:#x}, not at {base:#x}");
+                }
+                fault::point("apply:mmapped");
+                // Not inherited by a fork until the detours are live (commit): a child forked
+                // before must come out clean, not carrying unused patch memory.
+                let ret = remote.syscall(
+                    session,
+                    &p.mem,
+                    &p.maps,
+                    libc::SYS_madvise,
+                    &[base, total, MADV_DONTFORK],
+                )?;
+                if let Err(e) = remote.check("madvise(MADV_DONTFORK) of patch memory", ret) {
+                    let _ =
+                        remote.syscall(session, &p.mem, &p.maps, libc::SYS_munmap, &[base, total]);
+                    return Err(e);
+                }
+                return Ok(Some(base));
             }
-            let got = remote.check("mmap of patch memory", ret)?;
-            if got != base {
-                let _ = remote.syscall(session, &p.mem, &p.maps, libc::SYS_munmap, &[got, total]);
-                anyhow::bail!("kernel placed patch memory at {got:#x}, not at {base:#x}");
-            }
-            fault::point("apply:mmapped");
-            // Not inherited by a fork until the detours are live (commit): a child forked
-            // before must come out clean, not carrying unused patch memory.
-            let ret = remote.syscall(
-                session,
-                &p.mem,
-                &p.maps,
-                libc::SYS_madvise,
-                &[base, total, MADV_DONTFORK],
-            )?;
-            if let Err(e) = remote.check("madvise(MADV_DONTFORK) of patch memory", ret) {
-                let _ = remote.syscall(session, &p.mem, &p.maps, libc::SYS_munmap, &[base, total]);
-                return Err(e);
-            }
-            return Ok(Some(base));
         }
         Ok(None)
     })();
@@ -813,10 +829,10 @@ fn commit(
     };
     let mut pending = None;
     let plan = StopPlan {
-        keep: session.injection_thread(),
+        inject: injection(session, p.gadgets)?,
         ..plan
     };
-    let result = stop_and_write(session, plan, |session, mem| {
+    let result = stop_and_write(session, plan, &mut pending, |session, mem, remote| {
         // Re-verify under the stop: nothing may have changed since we looked.
         let codes = read_functions(mem, &p.targets)?;
         for (t, code) in p.targets.iter().zip(codes) {
@@ -827,11 +843,9 @@ fn commit(
             session,
             mem,
             &p.maps,
-            p.gadgets,
-            rec.base,
-            rec.len,
+            remote,
+            (rec.base, rec.len),
             MADV_DOFORK,
-            &mut pending,
         )?;
         fault::point("apply:inheritable");
         write_all(mem, &writes)
@@ -839,31 +853,31 @@ fn commit(
     let t_finish = Instant::now();
     let finished = finish_pending(session, &p.mem, pending);
     let finish_us = t_finish.elapsed().as_micros() as u64;
-    let (stopped, attempts) = result?;
+    let (stopped, attempts, alone) = result?;
     finished?;
-    Ok((stopped, attempts, finish_us))
+    Ok((stopped, attempts, finish_us + alone))
 }
 
-/// Changes whether `fork` children inherit the patch memory, through a thread of the stopped
-/// process. The thread is left in the remote (`pending`), to be put back once the other threads
-/// run again: only the system call itself counts in the all-threads stop.
-#[allow(clippy::too_many_arguments)]
+/// The thread a stop acts through, and the code it uses.
+fn injection(session: &Session, gadgets: Gadgets) -> Result<Option<(i32, Gadgets)>> {
+    let tid = session
+        .injection_thread()
+        .ok_or_else(|| exited_or(session.pid(), anyhow!("no threads")))?;
+    Ok(Some((tid, gadgets)))
+}
+
+/// Changes whether `fork` children inherit the patch memory, through the remote the stop laid
+/// (only the system call itself counts in the all-threads stop).
 fn madvise(
     session: &mut Session,
     mem: &Memory,
     maps: &[Mapping],
-    gadgets: Gadgets,
-    base: u64,
-    len: u64,
+    remote: Option<&mut Remote>,
+    (base, len): (u64, u64),
     advice: u64,
-    pending: &mut Option<Remote>,
 ) -> Result<()> {
     let pid = session.pid();
-    let tid = session
-        .injection_thread()
-        .ok_or_else(|| exited_or(pid, anyhow!("no threads")))?;
-    let r = pending
-        .insert(Remote::new(session, tid, mem, maps, gadgets).map_err(|e| exited_or(pid, e))?);
+    let r = remote.ok_or_else(|| exited_or(pid, anyhow!("no thread to act through")))?;
     let ret = r
         .syscall(session, mem, maps, libc::SYS_madvise, &[base, len, advice])
         .map_err(|e| exited_or(pid, e))?;
@@ -915,7 +929,8 @@ fn release(
                 guarded: &guarded,
                 ..plan
             };
-            stop_and_write(session, plan, |_, _| Ok(())).map_err(|e| anyhow!("{e}"))?;
+            stop_and_write(session, plan, &mut None, |_, _, _| Ok(()))
+                .map_err(|e| anyhow!("{e}"))?;
         }
         let tid = session
             .injection_thread()
@@ -1033,7 +1048,7 @@ fn revert_in(
         modules: &loaded,
         guarded: &[],
         timeout: opts.timeout,
-        keep: None,
+        inject: None,
     };
     let mut session = Session::seize(pid).map_err(|e| exited_or(pid, e))?;
     let (all_stopped_us, attempts, finish_us) = if writes.is_empty() {
@@ -1044,10 +1059,10 @@ fn revert_in(
         // none is left in it.
         let mut pending = None;
         let plan = StopPlan {
-            keep: session.injection_thread(),
+            inject: injection(&session, gadgets)?,
             ..plan
         };
-        let result = stop_and_write(&mut session, plan, |session, mem| {
+        let result = stop_and_write(&mut session, plan, &mut pending, |session, mem, remote| {
             for w in &writes {
                 if mem.read(w.address, DETOUR_LEN)? != w.before {
                     return Err(refused(format!(
@@ -1062,11 +1077,9 @@ fn revert_in(
                 session,
                 mem,
                 &maps,
-                gadgets,
-                f.start,
-                f.end - f.start,
+                remote,
+                (f.start, f.end - f.start),
                 MADV_DONTFORK,
-                &mut pending,
             )?;
             fault::point("revert:uninheritable");
             write_all(mem, &writes)
@@ -1074,9 +1087,9 @@ fn revert_in(
         let t_finish = Instant::now();
         let finished = finish_pending(&mut session, mem, pending);
         let finish_us = t_finish.elapsed().as_micros() as u64;
-        let (stopped, attempts) = result?;
+        let (stopped, attempts, alone) = result?;
         finished?;
-        (stopped, attempts, finish_us)
+        (stopped, attempts, finish_us + alone)
     };
     fault::point("revert:committed");
     let t_release = Instant::now();
@@ -1142,35 +1155,47 @@ struct StopPlan<'a> {
     modules: &'a [LoadedModule],
     guarded: &'a [Guarded],
     timeout: Duration,
-    /// A thread that stays stopped after a successful stop (to finish an injection once the
-    /// others run).
-    keep: Option<i32>,
+    /// The thread to make a system call through inside the stop, and the code it runs it
+    /// with. Its frame is laid before the others stop (only the call counts in the
+    /// all-threads stop), and it stays stopped after a successful stop until the caller
+    /// finishes it (once the others run).
+    inject: Option<(i32, Gadgets)>,
 }
 
 /// Stops the world, waits for safety (retrying with back-off), then runs `act` and lets every
-/// thread go again (they stay seized). Returns the total stopped time and the number of
-/// attempts.
+/// thread go again (they stay seized). With `plan.inject`, `act` gets a remote on that thread,
+/// left in `pending` for the caller to finish. Returns the time every thread was stopped, the
+/// number of attempts, and the time the injection thread was stopped alone before.
 fn stop_and_write(
     session: &mut Session,
     plan: StopPlan,
-    mut act: impl FnMut(&mut Session, &Memory) -> Result<()>,
-) -> Result<(u64, u32)> {
+    pending: &mut Option<Remote>,
+    mut act: impl FnMut(&mut Session, &Memory, Option<&mut Remote>) -> Result<()>,
+) -> Result<(u64, u32, u64)> {
     let StopPlan {
         mem,
         maps,
         modules,
         guarded,
         timeout,
-        keep,
+        inject,
     } = plan;
     let pid = session.pid();
     let deadline = Instant::now() + timeout;
     let mut backoff = Duration::from_micros(200);
     let mut stopped = Duration::ZERO;
+    let mut alone = Duration::ZERO;
     let mut attempts = 0;
     let mut maps = maps.to_vec();
     loop {
         attempts += 1;
+        if let Some((tid, gadgets)) = inject {
+            let t = Instant::now();
+            session.stop_thread(tid).map_err(|e| exited_or(pid, e))?;
+            let r = Remote::new(session, tid, mem, &maps, gadgets).map_err(|e| exited_or(pid, e));
+            alone += t.elapsed();
+            *pending = Some(r?);
+        }
         let t = Instant::now();
         session.stop_all().map_err(|e| exited_or(pid, e))?;
         fault::point("commit:stopped");
@@ -1185,16 +1210,23 @@ fn stop_and_write(
         }
         match busy {
             None => {
-                let result = act(session, mem);
+                let result = act(session, mem, pending.as_mut());
                 // Success or not: let go right away; the pause ends when the last thread runs.
-                session.resume(keep);
+                session.resume(inject.map(|(tid, _)| tid));
                 stopped += t.elapsed();
                 result?;
-                return Ok((stopped.as_micros() as u64, attempts));
+                return Ok((
+                    stopped.as_micros() as u64,
+                    attempts,
+                    alone.as_micros() as u64,
+                ));
             }
             Some(b) => {
+                // Nothing was injected yet: the thread's own state is back as it was.
+                let finished = pending.take().map_or(Ok(()), |r| r.finish(session, mem));
                 session.resume(None);
                 stopped += t.elapsed();
+                finished.map_err(|e| exited_or(pid, e))?;
                 if interrupt::requested() {
                     return Err(EngineError::Interrupted(format!(
                         "interrupted while waiting for process {pid} ({b}); nothing was changed"

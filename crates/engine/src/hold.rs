@@ -29,7 +29,7 @@ use suture_bundle::Bundle;
 use tracing::debug;
 
 use crate::apply::{apply_held, ApplyOptions, ApplyReport};
-use crate::procfs::{self, Memory};
+use crate::procfs::{self, Mapping, Memory};
 use crate::seccomp::{self, SeccompData, AUDIT_ARCH_X86_64};
 use crate::stop::{gone, pause, poll, ptrace_req, Session, Stop};
 use crate::{fault, lock, modules, EngineError};
@@ -85,8 +85,13 @@ impl Hook {
             .export("_r_debug")
             .ok_or_else(|| anyhow!("{}: no _r_debug", ld.path))?;
         // The bytes as the file has them: what we compare with and put back.
-        let file = file_bytes(&ld.facts, hook.address, ENDBR64.len() + HOOK.len() + 16)
-            .ok_or_else(|| anyhow!("{}: _dl_debug_state lies outside the file", ld.path))?;
+        let file = file_bytes(
+            pid,
+            &maps,
+            ld.bias + hook.address,
+            ENDBR64.len() + HOOK.len() + 16,
+        )
+        .with_context(|| format!("{}: _dl_debug_state", ld.path))?;
         let skip = if file.starts_with(&ENDBR64) {
             ENDBR64.len()
         } else {
@@ -138,14 +143,13 @@ impl Hook {
     }
 }
 
-/// Bytes `vaddr..vaddr+len` of a module as its file holds them.
-fn file_bytes(facts: &modules::ModuleFacts, vaddr: u64, len: usize) -> Option<&[u8]> {
-    let seg = facts
-        .segments
+/// Bytes `addr..addr+len` of the process as the file mapped there holds them.
+fn file_bytes(pid: i32, maps: &[Mapping], addr: u64, len: usize) -> Result<Vec<u8>> {
+    let m = maps
         .iter()
-        .find(|s| vaddr >= s.vaddr && vaddr + len as u64 <= s.vaddr + s.filesz)?;
-    let off = (seg.offset + (vaddr - seg.vaddr)) as usize;
-    facts.data().get(off..off + len)
+        .find(|m| m.is_file() && m.contains(addr) && addr + len as u64 <= m.end)
+        .ok_or_else(|| anyhow!("{addr:#x} lies outside the mapped file"))?;
+    modules::file_range(pid, m, m.offset + (addr - m.start), len)
 }
 
 /// Are the instructions that start in the first `window` bytes of `code` (at `ip`) all

@@ -16,7 +16,6 @@
 
 use std::collections::HashMap;
 use std::fs::File;
-use std::io::Read;
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt};
 use std::path::PathBuf;
@@ -29,7 +28,7 @@ use suture_module::{
 
 use crate::procfs::Mapping;
 
-/// Modules larger than this are not read whole (a sanity bound on someone else's file).
+/// Modules larger than this are not read (a sanity bound on someone else's file).
 const MAX_MODULE_BYTES: u64 = 2 << 30;
 
 /// What we need to know about one ELF file, read once.
@@ -40,6 +39,7 @@ pub struct ModuleFacts {
     pub tls: Option<TlsSegment>,
     /// `.eh_frame` tables, for walking stacks precisely.
     pub unwind: Option<crate::unwind::UnwindTables>,
+    /// The file's bytes where [`suture_module::read_tables`] read them; zero elsewhere.
     data: Vec<u8>,
     /// The symbols of the one parse, so lookups never parse the file again.
     symbols: Vec<Symbol>,
@@ -75,6 +75,7 @@ impl ModuleFacts {
         })
     }
 
+    /// The file as [`suture_module::read_tables`] read it: headers and tables, not code.
     pub fn data(&self) -> &[u8] {
         &self.data
     }
@@ -388,8 +389,8 @@ pub fn identity(pid: i32, mapping: &Mapping) -> Result<Arc<Identity>> {
     })
 }
 
-/// Reads (or recalls) the facts of the file behind `mapping` in process `pid`: the whole file,
-/// once per file.
+/// Reads (or recalls) the facts of the file behind `mapping` in process `pid`: its headers and
+/// tables (symbols, versions, unwind tables; not its code), once per file.
 pub fn facts(pid: i32, mapping: &Mapping) -> Result<Arc<ModuleFacts>> {
     let found = find_mapped(pid, mapping)?;
     fill(full_facts(), &found, |file| {
@@ -397,13 +398,21 @@ pub fn facts(pid: i32, mapping: &Mapping) -> Result<Arc<ModuleFacts>> {
         if size > MAX_MODULE_BYTES {
             bail!("{}: {size} bytes is too large for a module", mapping.path);
         }
-        let mut data = Vec::with_capacity(usize::try_from(size).unwrap_or(0));
-        file.take(MAX_MODULE_BYTES)
-            .read_to_end(&mut data)
-            .with_context(|| format!("cannot read {}", mapping.path))?;
+        let data = suture_module::read_tables(&|offset, buf| file.read_exact_at(buf, offset), size)
+            .with_context(|| format!("{}: not a usable ELF module", mapping.path))?;
         ModuleFacts::read(data)
             .with_context(|| format!("{}: not a usable ELF module", mapping.path))
     })
+}
+
+/// `len` bytes at `offset` of the file behind `mapping` in process `pid`, read now (for code,
+/// which [`facts`] leaves out).
+pub fn file_range(pid: i32, mapping: &Mapping, offset: u64, len: usize) -> Result<Vec<u8>> {
+    let file = find_mapped(pid, mapping)?.open()?;
+    let mut buf = vec![0u8; len];
+    file.read_exact_at(&mut buf, offset)
+        .with_context(|| format!("cannot read {}", mapping.path))?;
+    Ok(buf)
 }
 
 /// A module as mapped in one process.

@@ -119,7 +119,8 @@ pub fn find_gadgets(mem: &Memory, maps: &[Mapping]) -> Result<Gadgets> {
         .filter(|m| m.executable)
         .filter(|m| m.path == "[vdso]" || (m.is_file() && !m.path.starts_with("/memfd:")))
         .collect();
-    candidates.sort_by_key(|m| if m.path == "[vdso]" { 0 } else { 1 });
+    // Smallest first: the loader's code has both, and is an eighth of libc's.
+    candidates.sort_by_key(|m| (m.path != "[vdso]", m.end - m.start));
     for m in candidates {
         if syscall_ret.is_some() && sigreturn.is_some() {
             break;
@@ -132,28 +133,20 @@ pub fn find_gadgets(mem: &Memory, maps: &[Mapping]) -> Result<Gadgets> {
         let (sr, sg) = match cached {
             Some(found) => found,
             None => {
-                // A module being patched has been read whole already: search its file's bytes
-                // rather than copy megabytes out of the process (checked there below).
-                let file = m
+                // The file's bytes rather than the process's (a read of the page cache, not
+                // of another address space); hits are checked in the process below.
+                let from_file = m
                     .is_file()
-                    .then(|| crate::modules::facts(mem.pid(), m).ok())
+                    .then(|| crate::modules::file_range(mem.pid(), m, m.offset, len as usize).ok())
                     .flatten();
-                let from_file = file.as_ref().and_then(|f| {
-                    let at = usize::try_from(m.offset).ok()?;
-                    let end = at.checked_add(len as usize)?.min(f.data().len());
-                    f.data().get(at..end)
-                });
-                let read;
-                let bytes: &[u8] = match from_file {
+                let bytes = match from_file {
                     Some(b) => b,
                     None => match mem.read(m.start, len as usize) {
-                        Ok(b) => {
-                            read = b;
-                            &read
-                        }
+                        Ok(b) => b,
                         Err(_) => continue,
                     },
                 };
+                let bytes = &bytes[..];
                 let found = (
                     find_in(bytes, SYSCALL_RET),
                     SIGRETURN.iter().find_map(|p| find_in(bytes, p)),

@@ -235,10 +235,15 @@ fn fleet(d: &Path, key: &Path, opts: &ApplyOptions) {
     let t = Instant::now();
     let pids = suture_engine::processes_mapping(&build_id).expect("scan");
     let scan = t.elapsed();
-    let jobs = std::thread::available_parallelism()
-        .map(|n| n.get())
-        .unwrap_or(2)
-        * 2;
+    let jobs = std::env::var("SUTURE_BENCH_JOBS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| {
+            std::thread::available_parallelism()
+                .map(|n| n.get())
+                .unwrap_or(2)
+                * 2
+        });
     let next = std::sync::atomic::AtomicUsize::new(0);
     let failures = std::sync::atomic::AtomicUsize::new(0);
     std::thread::scope(|s| {

@@ -43,7 +43,7 @@ pub struct ModuleFacts {
     data: Vec<u8>,
     /// The symbols of the one parse, so lookups never parse the file again.
     symbols: Vec<Symbol>,
-    exports: OnceLock<HashMap<String, Export>>,
+    exports: OnceLock<HashMap<Box<str>, Export>>,
 }
 
 /// A symbol the module exports through `.dynsym`.
@@ -94,17 +94,17 @@ impl ModuleFacts {
     /// The exported definition of `name`, if this module has one.
     pub fn export(&self, name: &str) -> Option<Export> {
         let exports = self.exports.get_or_init(|| {
-            suture_module::dynamic_exports_in(&self.symbols)
-                .into_iter()
-                .map(|(name, found)| {
-                    let export = Export {
-                        address: found.address,
-                        ifunc: matches!(found.kind, SymbolKind::Ifunc),
-                        weak: matches!(found.binding, SymbolBinding::Weak),
-                    };
-                    (name.to_string(), export)
-                })
-                .collect()
+            let chosen = suture_module::dynamic_exports_in(&self.symbols);
+            let mut map = HashMap::with_capacity(chosen.len());
+            for (name, found) in chosen {
+                let export = Export {
+                    address: found.address,
+                    ifunc: matches!(found.kind, SymbolKind::Ifunc),
+                    weak: matches!(found.binding, SymbolBinding::Weak),
+                };
+                map.insert(Box::<str>::from(name), export);
+            }
+            map
         });
         exports.get(name).copied()
     }

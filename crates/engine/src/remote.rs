@@ -188,7 +188,8 @@ pub struct Remote {
     /// Our return slot; the signal frame follows it.
     frame: u64,
     scratch: u64,
-    /// (address, bytes) of the dead stack we use, put back by [`Remote::finish`].
+    /// (address, bytes) of the dead stack we use, put back by [`Remote::finish`]: from the
+    /// frame up, and from [`CALL_STACK`] below it once a function is called.
     stack: (u64, Vec<u8>),
     /// Signals delivered by the session when the dead stack was saved: if more were delivered
     /// since, a live signal frame may lie there and the old bytes must not come back.
@@ -406,13 +407,27 @@ impl Remote {
                 self.tid
             );
         }
-        self.stack = (low, mem.read(low, (top - low) as usize)?);
+        // The frame and scratch now; the call stack below only if a function is called (most
+        // operations make system calls alone).
+        self.stack = (frame, mem.read(frame, (top - frame) as usize)?);
         self.delivered = session.delivered;
         self.frame = frame;
         self.scratch = scratch;
         let ret = self.gadgets.sigreturn.unwrap_or(0);
         mem.write(frame, &signal_frame(&self.saved, mask, &fp, frame, ret))?;
         self.slot = ret;
+        Ok(())
+    }
+
+    /// Saves the dead stack a called function will use (checked to exist when the frame was
+    /// laid), once per frame.
+    fn save_call_stack(&mut self, mem: &Memory) -> Result<()> {
+        let low = self.frame - CALL_STACK;
+        if self.stack.0 > low {
+            let mut below = mem.read(low, (self.stack.0 - low) as usize)?;
+            below.extend_from_slice(&self.stack.1);
+            self.stack = (low, below);
+        }
         Ok(())
     }
 
@@ -620,6 +635,7 @@ impl Remote {
             .context("no landing stub mapped for a call in the target")?;
         let deadline = Instant::now() + Duration::from_secs(2);
         for _ in 0..64 {
+            self.save_call_stack(mem)?;
             self.set_slot(mem, landing)?;
             let mut regs = self.saved;
             let slots = [

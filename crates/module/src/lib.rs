@@ -485,7 +485,8 @@ impl<'data> Module<'data> {
         } = segments_of(phdrs, endian);
         let build_id = build_id_of(h, endian, data)?;
         let mut symbols = Vec::new();
-        let mut in_symtab: std::collections::HashMap<(String, u64), usize> =
+        // Keyed by the name's bytes in the string table: no allocation per symbol.
+        let mut in_symtab: std::collections::HashMap<(&[u8], u64), usize> =
             std::collections::HashMap::new();
         let mut has_symtab = false;
         let mut eh_frame = None;
@@ -535,13 +536,13 @@ impl<'data> Module<'data> {
                         elf::STB_LOCAL => SymbolBinding::Local,
                         _ => continue,
                     };
-                    let Ok(name) = table.symbol_name(endian, sym) else {
+                    let Ok(raw) = table.symbol_name(endian, sym) else {
                         continue;
                     };
-                    if name.is_empty() {
+                    if raw.is_empty() {
                         continue;
                     }
-                    let Ok(name) = std::str::from_utf8(name) else {
+                    let Ok(name) = std::str::from_utf8(raw) else {
                         continue;
                     };
                     let hidden_version = versions
@@ -561,8 +562,8 @@ impl<'data> Module<'data> {
                     // .dynsym mostly repeats .symtab: one entry (the symtab one, which has the
                     // sizes of locals) that says it is exported too.
                     if source == SymbolSource::Symtab {
-                        in_symtab.insert((s.name.clone(), s.address), symbols.len());
-                    } else if let Some(&i) = in_symtab.get(&(s.name.clone(), s.address)) {
+                        in_symtab.insert((raw, s.address), symbols.len());
+                    } else if let Some(&i) = in_symtab.get(&(raw, s.address)) {
                         let o: &mut Symbol = &mut symbols[i];
                         if o.kind == s.kind {
                             o.exported = true;
@@ -753,7 +754,8 @@ pub fn lookup_in<'a>(symbols: &'a [Symbol], name: &str) -> Lookup<'a> {
 /// [`Module::lookup_dynamic`] would give: the default version where there are several.
 /// One pass, for modules with tens of thousands of symbols.
 pub fn dynamic_exports_in(symbols: &[Symbol]) -> std::collections::HashMap<&str, &Symbol> {
-    let mut map: std::collections::HashMap<&str, &Symbol> = std::collections::HashMap::new();
+    let mut map: std::collections::HashMap<&str, &Symbol> =
+        std::collections::HashMap::with_capacity(symbols.len());
     for s in symbols {
         if !s.exported || s.binding == SymbolBinding::Local {
             continue;

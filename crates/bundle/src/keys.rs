@@ -107,9 +107,9 @@ fn check_owner_and_mode(path: &Path, meta: &std::fs::Metadata) -> Result<(), Bun
 /// directory (`in_dir`) a symbolic link is refused: it would lead out of the directory whose
 /// permissions were checked. A path given explicitly may be a link to a key file.
 fn read_trusted_file(path: &Path, in_dir: bool) -> Result<Vec<u8>, BundleError> {
-    let io = |source| BundleError::Io {
+    let io = |error| BundleError::Io {
         path: path.display().to_string(),
-        source,
+        error,
     };
     if in_dir {
         let lmeta = std::fs::symlink_metadata(path).map_err(io)?;
@@ -184,9 +184,9 @@ fn parse_public(bytes: &[u8], path: &Path) -> Result<PublicKey, BundleError> {
 
 impl SecretKey {
     pub fn load(path: &Path) -> Result<SecretKey, BundleError> {
-        let meta = std::fs::metadata(path).map_err(|source| BundleError::Io {
+        let meta = std::fs::metadata(path).map_err(|error| BundleError::Io {
             path: path.display().to_string(),
-            source,
+            error,
         })?;
         if meta.permissions().mode() & 0o077 != 0 {
             return Err(key_err(format!(
@@ -270,7 +270,7 @@ pub fn generate_keypair(name: &str, out_dir: &Path) -> Result<(PathBuf, PathBuf)
     }
     let io = |p: &Path| {
         let p = p.display().to_string();
-        move |source| BundleError::Io { path: p, source }
+        move |error| BundleError::Io { path: p, error }
     };
     let mut f = std::fs::OpenOptions::new()
         .write(true)
@@ -332,9 +332,9 @@ impl TrustStore {
     /// every patch.
     pub fn load_dir(dir: &Path) -> Result<Self, BundleError> {
         let mut s = Self::new();
-        let io = |source| BundleError::Io {
+        let io = |error| BundleError::Io {
             path: dir.display().to_string(),
-            source,
+            error,
         };
         let meta = match std::fs::metadata(dir) {
             Ok(m) => m,

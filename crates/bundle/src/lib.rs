@@ -67,17 +67,15 @@ pub enum BundleError {
     /// too large, or writable by someone other than its owner, root).
     #[error("trust store refused: {0}")]
     Trust(String),
-    #[error("{path}: {source}")]
-    Io {
-        path: String,
-        source: std::io::Error,
-    },
+    /// (The I/O error is in the message, not the source chain: it would print twice.)
+    #[error("{path}: {error}")]
+    Io { path: String, error: std::io::Error },
 }
 
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> BundleError + '_ {
-    move |source| BundleError::Io {
+    move |error| BundleError::Io {
         path: path.display().to_string(),
-        source,
+        error,
     }
 }
 

@@ -133,13 +133,14 @@ fn main() {
     // SUTURE_BENCH_ONLY=scan: only the host scan (the other scenarios take minutes);
     // =startup: only the start-up latency the agent's gate adds; =agent: the agent on a host
     // of many processes; =rtt: what a client of a single-threaded server sees; =fleet: `apply
-    // --all` to many processes.
+    // --all` to many processes; =command: one `suture apply` command at a time.
     match std::env::var("SUTURE_BENCH_ONLY").as_deref() {
         Ok("scan") => return host_scan(d, reps),
         Ok("startup") => return startup(d),
         Ok("agent") => return agent_fleet(d),
         Ok("rtt") => return client_rtt(d, &key),
         Ok("fleet") => return fleet(d, &key, &opts),
+        Ok("command") => return command(d, &key),
         _ => {}
     }
 
@@ -209,8 +210,70 @@ fn main() {
     println!("| {:.0} | {:.0} | {:.3} |", before, after, after / before);
     drop(p);
 
+    command(d, &key);
     fleet(d, &key, &opts);
     host_scan(d, reps);
+}
+
+/// One `suture apply` (and `revert`) command at a time on an idle 1-thread process, each a new
+/// process with cold caches, beside `suture --version` (what starting the binary costs) in the
+/// same run.
+fn command(d: &Path, key: &Path) {
+    let rounds: usize = std::env::var("SUTURE_BENCH_REPS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(40);
+    let exe = env!("CARGO_BIN_EXE_suture");
+    let b = bundle(d, "idle", "idle_patch.o", &["handle".to_string()], key);
+    let path = d.join("command.bundle");
+    b.write_file(&path).expect("write bundle");
+    let trust = key.with_extension("pub");
+    let mut target = Command::new(d.join("idle"))
+        .stdin(Stdio::piped())
+        .spawn()
+        .expect("idle");
+    std::thread::sleep(Duration::from_millis(100));
+    let pid = target.id().to_string();
+    let run = |args: &[&str]| {
+        let t = Instant::now();
+        let st = Command::new(exe)
+            .args(args)
+            .stdout(Stdio::null())
+            .status()
+            .expect("suture");
+        assert!(st.success(), "suture {args:?}");
+        t.elapsed().as_micros() as u64
+    };
+    let (mut version, mut apply, mut revert) = (vec![], vec![], vec![]);
+    let bundle_arg = path.to_string_lossy().into_owned();
+    let trust_arg = trust.to_string_lossy().into_owned();
+    for _ in 0..rounds {
+        version.push(run(&["--version"]));
+        apply.push(run(&[
+            "apply",
+            "--pid",
+            &pid,
+            "--trust",
+            &trust_arg,
+            &bundle_arg,
+        ]));
+        revert.push(run(&["revert", "--pid", &pid]));
+    }
+    let _ = target.kill();
+    let _ = target.wait();
+    let p90 = |mut v: Vec<u64>| {
+        v.sort_unstable();
+        v[v.len() * 9 / 10]
+    };
+    println!("\n## One command at a time (a new `suture` process each, cold caches; median of {rounds})\n");
+    println!("| `suture --version` µs | `suture apply` µs (p90) | `suture revert` µs (p90) | apply − version µs |\n|---:|---:|---:|---:|");
+    let (v, a, r) = (median(version.clone()), median(apply.clone()), median(revert.clone()));
+    println!(
+        "| {v} | {a} ({}) | {r} ({}) | {} |",
+        p90(apply),
+        p90(revert),
+        a.saturating_sub(v)
+    );
 }
 
 /// One bundle to many idle processes, the way `apply --all` does it.

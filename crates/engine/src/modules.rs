@@ -44,7 +44,12 @@ pub struct ModuleFacts {
     /// The symbols of the one parse, so lookups never parse the file again.
     symbols: Vec<Symbol>,
     exports: OnceLock<HashMap<Box<str>, Export>>,
+    /// Lookups answered by a scan so far (see [`ModuleFacts::export`]).
+    lookups: std::sync::atomic::AtomicU32,
 }
+
+/// Names looked up by a scan of the symbols before the module's export map is built.
+const SCANNED_LOOKUPS: u32 = 16;
 
 /// A symbol the module exports through `.dynsym`.
 #[derive(Debug, Clone, Copy)]
@@ -72,6 +77,7 @@ impl ModuleFacts {
             data,
             symbols,
             exports: OnceLock::new(),
+            lookups: Default::default(),
         })
     }
 
@@ -93,6 +99,20 @@ impl ModuleFacts {
 
     /// The exported definition of `name`, if this module has one.
     pub fn export(&self, name: &str) -> Option<Export> {
+        // A one-off command asks a few names: scanning beats building the map (libc: ~3,000
+        // entries, most of a millisecond). A long-lived caller gets the map.
+        if self.exports.get().is_none()
+            && self
+                .lookups
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+                < SCANNED_LOOKUPS
+        {
+            return suture_module::lookup_dynamic_in(&self.symbols, name).map(|found| Export {
+                address: found.address,
+                ifunc: matches!(found.kind, SymbolKind::Ifunc),
+                weak: matches!(found.binding, SymbolBinding::Weak),
+            });
+        }
         let exports = self.exports.get_or_init(|| {
             let chosen = suture_module::dynamic_exports_in(&self.symbols);
             let mut map = HashMap::with_capacity(chosen.len());

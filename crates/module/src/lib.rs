@@ -655,16 +655,7 @@ impl<'data> Module<'data> {
 
     /// The exported definition of `name` (from `.dynsym`, preferring the default version).
     pub fn lookup_dynamic(&self, name: &str) -> Option<&Symbol> {
-        let exported = || {
-            self.symbols
-                .iter()
-                .filter(move |s| s.name == name && s.binding != SymbolBinding::Local)
-        };
-        let in_dynsym = |s: &&Symbol| s.exported;
-        exported()
-            .filter(in_dynsym)
-            .find(|s| !s.hidden_version)
-            .or_else(|| exported().find(in_dynsym))
+        lookup_dynamic_in(&self.symbols, name)
     }
 
     /// The file bytes behind `[vaddr, vaddr + len)`, if one `PT_LOAD` backs them entirely.
@@ -753,6 +744,19 @@ pub fn lookup_in<'a>(symbols: &'a [Symbol], name: &str) -> Lookup<'a> {
 /// Every name the module exports (its dynamic symbol table), each with the definition
 /// [`Module::lookup_dynamic`] would give: the default version where there are several.
 /// One pass, for modules with tens of thousands of symbols.
+/// The exported definition of `name` among `symbols` (the one [`dynamic_exports_in`] keeps for
+/// it), by a scan: cheaper than building the map for a few names.
+pub fn lookup_dynamic_in<'a>(symbols: &'a [Symbol], name: &str) -> Option<&'a Symbol> {
+    let exported = || {
+        symbols
+            .iter()
+            .filter(move |s| s.exported && s.name == name && s.binding != SymbolBinding::Local)
+    };
+    exported()
+        .find(|s| !s.hidden_version)
+        .or_else(|| exported().next())
+}
+
 pub fn dynamic_exports_in(symbols: &[Symbol]) -> std::collections::HashMap<&str, &Symbol> {
     let mut map: std::collections::HashMap<&str, &Symbol> =
         std::collections::HashMap::with_capacity(symbols.len());

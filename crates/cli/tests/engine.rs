@@ -81,6 +81,7 @@ fn build(kind: Kind) -> Built {
         ("patch_greet.c", "p2.o"),
         ("patch_blocker.c", "blocker.o"),
         ("patch_zero.c", "zero.o"),
+        ("patch_waiter.c", "waiter.o"),
     ] {
         work.gcc(&[
             "-O2",
@@ -350,6 +351,50 @@ fn thread_inside_replaced_function_makes_apply_report_busy_and_change_nothing() 
         "names the function: {v}"
     );
     assert_same_memory(&before, &snapshot(t.pid));
+    assert_eq!(t.ask("compute 2"), "7");
+}
+
+/// A revert takes the detours out at once, but the patch's memory goes only once no thread is
+/// in its code: a thread asleep inside a replacement survives the revert, wakes up, returns,
+/// and the memory left behind is cleaned up by the next revert.
+#[test]
+fn a_thread_inside_the_patch_code_outlives_its_revert() {
+    let b = build(Kind::Pie);
+    let mut t = b.start();
+    let p = b.work.bundle(
+        "target",
+        "waiter.o",
+        &["blocker"],
+        1,
+        &b.key,
+        "waiter.suture",
+    );
+    let (ok, v) = apply(&b, &p, t.pid);
+    assert!(ok, "{v}");
+    // A new thread enters blocker(): the replacement, where it sleeps until `counter` moves.
+    assert_eq!(t.ask("block"), "ok");
+    let (ok, v) = suture_json(&["revert", "--pid", &t.pid_arg(), "--timeout-ms", "300"]);
+    assert!(ok, "the detour comes out even with a thread inside: {v}");
+    let maps = std::fs::read_to_string(format!("/proc/{}/maps", t.pid)).unwrap();
+    assert!(
+        maps.contains("memfd:suture"),
+        "the code a thread is in stays mapped"
+    );
+    // The thread wakes, returns through the patch's code and ends; the process answers with
+    // the original code (compute moves `counter`).
+    assert_eq!(t.ask("compute 2"), "7");
+    std::thread::sleep(std::time::Duration::from_millis(50));
+    assert_eq!(t.ask("compute 2"), "7");
+    assert_eq!(t.ask("greet"), "old greeting");
+    // Nothing leads into the memory and nobody is in it now: the next revert removes it.
+    let (_, st) = suture_json(&["status", "--pid", &t.pid_arg()]);
+    let left = &st["processes"][0]["other"][0];
+    assert_eq!(left["state"], "orphaned", "the left memory is listed: {st}");
+    let id = left["name"].as_str().unwrap().to_string();
+    let (ok, v) = suture_json(&["revert", "--pid", &t.pid_arg(), &id]);
+    assert!(ok, "{v}");
+    let maps = std::fs::read_to_string(format!("/proc/{}/maps", t.pid)).unwrap();
+    assert!(!maps.contains("memfd:suture"), "{maps}");
     assert_eq!(t.ask("compute 2"), "7");
 }
 

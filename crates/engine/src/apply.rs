@@ -262,7 +262,14 @@ fn apply_with(session: &mut Session, p: &Prepared, opts: &ApplyOptions) -> Resul
             gone.push(f);
         }
     }
-    release(session, p.stop_plan(opts), p.gadgets, &gone, mapped.landing);
+    release(
+        session,
+        p.stop_plan(opts),
+        p.gadgets,
+        &gone,
+        mapped.landing,
+        Then::Resume,
+    );
     let release_us = if gone.is_empty() {
         0
     } else {
@@ -756,7 +763,14 @@ fn undo_map(session: &mut Session, p: &Prepared, mapped: &Mapped) {
         // Memory that earlier interrupted operations left goes too: nothing leads into it.
         let mut gone = vec![f];
         gone.extend(p.stale.iter().cloned());
-        release(session, plan, p.gadgets, &gone, mapped.landing);
+        release(
+            session,
+            plan,
+            p.gadgets,
+            &gone,
+            mapped.landing,
+            Then::Resume,
+        );
     }
 }
 
@@ -848,12 +862,19 @@ fn commit(
             MADV_DOFORK,
         )?;
         fault::point("apply:inheritable");
-        write_all(mem, &writes)
+        write_all(mem, &writes)?;
+        // Releasing superseded or stale memory needs every thread once more.
+        Ok(if p.stale.is_empty() && p.prev.is_none() {
+            Then::LetGo
+        } else {
+            Then::Resume
+        })
     });
+    let then = result.as_ref().map_or(Then::Resume, |r| r.3);
     let t_finish = Instant::now();
-    let finished = finish_pending(session, &p.mem, pending);
+    let finished = finish_pending(session, &p.mem, pending, then);
     let finish_us = t_finish.elapsed().as_micros() as u64;
-    let (stopped, attempts, alone) = result?;
+    let (stopped, attempts, alone, _) = result?;
     finished?;
     Ok((stopped, attempts, finish_us + alone))
 }
@@ -886,11 +907,20 @@ fn madvise(
         .map_err(|e| exited_or(pid, e))
 }
 
-/// Puts the thread a [`madvise`] used back in its own state and lets everyone run.
-fn finish_pending(session: &mut Session, mem: &Memory, pending: Option<Remote>) -> Result<()> {
+/// Puts the thread a [`madvise`] used back in its own state and lets everyone run; after
+/// [`Then::LetGo`] that thread stays stopped for what comes next (a release through it, the
+/// detach), which then needs no stop of its own.
+fn finish_pending(
+    session: &mut Session,
+    mem: &Memory,
+    pending: Option<Remote>,
+    then: Then,
+) -> Result<()> {
     let pid = session.pid();
     let finished = pending.map_or(Ok(()), |r| r.finish(session, mem));
-    session.resume(None);
+    if then == Then::Resume {
+        session.resume(None);
+    }
     finished.map_err(|e| exited_or(pid, e))
 }
 
@@ -905,6 +935,7 @@ fn release(
     gadgets: Gadgets,
     gone: &[FoundPatch],
     landing: u64,
+    then: Then,
 ) {
     if gone.is_empty() {
         return;
@@ -912,24 +943,18 @@ fn release(
     let pid = session.pid();
     let (mem, maps, loaded) = (plan.mem, plan.maps, plan.modules);
     fault::point("release:start");
-    let guarded: Vec<Guarded> = gone
-        .iter()
-        .filter_map(|f| f.record.as_ref())
-        .filter(|r| r.text_end > r.text_start)
-        .map(|r| Guarded {
-            name: format!("code of patch {}", r.id),
-            start: r.text_start,
-            end: r.text_end,
-            entry_is_safe: false,
-        })
-        .collect();
+    // After Then::LetGo the caller's stop has found no thread in the code.
+    let guarded = match then {
+        Then::LetGo => Vec::new(),
+        Then::Resume => code_of(gone),
+    };
     let result = (|| -> anyhow::Result<()> {
         if !guarded.is_empty() {
             let plan = StopPlan {
                 guarded: &guarded,
                 ..plan
             };
-            stop_and_write(session, plan, &mut None, |_, _, _| Ok(()))
+            stop_and_write(session, plan, &mut None, |_, _, _| Ok(Then::Resume))
                 .map_err(|e| anyhow!("{e}"))?;
         }
         let tid = session
@@ -965,12 +990,28 @@ fn release(
             }
         }
         r.finish(session, mem)?;
-        session.resume(None);
+        if then == Then::Resume {
+            session.resume(None);
+        }
         Ok(())
     })();
     if let Err(e) = result {
         tracing::warn!(pid, "releasing patch memory: {e:#}");
     }
+}
+
+/// The code of patches about to go: no thread may be in it or return into it.
+fn code_of(gone: &[FoundPatch]) -> Vec<Guarded> {
+    gone.iter()
+        .filter_map(|f| f.record.as_ref())
+        .filter(|r| r.text_end > r.text_start)
+        .map(|r| Guarded {
+            name: format!("code of patch {}", r.id),
+            start: r.text_start,
+            end: r.text_end,
+            entry_is_safe: false,
+        })
+        .collect()
 }
 
 /// Reverts patch `id` (default: the newest applied) in process `pid`. A patch left partly
@@ -1051,8 +1092,8 @@ fn revert_in(
         inject: None,
     };
     let mut session = Session::seize(pid).map_err(|e| exited_or(pid, e))?;
-    let (all_stopped_us, attempts, finish_us) = if writes.is_empty() {
-        (0, 0, 0)
+    let (all_stopped_us, attempts, finish_us, then) = if writes.is_empty() {
+        (0, 0, 0, Then::Resume)
     } else {
         privatize(mem, &writes)?;
         // Threads inside the patch's code finish there; its memory goes on release, once
@@ -1071,6 +1112,14 @@ fn revert_in(
                     )));
                 }
             }
+            // Once the detours are gone no thread can enter the patch's code: if none is in
+            // it or would return into it now (everyone is stopped), its memory can go without
+            // stopping them all again. (Checked before the injection below moves the
+            // injection thread's registers.)
+            let code = code_of(std::slice::from_ref(&f));
+            let mut checker = Checker::new(mem, &maps, &loaded, &code);
+            let inside = checker.check(session).map_err(|e| exited_or(pid, e))?;
+            let clear = inside.is_none() && !checker.saw_unknown_stack;
             // A child forked from now on runs the original code: it must not inherit the
             // patch memory either.
             madvise(
@@ -1082,14 +1131,16 @@ fn revert_in(
                 MADV_DONTFORK,
             )?;
             fault::point("revert:uninheritable");
-            write_all(mem, &writes)
+            write_all(mem, &writes)?;
+            Ok(if clear { Then::LetGo } else { Then::Resume })
         });
+        let then = result.as_ref().map_or(Then::Resume, |r| r.3);
         let t_finish = Instant::now();
-        let finished = finish_pending(&mut session, mem, pending);
+        let finished = finish_pending(&mut session, mem, pending, then);
         let finish_us = t_finish.elapsed().as_micros() as u64;
-        let (stopped, attempts, alone) = result?;
+        let (stopped, attempts, alone, then) = result?;
         finished?;
-        (stopped, attempts, finish_us + alone)
+        (stopped, attempts, finish_us + alone, then)
     };
     fault::point("revert:committed");
     let t_release = Instant::now();
@@ -1100,6 +1151,7 @@ fn revert_in(
         gadgets,
         std::slice::from_ref(&f),
         landing,
+        then,
     );
     let release_us = t_release.elapsed().as_micros() as u64;
     session.detach();
@@ -1162,16 +1214,27 @@ struct StopPlan<'a> {
     inject: Option<(i32, Gadgets)>,
 }
 
+/// What becomes of the threads after a successful stop.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Then {
+    /// They run again, still seized: a later phase stops them again.
+    Resume,
+    /// No later phase needs them: they are detached from this stop (the injection thread and
+    /// pinned ones stay), which saves stopping them all once more only to detach.
+    LetGo,
+}
+
 /// Stops the world, waits for safety (retrying with back-off), then runs `act` and lets every
-/// thread go again (they stay seized). With `plan.inject`, `act` gets a remote on that thread,
-/// left in `pending` for the caller to finish. Returns the time every thread was stopped, the
-/// number of attempts, and the time the injection thread was stopped alone before.
+/// thread go again (seized or not, as `act` says). With `plan.inject`, `act` gets a remote on
+/// that thread, left in `pending` for the caller to finish. Returns the time every thread was
+/// stopped, the number of attempts, and the time the injection thread was stopped alone
+/// before.
 fn stop_and_write(
     session: &mut Session,
     plan: StopPlan,
     pending: &mut Option<Remote>,
-    mut act: impl FnMut(&mut Session, &Memory, Option<&mut Remote>) -> Result<()>,
-) -> Result<(u64, u32, u64)> {
+    mut act: impl FnMut(&mut Session, &Memory, Option<&mut Remote>) -> Result<Then>,
+) -> Result<(u64, u32, u64, Then)> {
     let StopPlan {
         mem,
         maps,
@@ -1212,14 +1275,15 @@ fn stop_and_write(
             None => {
                 let result = act(session, mem, pending.as_mut());
                 // Success or not: let go right away; the pause ends when the last thread runs.
-                session.resume(inject.map(|(tid, _)| tid));
+                let keep = inject.map(|(tid, _)| tid);
+                match result {
+                    Ok(Then::LetGo) => session.let_go(keep),
+                    _ => session.resume(keep),
+                }
                 stopped += t.elapsed();
-                result?;
-                return Ok((
-                    stopped.as_micros() as u64,
-                    attempts,
-                    alone.as_micros() as u64,
-                ));
+                let then = result?;
+                let (stopped, alone) = (stopped.as_micros() as u64, alone.as_micros() as u64);
+                return Ok((stopped, attempts, alone, then));
             }
             Some(b) => {
                 // Nothing was injected yet: the thread's own state is back as it was.

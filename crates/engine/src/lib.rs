@@ -85,3 +85,26 @@ pub fn bare_stop(pid: i32) -> anyhow::Result<u64> {
     session.detach();
     Ok(t.elapsed().as_micros() as u64)
 }
+
+/// What one injected system call costs in process `pid` (for benchmarks): (microseconds to lay
+/// the injection frame on its main thread, microseconds of one `getpid` made by that thread
+/// through it). Every apply makes a handful of such calls; this is their unit price.
+#[doc(hidden)]
+pub fn bare_injected_call(pid: i32) -> anyhow::Result<(u64, u64)> {
+    let mut session = stop::Session::seize(pid)?;
+    session.stop_thread(pid)?;
+    let maps = procfs::read_maps(pid)?;
+    let mem = procfs::Memory::open(pid)?;
+    let gadgets = remote::find_gadgets(&mem, &maps)?;
+    let t = std::time::Instant::now();
+    let mut r = remote::Remote::new(&session, pid, &mem, &maps, gadgets)?;
+    let laid = t.elapsed().as_micros() as u64;
+    let t = std::time::Instant::now();
+    let got = r.syscall(&mut session, &mem, &maps, libc::SYS_getpid, &[]);
+    let call = t.elapsed().as_micros() as u64;
+    let finished = r.finish(&mut session, &mem);
+    session.detach();
+    anyhow::ensure!(got? == i64::from(pid), "getpid answered something else");
+    finished?;
+    Ok((laid, call))
+}

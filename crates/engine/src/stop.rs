@@ -614,6 +614,23 @@ impl Session {
         }
     }
 
+    /// Detaches, from the stop they are in, every stopped thread but `keep` (and pinned ones):
+    /// they run on untraced, and no later stop is needed to let go of them (detach needs a
+    /// stop). For the last stop an operation needs every thread in. A thread stopped by job
+    /// control stays stopped.
+    pub fn let_go(&mut self, keep: Option<i32>) {
+        let done: Vec<i32> = self
+            .tracees
+            .iter()
+            .filter(|&(&tid, t)| t.stopped && !t.pinned && Some(tid) != keep)
+            .map(|(&tid, _)| tid)
+            .collect();
+        for tid in done {
+            let _ = ptrace_req(libc::PTRACE_DETACH, tid, 0);
+            self.tracees.remove(&tid);
+        }
+    }
+
     /// Detaches from every thread; running ones are stopped first (detach needs a stop).
     pub fn detach(mut self) {
         self.detach_inner();

@@ -413,36 +413,53 @@ pub fn read_tables(
             }
         }
     }
+    // What lies outside the file is left out (the parser then says what it says of the whole
+    // file: an error for notes, nothing for unwind or section tables); only a failing read is
+    // an error here.
+    let tolerate = |r: Result<(), ModuleError>| match r {
+        Err(ModuleError::Io(e)) => Err(ModuleError::Io(e)),
+        Err(_) => Ok(false),
+        Ok(()) => Ok(true),
+    };
     for (offset, size) in wanted.drain(..) {
-        fill(&mut data, offset, size)?;
+        tolerate(fill(&mut data, offset, size))?;
     }
     if shoff == 0 {
         return Ok(data);
     }
+    // Section headers are optional at run time: a table outside the file (or malformed)
+    // leaves the module without symbols, as the parser treats it.
     // Section 0 holds the real count and string-table index when they do not fit the header.
-    fill(
-        &mut data,
-        shoff,
-        shentsize.min(file_len.saturating_sub(shoff)),
-    )?;
-    let count = {
-        let (h, endian) = header(&data)?;
-        h.shnum(endian, &*data).map_err(malformed)? as u64
+    let first = shentsize.min(file_len.saturating_sub(shoff));
+    if !tolerate(fill(&mut data, shoff, first))? {
+        return Ok(data);
+    }
+    let Ok(count) = header(&data)
+        .and_then(|(h, endian)| h.shnum(endian, &*data).map(|n| n as u64).map_err(malformed))
+    else {
+        return Ok(data);
     };
-    fill(&mut data, shoff, count.saturating_mul(shentsize))?;
+    if !tolerate(fill(&mut data, shoff, count.saturating_mul(shentsize)))? {
+        return Ok(data);
+    }
     let strings = {
         let (h, endian) = header(&data)?;
-        let shdrs = h.section_headers(endian, &*data).map_err(malformed)?;
-        let index = h.shstrndx(endian, &*data).map_err(malformed)? as usize;
-        shdrs
-            .get(index)
+        let index = h.shstrndx(endian, &*data).ok().map(|i| i as usize);
+        h.section_headers(endian, &*data)
+            .ok()
+            .zip(index)
+            .and_then(|(shdrs, i)| shdrs.get(i))
             .and_then(|sh| sh.file_range(endian))
             .unwrap_or((0, 0))
     };
-    fill(&mut data, strings.0, strings.1)?;
+    if !tolerate(fill(&mut data, strings.0, strings.1))? {
+        return Ok(data);
+    }
     {
         let (h, endian) = header(&data)?;
-        let sections = h.sections(endian, &*data).map_err(malformed)?;
+        let Ok(sections) = h.sections(endian, &*data) else {
+            return Ok(data);
+        };
         let range = |i: usize| {
             sections
                 .section(SectionIndex(i))
@@ -467,8 +484,9 @@ pub fn read_tables(
             }
         }
     }
+    // One table outside the file does not keep the others out (the parser reads each alone).
     for (offset, size) in wanted {
-        fill(&mut data, offset, size)?;
+        tolerate(fill(&mut data, offset, size))?;
     }
     Ok(data)
 }

@@ -616,6 +616,8 @@ impl Agent {
         // Files no process asked about for six passes leave the engine's caches (updated
         // packages, processes gone): the agent's memory stays what the host needs now.
         suture_engine::modules::evict_unused_files(6);
+        // Lock files of operations that were killed, for processes now gone.
+        suture_engine::lock::sweep_stale();
         self.journal.refresh()?;
         self.make_plan()?;
         let state = self.journal.state().clone();

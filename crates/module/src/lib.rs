@@ -340,6 +340,27 @@ pub fn identify(
     })
 }
 
+/// `len` zero bytes, or an error if the memory cannot be had (`vec!` would abort the process,
+/// the agent included, on a huge file under strict overcommit). Freshly mapped zero pages that
+/// are never written cost no memory.
+fn zeroed(len: usize) -> Result<Vec<u8>, ModuleError> {
+    if len == 0 {
+        return Ok(Vec::new());
+    }
+    let layout = std::alloc::Layout::array::<u8>(len)
+        .map_err(|_| ModuleError::Malformed(format!("{len} bytes")))?;
+    // SAFETY: the layout's size is non-zero. A non-null result is `len` zeroed, initialized
+    // bytes allocated by the global allocator with the layout of `[u8; len]`, which is what
+    // `Vec::from_raw_parts(ptr, len, len)` requires for `u8`.
+    unsafe {
+        let ptr = std::alloc::alloc_zeroed(layout);
+        if ptr.is_null() {
+            return Err(ModuleError::Io(format!("cannot allocate {len} bytes")));
+        }
+        Ok(Vec::from_raw_parts(ptr, len, len))
+    }
+}
+
 /// Reads the parts of a module's file that [`Module::parse`] and an unwinder look at — the ELF
 /// header, program and section headers, notes, symbol and version tables with their strings,
 /// `.eh_frame_hdr` and `.eh_frame` — through `read_at(offset, buf)` (which must fill `buf` or
@@ -351,7 +372,7 @@ pub fn read_tables(
     file_len: u64,
 ) -> Result<Vec<u8>, ModuleError> {
     let len = usize::try_from(file_len).map_err(|_| ModuleError::Malformed("size".into()))?;
-    let mut data = vec![0u8; len];
+    let mut data = zeroed(len)?;
     let fill = |data: &mut Vec<u8>, offset: u64, size: u64| -> Result<(), ModuleError> {
         let end = offset
             .checked_add(size)

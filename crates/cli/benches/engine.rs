@@ -758,27 +758,22 @@ fn client_rtt_row(d: &Path, b: &Bundle, rounds: usize, idle: usize) {
         });
         std::thread::sleep(Duration::from_secs(2)); // baseline
         let opts = ApplyOptions::default();
+        // Runs one operation and keeps its window: (start, end, kind, all-at-once, any).
+        let mut timed = |kind: &'static str, op: &dyn Fn() -> (u64, u64)| {
+            let a = t0.elapsed().as_micros() as u64;
+            let (all, any) = op();
+            windows.push((a, t0.elapsed().as_micros() as u64, kind, all, any));
+            std::thread::sleep(Duration::from_millis(50));
+        };
         for _ in 0..rounds {
-            let a = t0.elapsed().as_micros() as u64;
-            let r = suture_engine::apply(pid, b, &opts).expect("apply");
-            windows.push((
-                a,
-                t0.elapsed().as_micros() as u64,
-                "apply",
-                r.all_stopped_us,
-                r.stopped_us,
-            ));
-            std::thread::sleep(Duration::from_millis(50));
-            let a = t0.elapsed().as_micros() as u64;
-            let r = suture_engine::revert(pid, None, &opts).expect("revert");
-            windows.push((
-                a,
-                t0.elapsed().as_micros() as u64,
-                "revert",
-                r.all_stopped_us,
-                r.stopped_us,
-            ));
-            std::thread::sleep(Duration::from_millis(50));
+            timed("apply", &|| {
+                let r = suture_engine::apply(pid, b, &opts).expect("apply");
+                (r.all_stopped_us, r.stopped_us)
+            });
+            timed("revert", &|| {
+                let r = suture_engine::revert(pid, None, &opts).expect("revert");
+                (r.all_stopped_us, r.stopped_us)
+            });
         }
         stop.store(true, Ordering::Relaxed);
     });

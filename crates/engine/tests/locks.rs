@@ -6,16 +6,21 @@ use std::time::Duration;
 
 use suture_engine::lock;
 
-fn lock_files() -> Vec<String> {
-    let dir = if nix::unistd::geteuid().is_root() {
+fn lock_dir() -> std::path::PathBuf {
+    if nix::unistd::geteuid().is_root() {
         std::path::PathBuf::from("/run/suture/locks")
     } else {
         std::env::temp_dir().join(format!("suture-locks-{}", nix::unistd::geteuid()))
-    };
-    std::fs::read_dir(dir)
+    }
+}
+
+/// The lock files of process `pid`.
+fn lock_files(pid: i32) -> Vec<String> {
+    std::fs::read_dir(lock_dir())
         .map(|d| {
             d.flatten()
                 .map(|e| e.file_name().to_string_lossy().into_owned())
+                .filter(|name| name.starts_with(&format!("{pid}-")))
                 .collect()
         })
         .unwrap_or_default()
@@ -28,12 +33,6 @@ fn one_holder_at_a_time_and_no_file_left_behind() {
         .spawn()
         .unwrap();
     let pid = child.id() as i32;
-    let mine = |files: &[String]| {
-        files
-            .iter()
-            .filter(|f| f.starts_with(&format!("{pid}-")))
-            .count()
-    };
     // Eight threads take and release the same process's lock over and over: never two inside
     // at once, although every release unlinks the file the others are waiting on.
     let inside = AtomicUsize::new(0);
@@ -59,7 +58,7 @@ fn one_holder_at_a_time_and_no_file_left_behind() {
     });
     assert_eq!(taken.load(Ordering::SeqCst), 1600);
     assert_eq!(overlaps.load(Ordering::SeqCst), 0, "two holders at once");
-    assert_eq!(mine(&lock_files()), 0, "released locks leave no file");
+    assert_eq!(lock_files(pid).len(), 0, "released locks leave no file");
 
     // A holder that dies (its file stays) is swept once its process is gone, not before.
     let l = lock::lock_process(pid, Duration::from_secs(1))
@@ -68,7 +67,7 @@ fn one_holder_at_a_time_and_no_file_left_behind() {
     std::mem::forget(l); // as if killed while holding it: file and descriptor stay
     lock::sweep_stale();
     assert_eq!(
-        mine(&lock_files()),
+        lock_files(pid).len(),
         1,
         "a held lock of a live process stays"
     );
@@ -76,7 +75,7 @@ fn one_holder_at_a_time_and_no_file_left_behind() {
     child.wait().unwrap();
     lock::sweep_stale();
     assert_eq!(
-        mine(&lock_files()),
+        lock_files(pid).len(),
         1,
         "a lock still held (by us) is never swept"
     );
@@ -89,34 +88,21 @@ fn the_lock_of_a_process_that_is_gone_is_swept() {
         .spawn()
         .unwrap();
     let pid = child.id() as i32;
-    let mine = |files: &[String]| {
-        files
-            .iter()
-            .filter(|f| f.starts_with(&format!("{pid}-")))
-            .count()
-    };
     // Left by a holder that was killed: a file whose lock nobody holds.
     let l = lock::lock_process(pid, Duration::from_secs(1))
         .unwrap()
         .unwrap();
-    let held: Vec<String> = lock_files()
-        .into_iter()
-        .filter(|f| f.starts_with(&format!("{pid}-")))
-        .collect();
+    let held = lock_files(pid);
     assert_eq!(held.len(), 1);
     std::mem::forget(l);
     // Copy the file under its name with no lock on it: what a SIGKILL'ed holder leaves.
-    let dir = if nix::unistd::geteuid().is_root() {
-        std::path::PathBuf::from("/run/suture/locks")
-    } else {
-        std::env::temp_dir().join(format!("suture-locks-{}", nix::unistd::geteuid()))
-    };
+    let dir = lock_dir();
     std::fs::remove_file(dir.join(&held[0])).unwrap();
     std::fs::write(dir.join(&held[0]), b"").unwrap();
     lock::sweep_stale();
-    assert_eq!(mine(&lock_files()), 1, "the process lives: kept");
+    assert_eq!(lock_files(pid).len(), 1, "the process lives: kept");
     child.kill().unwrap();
     child.wait().unwrap();
     lock::sweep_stale();
-    assert_eq!(mine(&lock_files()), 0, "the process is gone: swept");
+    assert_eq!(lock_files(pid).len(), 0, "the process is gone: swept");
 }

@@ -398,6 +398,69 @@ fn a_thread_inside_the_patch_code_outlives_its_revert() {
     assert_eq!(t.ask("compute 2"), "7");
 }
 
+/// A process stopped by job control is not touched (nothing may run in it) and is patched
+/// once it is continued.
+#[test]
+fn a_stopped_process_is_left_alone_and_patched_once_continued() {
+    let b = build(Kind::Pie);
+    let mut t = b.start();
+    assert_eq!(t.ask("spin 2"), "ok");
+    let p1 = b
+        .work
+        .bundle("target", "p1.o", &["compute"], 1, &b.key, "p1.suture");
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(t.pid),
+        nix::sys::signal::Signal::SIGSTOP,
+    )
+    .unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(100));
+    let before = snapshot(t.pid);
+    let (ok, v) = apply(&b, &p1, t.pid);
+    assert!(!ok, "{v}");
+    assert_eq!(v["kind"], "busy", "{v}");
+    assert!(v["error"].as_str().unwrap().contains("stopped"), "{v}");
+    assert_same_memory(&before, &snapshot(t.pid));
+    let state = std::fs::read_to_string(format!("/proc/{}/stat", t.pid)).unwrap();
+    assert!(
+        state.rsplit_once(") ").unwrap().1.starts_with('T'),
+        "still stopped: {state}"
+    );
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(t.pid),
+        nix::sys::signal::Signal::SIGCONT,
+    )
+    .unwrap();
+    let (ok, v) = apply(&b, &p1, t.pid);
+    assert!(ok, "{v}");
+    assert_eq!(t.ask("compute 2"), "106");
+    // Reverting waits for it to run too, and changes nothing meanwhile.
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(t.pid),
+        nix::sys::signal::Signal::SIGSTOP,
+    )
+    .unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(100));
+    let before = snapshot(t.pid);
+    let (ok, v) = suture_json(&["revert", "--pid", &t.pid_arg()]);
+    assert!(!ok, "{v}");
+    assert_eq!(v["kind"], "busy", "{v}");
+    assert_same_memory(&before, &snapshot(t.pid));
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(t.pid),
+        nix::sys::signal::Signal::SIGCONT,
+    )
+    .unwrap();
+    assert_eq!(t.ask("compute 2"), "106");
+    let (ok, v) = suture_json(&["revert", "--pid", &t.pid_arg()]);
+    assert!(ok, "{v}");
+    assert_eq!(t.ask("compute 2"), "7");
+    assert_eq!(
+        t.ask("stats").split(' ').nth(1),
+        Some("0"),
+        "spinners saw no garbage"
+    );
+}
+
 #[test]
 fn refusals_leave_the_target_byte_identical() {
     let b = build(Kind::Pie);

@@ -437,6 +437,15 @@ fn map(session: &mut Session, p: &Prepared) -> Result<Mapped> {
         .injection_thread()
         .ok_or_else(|| exited_or(pid, anyhow!("no threads")))?;
     session.stop_thread(tid0).map_err(|e| exited_or(pid, e))?;
+    if session.job_stopped(tid0) {
+        // Nothing may run in it (injected calls would), and nothing of it runs the old code
+        // meanwhile: patch it once it runs again.
+        session.resume(None);
+        return Err(EngineError::Busy(format!(
+            "process {pid} is stopped (SIGSTOP or job control); it was not touched: patch it \
+             once it is continued"
+        )));
+    }
     let mut remote =
         Remote::new(session, tid0, &p.mem, &p.maps, p.gadgets).map_err(|e| exited_or(pid, e))?;
     let result = map_with(session, &mut remote, p);
@@ -961,6 +970,9 @@ fn release(
             .injection_thread()
             .ok_or_else(|| anyhow!("no threads"))?;
         session.stop_thread(tid)?;
+        if session.job_stopped(tid) {
+            anyhow::bail!("the process is stopped (job control); the memory goes later");
+        }
         let mut r = Remote::new(session, tid, mem, maps, gadgets)?;
         if landing != 0 {
             r.set_landing(landing);
@@ -1255,6 +1267,13 @@ fn stop_and_write(
         if let Some((tid, gadgets)) = inject {
             let t = Instant::now();
             session.stop_thread(tid).map_err(|e| exited_or(pid, e))?;
+            if session.job_stopped(tid) {
+                session.resume(None);
+                return Err(EngineError::Busy(format!(
+                    "process {pid} is stopped (SIGSTOP or job control); nothing was changed: \
+                     try again once it is continued"
+                )));
+            }
             let r = Remote::new(session, tid, mem, &maps, gadgets).map_err(|e| exited_or(pid, e));
             alone += t.elapsed();
             *pending = Some(r?);

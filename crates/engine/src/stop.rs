@@ -406,6 +406,12 @@ impl Session {
         chosen
     }
 
+    /// Whether `tid` is stopped by job control (`SIGSTOP`, Ctrl-Z): then so is the whole
+    /// process, and nothing should run in it until it is continued.
+    pub fn job_stopped(&self, tid: i32) -> bool {
+        self.tracees.get(&tid).is_some_and(|t| t.stopped && t.group)
+    }
+
     /// Stops one thread.
     pub fn stop_thread(&mut self, tid: i32) -> Result<()> {
         if self.tracees.get(&tid).is_some_and(|t| !t.stopped) {

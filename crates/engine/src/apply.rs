@@ -23,6 +23,7 @@
 //! interrupt (SIGINT/SIGTERM/SIGHUP) is honoured between phases: before commit the operation
 //! is undone, after it the operation finishes.
 
+use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::anyhow;
@@ -147,7 +148,7 @@ struct Prepared<'b> {
     /// Patch memory no detour leads into (left by interrupted operations): removed on release.
     stale: Vec<FoundPatch>,
     targets: Vec<Target>,
-    plan: Plan,
+    plan: Arc<Plan>,
     symbols: Symbols,
     unwind: Option<UnwindRegistry>,
     /// Every module of the process, for walking stacks in the commit phase.
@@ -349,7 +350,7 @@ type PreparedParts = (
     Option<PatchRecord>,
     Vec<FoundPatch>,
     Vec<Target>,
-    Plan,
+    Arc<Plan>,
     Symbols,
     Option<UnwindRegistry>,
     Vec<LoadedModule>,
@@ -400,8 +401,7 @@ fn prepare_with(
         .filter(|f| f.state == PatchState::Orphaned)
         .collect();
 
-    let plan = Plan::new(&bundle.object)
-        .map_err(|e| refused(format!("patch object cannot be loaded: {e}")))?;
+    let plan = parsed_plan(&bundle.object)?;
     let defined = plan.defined_symbols();
     let targets = locate_functions(mem, module, bundle, prev.as_ref(), &defined)?;
     let symbols = bind::resolve_bindings(pid, maps, module, bundle, &plan)?;
@@ -418,6 +418,32 @@ fn prepare_with(
     };
     let gadgets = remote::find_gadgets(mem, maps).map_err(|e| exited_or(pid, e))?;
     Ok((prev, stale, targets, plan, symbols, unwind, loaded, gadgets))
+}
+
+/// The patch object parsed for linking, once per object however many processes it goes to
+/// (`apply --all`, the agent): the same bytes always parse to the same plan.
+fn parsed_plan(object: &[u8]) -> Result<Arc<Plan>> {
+    type Plans = Mutex<Vec<(Vec<u8>, Arc<Plan>)>>;
+    static PLANS: OnceLock<Plans> = OnceLock::new();
+    let plans = PLANS.get_or_init(Default::default);
+    let known = |plans: &Plans| {
+        let list = plans.lock().unwrap_or_else(PoisonError::into_inner);
+        list.iter()
+            .find(|(o, _)| o == object)
+            .map(|(_, p)| p.clone())
+    };
+    if let Some(plan) = known(plans) {
+        return Ok(plan);
+    }
+    let plan = Arc::new(
+        Plan::new(object).map_err(|e| refused(format!("patch object cannot be loaded: {e}")))?,
+    );
+    let mut list = plans.lock().unwrap_or_else(PoisonError::into_inner);
+    if list.len() >= 8 {
+        list.remove(0); // a handful of bundles at a time is what a host deploys
+    }
+    list.push((object.to_vec(), plan.clone()));
+    Ok(plan)
 }
 
 /// What the map phase made.

@@ -149,7 +149,11 @@ fn file_bytes(pid: i32, maps: &[Mapping], addr: u64, len: usize) -> Result<Vec<u
         .iter()
         .find(|m| m.is_file() && m.contains(addr) && addr + len as u64 <= m.end)
         .ok_or_else(|| anyhow!("{addr:#x} lies outside the mapped file"))?;
-    modules::file_range(pid, m, m.offset + (addr - m.start), len)
+    let bytes = modules::file_range(pid, m, m.offset + (addr - m.start), len)?;
+    if bytes.len() < len {
+        bail!("{addr:#x} lies past the end of {}", m.path);
+    }
+    Ok(bytes)
 }
 
 /// Are the instructions that start in the first `window` bytes of `code` (at `ip`) all

@@ -425,13 +425,22 @@ pub fn facts(pid: i32, mapping: &Mapping) -> Result<Arc<ModuleFacts>> {
     })
 }
 
-/// `len` bytes at `offset` of the file behind `mapping` in process `pid`, read now (for code,
-/// which [`facts`] leaves out).
+/// Up to `len` bytes at `offset` of the file behind `mapping` in process `pid`, read now (for
+/// code, which [`facts`] leaves out); fewer where the file ends (a mapping's last page may
+/// reach past it).
 pub fn file_range(pid: i32, mapping: &Mapping, offset: u64, len: usize) -> Result<Vec<u8>> {
     let file = find_mapped(pid, mapping)?.open()?;
     let mut buf = vec![0u8; len];
-    file.read_exact_at(&mut buf, offset)
-        .with_context(|| format!("cannot read {}", mapping.path))?;
+    let mut got = 0;
+    while got < len {
+        match file.read_at(&mut buf[got..], offset + got as u64) {
+            Ok(0) => break,
+            Ok(n) => got += n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e).with_context(|| format!("cannot read {}", mapping.path)),
+        }
+    }
+    buf.truncate(got);
     Ok(buf)
 }
 

@@ -376,22 +376,42 @@ fn apply_all(j: bool, b: &Bundle, opts: &ApplyOptions, jobs: Option<usize>) -> R
     let build_id = hex::decode(&b.manifest.module.build_id)
         .map_err(|_| anyhow!("bundle has an invalid build-id"))?;
     let all = suture_engine::processes_mapping(&build_id)?;
-    // Re-running --all (new processes started since) must not fail on the ones already done.
-    let sha = b.content_address();
-    let (skipped, pids): (Vec<i32>, Vec<i32>) = all.into_iter().partition(|&pid| {
-        suture_engine::status(pid)
-            .map(|ps| ps.iter().any(|p| p.bundle_sha256 == sha))
-            .unwrap_or(false)
-    });
-    if pids.is_empty() {
+    if all.is_empty() {
         if j {
-            output::json(&json!({"ok": true, "results": [], "failures": [],
-                "skipped": skipped.iter().map(|p| json!({"pid": p, "reason": "already carries this patch"})).collect::<Vec<_>>()}));
-        } else if skipped.is_empty() {
+            output::json(&json!({"ok": true, "results": [], "failures": [], "skipped": []}));
+        } else {
             println!(
                 "no running process maps {} ({})",
                 b.manifest.module.name, b.manifest.module.build_id
             );
+        }
+        return Ok(0);
+    }
+    // Re-running --all (new processes started since) must not fail on the ones already done;
+    // each worker looks first (in parallel: on a host of a thousand processes the look costs
+    // as much as a third of the whole run done one by one).
+    let sha = b.content_address();
+    let started = std::time::Instant::now();
+    let mut results = for_all(&all, jobs, j, |pid| {
+        let carries = suture_engine::status(pid)
+            .map(|ps| ps.iter().any(|p| p.bundle_sha256 == sha))
+            .unwrap_or(false);
+        if carries {
+            return Ok(None);
+        }
+        suture_engine::apply(pid, b, opts).map(Some)
+    });
+    let elapsed = started.elapsed();
+    results.sort_by_key(|(pid, _)| *pid);
+    let skipped: Vec<i32> = results
+        .iter()
+        .filter(|(_, r)| matches!(r, Ok(None)))
+        .map(|(pid, _)| *pid)
+        .collect();
+    if skipped.len() == results.len() {
+        if j {
+            output::json(&json!({"ok": true, "results": [], "failures": [],
+                "skipped": skipped.iter().map(|p| json!({"pid": p, "reason": "already carries this patch"})).collect::<Vec<_>>()}));
         } else {
             println!(
                 "all {} process(es) mapping {} already carry this patch",
@@ -401,10 +421,14 @@ fn apply_all(j: bool, b: &Bundle, opts: &ApplyOptions, jobs: Option<usize>) -> R
         }
         return Ok(0);
     }
-    let started = std::time::Instant::now();
-    let mut results = for_all(&pids, jobs, j, |pid| suture_engine::apply(pid, b, opts));
-    let elapsed = started.elapsed();
-    results.sort_by_key(|(pid, _)| *pid);
+    let results: Vec<(i32, std::result::Result<ApplyReport, EngineError>)> = results
+        .into_iter()
+        .filter_map(|(pid, r)| match r {
+            Ok(None) => None,
+            Ok(Some(report)) => Some((pid, Ok(report))),
+            Err(e) => Some((pid, Err(e))),
+        })
+        .collect();
     let ok: Vec<&ApplyReport> = results
         .iter()
         .filter_map(|(_, r)| r.as_ref().ok())

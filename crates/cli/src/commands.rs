@@ -597,8 +597,13 @@ fn for_all<T: Send>(
 fn revert_all(j: bool, id: Option<&str>, opts: &ApplyOptions, jobs: Option<usize>) -> Result<i32> {
     // Every (process, patch) pair to take out: the named patch, or every patch.
     let mut work: Vec<(i32, String)> = Vec::new();
-    for pid in suture_engine::procfs::all_pids()? {
-        let Ok(found) = suture_engine::inspect(pid) else {
+    // Every process is looked at (its maps and patch records), in parallel.
+    let mut seen = for_all(&suture_engine::procfs::all_pids()?, jobs, true, |pid| {
+        suture_engine::inspect(pid).map_err(EngineError::Failed)
+    });
+    seen.sort_by_key(|(pid, _)| *pid);
+    for (pid, found) in seen {
+        let Ok(found) = found else {
             continue;
         };
         for f in found {

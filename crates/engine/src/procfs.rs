@@ -165,11 +165,26 @@ pub struct Memory {
 
 impl Memory {
     pub fn open(pid: i32) -> Result<Memory> {
-        let file = std::fs::OpenOptions::new()
+        let file = match std::fs::OpenOptions::new()
             .read(true)
             .write(true)
             .open(format!("/proc/{pid}/mem"))
-            .with_context(|| format!("process {pid}: cannot open its memory (are you root?)"))?;
+        {
+            Ok(f) => f,
+            // No memory to open while the process lives: it is between the two programs of
+            // an exec (or dying, which the caller finds out).
+            Err(e) if e.raw_os_error() == Some(libc::ESRCH) && exists(pid) && !is_zombie(pid) => {
+                return Err(anyhow::Error::new(crate::stop::ProcessExeced { pid }))
+            }
+            Err(e) if e.raw_os_error() == Some(libc::ESRCH) => {
+                return Err(anyhow::Error::new(crate::stop::ProcessGone { pid }))
+            }
+            Err(e) => {
+                return Err(e).with_context(|| {
+                    format!("process {pid}: cannot open its memory (are you root?)")
+                })
+            }
+        };
         Ok(Memory { pid, file })
     }
 

@@ -828,18 +828,15 @@ fn client_rtt_row(d: &Path, b: &Bundle, rounds: usize, idle: usize) {
         .collect();
     let (b50, b90) = (pct(base_worsts.clone(), 50), pct(base_worsts, 90));
     let (o50, o90) = (pct(ops.clone(), 50), pct(ops, 90));
-    let apply_all = windows
-        .iter()
-        .filter(|w| w.2 == "apply")
-        .map(|w| w.3)
-        .max()
-        .unwrap_or(0);
-    let apply_any = windows
-        .iter()
-        .filter(|w| w.2 == "apply")
-        .map(|w| w.4)
-        .max()
-        .unwrap_or(0);
+    let largest = |field: fn(&(u64, u64, &str, u64, u64)) -> u64| {
+        windows
+            .iter()
+            .filter(|w| w.2 == "apply")
+            .map(field)
+            .max()
+            .unwrap_or(0)
+    };
+    let (apply_all, apply_any) = (largest(|w| w.3), largest(|w| w.4));
     let mut sorted = baseline.clone();
     sorted.sort_unstable();
     let (bmed, bp99, bmax) = (

@@ -398,6 +398,10 @@ fn a_thread_inside_the_patch_code_outlives_its_revert() {
     assert_eq!(t.ask("compute 2"), "7");
 }
 
+fn signal(pid: i32, sig: nix::sys::signal::Signal) {
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), sig).unwrap();
+}
+
 /// A process stopped by job control is not touched (nothing may run in it) and is patched
 /// once it is continued.
 #[test]
@@ -408,11 +412,7 @@ fn a_stopped_process_is_left_alone_and_patched_once_continued() {
     let p1 = b
         .work
         .bundle("target", "p1.o", &["compute"], 1, &b.key, "p1.suture");
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(t.pid),
-        nix::sys::signal::Signal::SIGSTOP,
-    )
-    .unwrap();
+    signal(t.pid, nix::sys::signal::Signal::SIGSTOP);
     std::thread::sleep(std::time::Duration::from_millis(100));
     let before = snapshot(t.pid);
     let (ok, v) = apply(&b, &p1, t.pid);
@@ -425,31 +425,19 @@ fn a_stopped_process_is_left_alone_and_patched_once_continued() {
         state.rsplit_once(") ").unwrap().1.starts_with('T'),
         "still stopped: {state}"
     );
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(t.pid),
-        nix::sys::signal::Signal::SIGCONT,
-    )
-    .unwrap();
+    signal(t.pid, nix::sys::signal::Signal::SIGCONT);
     let (ok, v) = apply(&b, &p1, t.pid);
     assert!(ok, "{v}");
     assert_eq!(t.ask("compute 2"), "106");
     // Reverting waits for it to run too, and changes nothing meanwhile.
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(t.pid),
-        nix::sys::signal::Signal::SIGSTOP,
-    )
-    .unwrap();
+    signal(t.pid, nix::sys::signal::Signal::SIGSTOP);
     std::thread::sleep(std::time::Duration::from_millis(100));
     let before = snapshot(t.pid);
     let (ok, v) = suture_json(&["revert", "--pid", &t.pid_arg()]);
     assert!(!ok, "{v}");
     assert_eq!(v["kind"], "busy", "{v}");
     assert_same_memory(&before, &snapshot(t.pid));
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(t.pid),
-        nix::sys::signal::Signal::SIGCONT,
-    )
-    .unwrap();
+    signal(t.pid, nix::sys::signal::Signal::SIGCONT);
     assert_eq!(t.ask("compute 2"), "106");
     let (ok, v) = suture_json(&["revert", "--pid", &t.pid_arg()]);
     assert!(ok, "{v}");

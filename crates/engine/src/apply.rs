@@ -878,7 +878,7 @@ fn commit(
     };
     let mut pending = None;
     let plan = StopPlan {
-        inject: injection(session, p.gadgets)?,
+        inject: Some(injection(session, p.gadgets)?),
         ..plan
     };
     let result = stop_and_write(session, plan, &mut pending, |session, mem, remote| {
@@ -915,11 +915,11 @@ fn commit(
 }
 
 /// The thread a stop acts through, and the code it uses.
-fn injection(session: &Session, gadgets: Gadgets) -> Result<Option<(i32, Gadgets)>> {
+fn injection(session: &Session, gadgets: Gadgets) -> Result<(i32, Gadgets)> {
     let tid = session
         .injection_thread()
         .ok_or_else(|| exited_or(session.pid(), anyhow!("no threads")))?;
-    Ok(Some((tid, gadgets)))
+    Ok((tid, gadgets))
 }
 
 /// Changes whether `fork` children inherit the patch memory, through the remote the stop laid
@@ -1138,7 +1138,7 @@ fn revert_in(
         // none is left in it.
         let mut pending = None;
         let plan = StopPlan {
-            inject: injection(&session, gadgets)?,
+            inject: Some(injection(&session, gadgets)?),
             ..plan
         };
         let result = stop_and_write(&mut session, plan, &mut pending, |session, mem, remote| {

@@ -26,11 +26,24 @@ impl Drop for ProcessLock {
     }
 }
 
-fn lock_dir() -> PathBuf {
+/// Where the lock files are (per user when not root).
+#[doc(hidden)]
+pub fn lock_dir() -> PathBuf {
     if nix::unistd::geteuid().is_root() {
         PathBuf::from("/run/suture/locks")
     } else {
         std::env::temp_dir().join(format!("suture-locks-{}", nix::unistd::geteuid()))
+    }
+}
+
+/// Takes the exclusive lock on `file` if nobody holds it.
+fn try_flock(file: &File) -> bool {
+    // SAFETY: flock on a descriptor the caller owns; it touches no memory.
+    unsafe {
+        libc::flock(
+            std::os::fd::AsRawFd::as_raw_fd(file),
+            libc::LOCK_EX | libc::LOCK_NB,
+        ) == 0
     }
 }
 
@@ -65,14 +78,7 @@ pub fn lock_process(pid: i32, wait: Duration) -> Result<Result<ProcessLock, Stri
             .open(&path)
             .with_context(|| format!("cannot open {}", path.display()))?;
         loop {
-            // SAFETY: flock on a descriptor we own.
-            let r = unsafe {
-                libc::flock(
-                    std::os::fd::AsRawFd::as_raw_fd(&file),
-                    libc::LOCK_EX | libc::LOCK_NB,
-                )
-            };
-            if r == 0 {
+            if try_flock(&file) {
                 break;
             }
             if Instant::now() >= deadline {
@@ -116,14 +122,7 @@ pub fn sweep_stale() {
         else {
             continue;
         };
-        // SAFETY: flock on a descriptor we own.
-        let free = unsafe {
-            libc::flock(
-                std::os::fd::AsRawFd::as_raw_fd(&file),
-                libc::LOCK_EX | libc::LOCK_NB,
-            )
-        } == 0;
-        if free && still_named(&file, &path) {
+        if try_flock(&file) && still_named(&file, &path) {
             let _ = std::fs::remove_file(&path);
         }
     }

@@ -6,17 +6,9 @@ use std::time::Duration;
 
 use suture_engine::lock;
 
-fn lock_dir() -> std::path::PathBuf {
-    if nix::unistd::geteuid().is_root() {
-        std::path::PathBuf::from("/run/suture/locks")
-    } else {
-        std::env::temp_dir().join(format!("suture-locks-{}", nix::unistd::geteuid()))
-    }
-}
-
 /// The lock files of process `pid`.
 fn lock_files(pid: i32) -> Vec<String> {
-    std::fs::read_dir(lock_dir())
+    std::fs::read_dir(lock::lock_dir())
         .map(|d| {
             d.flatten()
                 .map(|e| e.file_name().to_string_lossy().into_owned())
@@ -96,7 +88,7 @@ fn the_lock_of_a_process_that_is_gone_is_swept() {
     assert_eq!(held.len(), 1);
     std::mem::forget(l);
     // Copy the file under its name with no lock on it: what a SIGKILL'ed holder leaves.
-    let dir = lock_dir();
+    let dir = lock::lock_dir();
     std::fs::remove_file(dir.join(&held[0])).unwrap();
     std::fs::write(dir.join(&held[0]), b"").unwrap();
     lock::sweep_stale();

@@ -1,26 +1,16 @@
 //! The header-only reader (`identify`) against the full parser, on real files: it must give
 //! the same identity while reading a few KB, whatever the size of the file.
 
-use std::cell::Cell;
-use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use suture_module::*;
 
+mod common;
+
 /// `identify` through `pread` on the file, counting the bytes it asked for.
 fn identify_file(path: &Path) -> (Result<Identity, ModuleError>, u64) {
-    let file = std::fs::File::open(path).unwrap();
-    let len = file.metadata().unwrap().len();
-    let read = Cell::new(0u64);
-    let id = identify(
-        &|offset, buf: &mut [u8]| {
-            read.set(read.get() + buf.len() as u64);
-            file.read_exact_at(buf, offset)
-        },
-        len,
-    );
-    (id, read.get())
+    common::through_pread(path, |read_at, len| identify(read_at, len))
 }
 
 /// The identity as the full parser sees it.

@@ -2,25 +2,15 @@
 //! parser must see the same module (symbols, versions, build-id, unwind tables) while only a
 //! fraction of a big library is read.
 
-use std::cell::Cell;
-use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
 use suture_module::*;
 
+mod common;
+
 /// `read_tables` through `pread` on the file, counting the bytes it asked for.
 fn tables_of(path: &Path) -> (Result<Vec<u8>, ModuleError>, u64) {
-    let file = std::fs::File::open(path).unwrap();
-    let len = file.metadata().unwrap().len();
-    let read = Cell::new(0u64);
-    let data = read_tables(
-        &|offset, buf: &mut [u8]| {
-            read.set(read.get() + buf.len() as u64);
-            file.read_exact_at(buf, offset)
-        },
-        len,
-    );
-    (data, read.get())
+    common::through_pread(path, |read_at, len| read_tables(read_at, len))
 }
 
 /// Everything the engine takes from a parsed module.

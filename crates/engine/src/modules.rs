@@ -41,8 +41,8 @@ pub struct ModuleFacts {
     pub unwind: Option<crate::unwind::UnwindTables>,
     /// The file's bytes where [`suture_module::read_tables`] read them; zero elsewhere.
     data: Vec<u8>,
-    /// The symbols of the one parse, so lookups never parse the file again.
-    symbols: Vec<Symbol>,
+    /// Read from `data` when first asked (see [`ModuleFacts::symbols`]), once.
+    symbols: OnceLock<Vec<Symbol>>,
     exports: OnceLock<HashMap<Box<str>, Export>>,
     /// Lookups answered by a scan so far (see [`ModuleFacts::export`]).
     lookups: std::sync::atomic::AtomicU32,
@@ -61,13 +61,13 @@ pub struct Export {
 
 impl ModuleFacts {
     fn read(data: Vec<u8>) -> Result<ModuleFacts> {
-        let module = Module::parse(&data)?;
+        let module = Module::parse_layout(&data)?;
         let build_id = module.build_id().map(<[u8]>::to_vec);
         let kind = module.kind();
         let segments = module.load_segments().to_vec();
         let tls = module.tls_segment();
         let unwind = crate::unwind::tables(&module, &data);
-        let symbols = module.into_symbols();
+        drop(module);
         Ok(ModuleFacts {
             build_id,
             kind,
@@ -75,10 +75,23 @@ impl ModuleFacts {
             tls,
             unwind,
             data,
-            symbols,
+            symbols: OnceLock::new(),
             exports: OnceLock::new(),
             lookups: Default::default(),
         })
+    }
+
+    /// The module's symbols, read on first use: most modules of a process are only walked
+    /// through (unwinding a stack) and never pay for theirs (libc: 3,000, a `String` each).
+    fn symbols(&self) -> &[Symbol] {
+        self.symbols
+            .get_or_init(|| match suture_module::read_symbols(&self.data) {
+                Ok((symbols, _)) => symbols,
+                Err(e) => {
+                    tracing::debug!(error = %e, "a module's symbol table is unusable: no symbols");
+                    Vec::new()
+                }
+            })
     }
 
     /// The file as [`suture_module::read_tables`] read it: headers and tables, not code.
@@ -89,7 +102,7 @@ impl ModuleFacts {
     /// The one function named `name` in the module's full symbol table (exported or not), for
     /// what a static executable links in but exports nowhere.
     pub fn function(&self, name: &str) -> Option<u64> {
-        match suture_module::lookup_in(&self.symbols, name) {
+        match suture_module::lookup_in(self.symbols(), name) {
             suture_module::Lookup::Unique(s) if matches!(s.kind, SymbolKind::Function) => {
                 Some(s.address)
             }
@@ -99,22 +112,27 @@ impl ModuleFacts {
 
     /// The exported definition of `name`, if this module has one.
     pub fn export(&self, name: &str) -> Option<Export> {
-        // A one-off command asks a few names: scanning beats building the map (libc: ~3,000
-        // entries, most of a millisecond). A long-lived caller gets the map.
+        // A one-off command asks a few names: a lookup each beats building the map (libc:
+        // ~3,000 entries, most of a millisecond). A long-lived caller gets the map.
         if self.exports.get().is_none()
             && self
                 .lookups
                 .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
                 < SCANNED_LOOKUPS
         {
-            return suture_module::lookup_dynamic_in(&self.symbols, name).map(|found| Export {
+            let export = |found: &Symbol| Export {
                 address: found.address,
                 ifunc: matches!(found.kind, SymbolKind::Ifunc),
                 weak: matches!(found.binding, SymbolBinding::Weak),
-            });
+            };
+            // Through the GNU hash table, as the loader does, without reading every symbol.
+            if let Some(found) = suture_module::lookup_dynamic_hashed(&self.data, name) {
+                return found.as_ref().map(export);
+            }
+            return suture_module::lookup_dynamic_in(self.symbols(), name).map(export);
         }
         let exports = self.exports.get_or_init(|| {
-            let chosen = suture_module::dynamic_exports_in(&self.symbols);
+            let chosen = suture_module::dynamic_exports_in(self.symbols());
             let mut map = HashMap::with_capacity(chosen.len());
             for (name, found) in chosen {
                 let export = Export {

@@ -7,7 +7,8 @@
 //! every offset and size is checked, nothing panics.
 
 use object::elf;
-use object::read::elf::{FileHeader, ProgramHeader, SectionHeader, Sym};
+use object::elf::Sym64;
+use object::read::elf::{FileHeader, ProgramHeader, SectionHeader, SectionTable, Sym};
 use object::{Endianness, SectionIndex, SymbolIndex};
 
 type Header = elf::FileHeader64<Endianness>;
@@ -442,8 +443,10 @@ pub fn read_tables(
         Err(_) => Ok(false),
         Ok(()) => Ok(true),
     };
-    for (offset, size) in wanted.drain(..) {
+    let mut read: Vec<(u64, u64)> = Vec::new();
+    for (offset, size) in coalesce(std::mem::take(&mut wanted), file_len) {
         tolerate(fill(&mut data, offset, size))?;
+        read.push((offset, size));
     }
     if shoff == 0 {
         return Ok(data);
@@ -460,7 +463,8 @@ pub fn read_tables(
     else {
         return Ok(data);
     };
-    if !tolerate(fill(&mut data, shoff, count.saturating_mul(shentsize)))? {
+    let rest = count.saturating_mul(shentsize).saturating_sub(first);
+    if !tolerate(fill(&mut data, shoff + first, rest))? {
         return Ok(data);
     }
     let strings = {
@@ -492,6 +496,7 @@ pub fn read_tables(
             let with_link = match sh.sh_type(endian) {
                 elf::SHT_SYMTAB
                 | elf::SHT_DYNSYM
+                | elf::SHT_GNU_HASH
                 | elf::SHT_GNU_VERSYM
                 | elf::SHT_GNU_VERDEF
                 | elf::SHT_GNU_VERNEED => true,
@@ -505,15 +510,194 @@ pub fn read_tables(
             }
         }
     }
-    // One table outside the file does not keep the others out (the parser reads each alone).
-    for (offset, size) in wanted {
+    // Tables share bytes (a symbol table's strings are a version table's too) and lie side by
+    // side (libc's dynamic symbols, strings and versions): each byte is read once, in as few
+    // reads as there are runs of tables.
+    let within = |&(o, s): &(u64, u64)| read.iter().any(|&(ro, rs)| o >= ro && o + s <= ro + rs);
+    wanted.retain(|r| !within(r));
+    for (offset, size) in coalesce(wanted, file_len) {
         tolerate(fill(&mut data, offset, size))?;
     }
     Ok(data)
 }
 
+/// Gaps this small between two tables are read rather than paid for with another system call.
+const READ_GAP: u64 = 4096;
+
+/// The ranges in the file, merged where they overlap or lie within [`READ_GAP`] of each other.
+/// Ranges reaching past the end are kept as they are, alone: their read fails (and is
+/// tolerated) without keeping a neighbour out.
+fn coalesce(mut ranges: Vec<(u64, u64)>, file_len: u64) -> Vec<(u64, u64)> {
+    let inside = |&(o, s): &(u64, u64)| o.checked_add(s).is_some_and(|end| end <= file_len);
+    let (mut merged, outside): (Vec<_>, Vec<_>) = ranges.drain(..).partition(inside);
+    merged.retain(|&(_, s)| s > 0);
+    merged.sort_unstable();
+    let mut out: Vec<(u64, u64)> = Vec::with_capacity(merged.len() + outside.len());
+    for (o, s) in merged {
+        match out.last_mut() {
+            Some((lo, ls)) if o <= *lo + *ls + READ_GAP => *ls = (*ls).max(o + s - *lo),
+            _ => out.push((o, s)),
+        }
+    }
+    out.extend(outside);
+    out
+}
+
+/// The defined symbols of a module's `.symtab` and `.dynsym` (see [`Module::symbols`]), and
+/// whether it has a `.symtab`; none for a module without section headers.
+pub fn read_symbols(data: &[u8]) -> Result<(Vec<Symbol>, bool), ModuleError> {
+    let (h, endian) = header(data)?;
+    match h.sections(endian, data) {
+        Ok(sections) => symbols_of(&sections, endian, data),
+        Err(_) => Ok((Vec::new(), false)),
+    }
+}
+
+/// The kind and binding of a defined symbol; `None` for what is not one (undefined, section
+/// and file symbols, reserved section indexes, unknown bindings).
+fn classify(sym: &Sym64<Endianness>, endian: Endianness) -> Option<(SymbolKind, SymbolBinding)> {
+    let shndx = sym.st_shndx(endian);
+    if shndx == elf::SHN_UNDEF
+        || (shndx >= elf::SHN_LORESERVE && shndx != elf::SHN_ABS && shndx != elf::SHN_XINDEX)
+    {
+        return None;
+    }
+    let kind = match sym.st_type() {
+        elf::STT_FUNC => SymbolKind::Function,
+        elf::STT_GNU_IFUNC => SymbolKind::Ifunc,
+        elf::STT_OBJECT | elf::STT_COMMON => SymbolKind::Object,
+        elf::STT_TLS => SymbolKind::Tls,
+        elf::STT_SECTION | elf::STT_FILE => return None,
+        _ => SymbolKind::Other,
+    };
+    let binding = match sym.st_bind() {
+        elf::STB_GLOBAL | elf::STB_GNU_UNIQUE => SymbolBinding::Global,
+        elf::STB_WEAK => SymbolBinding::Weak,
+        elf::STB_LOCAL => SymbolBinding::Local,
+        _ => return None,
+    };
+    Some((kind, binding))
+}
+
+/// The exported definition of `name` that [`lookup_dynamic_in`] finds among all the module's
+/// symbols, found through its GNU hash table instead (what the dynamic loader does): a
+/// one-off lookup in libc costs a few chain entries, not a read of its 3,000 symbols.
+/// `None` when the module has no usable GNU hash table (read the symbols then).
+pub fn lookup_dynamic_hashed(data: &[u8], name: &str) -> Option<Option<Symbol>> {
+    let (h, endian) = header(data).ok()?;
+    let sections = h.sections(endian, data).ok()?;
+    let (table, link) = sections.gnu_hash(endian, data).ok()??;
+    if sections.section(link).ok()?.sh_type(endian) != elf::SHT_DYNSYM {
+        return None;
+    }
+    let symbols = sections.symbol_table_by_index(endian, data, link).ok()?;
+    let versions = sections.versions(endian, data).ok()?.unwrap_or_default();
+    let raw = name.as_bytes();
+    let hash = elf::gnu_hash(raw);
+    // The default version first (`versions` skips hidden ones), else any (an empty table
+    // hides nothing): the order `lookup_dynamic_in` prefers.
+    let Some((index, sym)) = table
+        .find(endian, raw, hash, None, &symbols, &versions)
+        .or_else(|| table.find(endian, raw, hash, None, &symbols, &Default::default()))
+    else {
+        return Some(None);
+    };
+    let found = classify(sym, endian)
+        .filter(|&(_, binding)| binding != SymbolBinding::Local)
+        .map(|(kind, binding)| Symbol {
+            name: name.to_string(),
+            address: sym.st_value(endian),
+            size: sym.st_size(endian),
+            kind,
+            binding,
+            source: SymbolSource::Dynsym,
+            hidden_version: versions.version_index(endian, index).is_hidden(),
+            exported: true,
+        });
+    Some(found)
+}
+
+fn symbols_of<'data>(
+    sections: &SectionTable<'data, Header>,
+    endian: Endianness,
+    data: &'data [u8],
+) -> Result<(Vec<Symbol>, bool), ModuleError> {
+    let mut symbols = Vec::new();
+    // Keyed by the name's bytes in the string table: no allocation per symbol.
+    let mut in_symtab: std::collections::HashMap<(&[u8], u64), usize> =
+        std::collections::HashMap::new();
+    let mut has_symtab = false;
+    for (sh_type, source) in [
+        (elf::SHT_SYMTAB, SymbolSource::Symtab),
+        (elf::SHT_DYNSYM, SymbolSource::Dynsym),
+    ] {
+        let table = sections.symbols(endian, data, sh_type).map_err(malformed)?;
+        if table.is_empty() {
+            continue;
+        }
+        if source == SymbolSource::Symtab {
+            has_symtab = true;
+        }
+        let versions = if source == SymbolSource::Dynsym {
+            sections.versions(endian, data).ok().flatten()
+        } else {
+            None
+        };
+        for (index, sym) in table.iter().enumerate() {
+            let Some((kind, binding)) = classify(sym, endian) else {
+                continue;
+            };
+            let Ok(raw) = table.symbol_name(endian, sym) else {
+                continue;
+            };
+            if raw.is_empty() {
+                continue;
+            }
+            let Ok(name) = std::str::from_utf8(raw) else {
+                continue;
+            };
+            let hidden_version = versions
+                .as_ref()
+                .map(|v| v.version_index(endian, SymbolIndex(index)).is_hidden())
+                .unwrap_or(false);
+            let s = Symbol {
+                name: name.to_string(),
+                address: sym.st_value(endian),
+                size: sym.st_size(endian),
+                kind,
+                binding,
+                source,
+                hidden_version,
+                exported: source == SymbolSource::Dynsym,
+            };
+            // .dynsym mostly repeats .symtab: one entry (the symtab one, which has the
+            // sizes of locals) that says it is exported too.
+            if source == SymbolSource::Symtab {
+                in_symtab.insert((raw, s.address), symbols.len());
+            } else if let Some(&i) = in_symtab.get(&(raw, s.address)) {
+                let o: &mut Symbol = &mut symbols[i];
+                if o.kind == s.kind {
+                    o.exported = true;
+                    o.hidden_version = s.hidden_version;
+                    continue;
+                }
+            }
+            symbols.push(s);
+        }
+    }
+    Ok((symbols, has_symtab))
+}
+
 impl<'data> Module<'data> {
     pub fn parse(data: &'data [u8]) -> Result<Self, ModuleError> {
+        let mut module = Self::parse_layout(data)?;
+        (module.symbols, module.has_symtab) = read_symbols(data)?;
+        Ok(module)
+    }
+
+    /// Everything but the symbols, which cost most of a parse (a `String` each: libc has
+    /// 3,000): [`Module::symbols`] is empty; [`read_symbols`] reads them when they are needed.
+    pub fn parse_layout(data: &'data [u8]) -> Result<Self, ModuleError> {
         let (h, endian) = header(data)?;
         let kind = kind_of(h, endian)?;
         let phdrs = h.program_headers(endian, data).map_err(malformed)?;
@@ -523,94 +707,12 @@ impl<'data> Module<'data> {
             eh_frame_hdr,
         } = segments_of(phdrs, endian);
         let build_id = build_id_of(h, endian, data)?;
-        let mut symbols = Vec::new();
-        // Keyed by the name's bytes in the string table: no allocation per symbol.
-        let mut in_symtab: std::collections::HashMap<(&[u8], u64), usize> =
-            std::collections::HashMap::new();
-        let mut has_symtab = false;
         let mut eh_frame = None;
         // Section headers are optional at run time; a module without them has no symbols.
         if let Ok(sections) = h.sections(endian, data) {
             for sh in sections.iter() {
                 if sections.section_name(endian, sh).ok() == Some(b".eh_frame".as_slice()) {
                     eh_frame = Some((sh.sh_addr(endian), sh.sh_size(endian)));
-                }
-            }
-            for (sh_type, source) in [
-                (elf::SHT_SYMTAB, SymbolSource::Symtab),
-                (elf::SHT_DYNSYM, SymbolSource::Dynsym),
-            ] {
-                let table = sections.symbols(endian, data, sh_type).map_err(malformed)?;
-                if table.is_empty() {
-                    continue;
-                }
-                if source == SymbolSource::Symtab {
-                    has_symtab = true;
-                }
-                let versions = if source == SymbolSource::Dynsym {
-                    sections.versions(endian, data).ok().flatten()
-                } else {
-                    None
-                };
-                for (index, sym) in table.iter().enumerate() {
-                    let shndx = sym.st_shndx(endian);
-                    if shndx == elf::SHN_UNDEF
-                        || (shndx >= elf::SHN_LORESERVE
-                            && shndx != elf::SHN_ABS
-                            && shndx != elf::SHN_XINDEX)
-                    {
-                        continue;
-                    }
-                    let kind = match sym.st_type() {
-                        elf::STT_FUNC => SymbolKind::Function,
-                        elf::STT_GNU_IFUNC => SymbolKind::Ifunc,
-                        elf::STT_OBJECT | elf::STT_COMMON => SymbolKind::Object,
-                        elf::STT_TLS => SymbolKind::Tls,
-                        elf::STT_SECTION | elf::STT_FILE => continue,
-                        _ => SymbolKind::Other,
-                    };
-                    let binding = match sym.st_bind() {
-                        elf::STB_GLOBAL | elf::STB_GNU_UNIQUE => SymbolBinding::Global,
-                        elf::STB_WEAK => SymbolBinding::Weak,
-                        elf::STB_LOCAL => SymbolBinding::Local,
-                        _ => continue,
-                    };
-                    let Ok(raw) = table.symbol_name(endian, sym) else {
-                        continue;
-                    };
-                    if raw.is_empty() {
-                        continue;
-                    }
-                    let Ok(name) = std::str::from_utf8(raw) else {
-                        continue;
-                    };
-                    let hidden_version = versions
-                        .as_ref()
-                        .map(|v| v.version_index(endian, SymbolIndex(index)).is_hidden())
-                        .unwrap_or(false);
-                    let s = Symbol {
-                        name: name.to_string(),
-                        address: sym.st_value(endian),
-                        size: sym.st_size(endian),
-                        kind,
-                        binding,
-                        source,
-                        hidden_version,
-                        exported: source == SymbolSource::Dynsym,
-                    };
-                    // .dynsym mostly repeats .symtab: one entry (the symtab one, which has the
-                    // sizes of locals) that says it is exported too.
-                    if source == SymbolSource::Symtab {
-                        in_symtab.insert((raw, s.address), symbols.len());
-                    } else if let Some(&i) = in_symtab.get(&(raw, s.address)) {
-                        let o: &mut Symbol = &mut symbols[i];
-                        if o.kind == s.kind {
-                            o.exported = true;
-                            o.hidden_version = s.hidden_version;
-                            continue;
-                        }
-                    }
-                    symbols.push(s);
                 }
             }
         }
@@ -622,8 +724,8 @@ impl<'data> Module<'data> {
             build_id,
             segments,
             tls,
-            symbols,
-            has_symtab,
+            symbols: Vec::new(),
+            has_symtab: false,
         })
     }
 
@@ -675,11 +777,6 @@ impl<'data> Module<'data> {
 
     pub fn symbols(&self) -> &[Symbol] {
         &self.symbols
-    }
-
-    /// The symbols, for keeping them after the file's bytes are dropped or moved.
-    pub fn into_symbols(self) -> Vec<Symbol> {
-        self.symbols
     }
 
     /// Which definition a reference to `name` means (see [`lookup_in`]).
@@ -780,9 +877,6 @@ pub fn lookup_in<'a>(symbols: &'a [Symbol], name: &str) -> Lookup<'a> {
     }
 }
 
-/// Every name the module exports (its dynamic symbol table), each with the definition
-/// [`Module::lookup_dynamic`] would give: the default version where there are several.
-/// One pass, for modules with tens of thousands of symbols.
 /// The exported definition of `name` among `symbols` (the one [`dynamic_exports_in`] keeps for
 /// it), by a scan: cheaper than building the map for a few names.
 pub fn lookup_dynamic_in<'a>(symbols: &'a [Symbol], name: &str) -> Option<&'a Symbol> {
@@ -796,6 +890,9 @@ pub fn lookup_dynamic_in<'a>(symbols: &'a [Symbol], name: &str) -> Option<&'a Sy
         .or_else(|| exported().next())
 }
 
+/// Every name the module exports (its dynamic symbol table), each with the definition
+/// [`Module::lookup_dynamic`] would give: the default version where there are several.
+/// One pass, for modules with tens of thousands of symbols.
 pub fn dynamic_exports_in(symbols: &[Symbol]) -> std::collections::HashMap<&str, &Symbol> {
     let mut map: std::collections::HashMap<&str, &Symbol> =
         std::collections::HashMap::with_capacity(symbols.len());

@@ -125,3 +125,81 @@ fn lying_headers_give_the_same_answer_as_the_whole_file() {
         check(data[..cut].to_vec(), &format!("cut at {cut}"));
     }
 }
+
+/// Tables share bytes (a symbol table's strings are its version tables' too): none is read
+/// twice, and tables side by side come in one read.
+#[test]
+fn no_byte_is_read_twice() {
+    for path in [
+        "/lib/x86_64-linux-gnu/libc.so.6",
+        "/lib64/ld-linux-x86-64.so.2",
+        "/usr/bin/bash",
+    ] {
+        let data = std::fs::read(path).unwrap();
+        let reads = std::cell::RefCell::new(Vec::<(u64, u64)>::new());
+        read_tables(
+            &|offset, buf: &mut [u8]| {
+                reads.borrow_mut().push((offset, buf.len() as u64));
+                buf.copy_from_slice(&data[offset as usize..offset as usize + buf.len()]);
+                Ok(())
+            },
+            data.len() as u64,
+        )
+        .unwrap();
+        let mut reads = reads.into_inner();
+        reads.sort_unstable();
+        for pair in reads.windows(2) {
+            let ((a, alen), (b, _)) = (pair[0], pair[1]);
+            assert!(a + alen <= b, "{path}: {pair:?} read twice");
+        }
+        assert!(reads.len() <= 12, "{path}: {} reads", reads.len());
+    }
+}
+
+/// A lookup through the GNU hash table (from the tables alone, as the engine reads them) finds
+/// exactly the definition a scan of all symbols finds, for every name each library exports —
+/// default versions over hidden ones included — and nothing for names it does not export.
+#[test]
+fn hash_lookups_find_what_a_scan_of_all_symbols_finds() {
+    let mut checked = 0;
+    let mut entries: Vec<PathBuf> = std::fs::read_dir("/usr/lib/x86_64-linux-gnu")
+        .unwrap()
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.to_string_lossy().contains(".so"))
+        .filter(|p| p.metadata().is_ok_and(|m| m.is_file() && m.len() < 8 << 20))
+        .collect();
+    entries.sort();
+    entries.insert(0, PathBuf::from("/lib/x86_64-linux-gnu/libc.so.6"));
+    for path in entries.iter().take(60) {
+        let (Ok(data), _) = tables_of(path) else {
+            continue;
+        };
+        let Ok(module) = Module::parse(&data) else {
+            continue;
+        };
+        let mut names: Vec<&str> = module
+            .symbols()
+            .iter()
+            .filter(|s| s.exported)
+            .map(|s| s.name.as_str())
+            .collect();
+        names.sort_unstable();
+        names.dedup();
+        if suture_module::lookup_dynamic_hashed(&data, "memcpy").is_none() {
+            continue; // no GNU hash table
+        }
+        let key = |s: &Symbol| (s.address, s.kind, s.binding, s.hidden_version);
+        for name in names.iter().copied().chain(["no_such_name_anywhere", ""]) {
+            let hashed = suture_module::lookup_dynamic_hashed(&data, name).unwrap();
+            let scanned = suture_module::lookup_dynamic_in(module.symbols(), name);
+            assert_eq!(
+                hashed.as_ref().map(key),
+                scanned.map(key),
+                "{}: `{name}`",
+                path.display()
+            );
+            checked += 1;
+        }
+    }
+    assert!(checked > 5_000, "only {checked} names");
+}

@@ -402,6 +402,76 @@ fn signal(pid: i32, sig: nix::sys::signal::Signal) {
     nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), sig).unwrap();
 }
 
+/// The vfork child of `pid` (one of its threads waits in `vfork`), once it exists.
+fn vfork_child(pid: i32) -> i32 {
+    for _ in 0..200 {
+        for task in std::fs::read_dir(format!("/proc/{pid}/task"))
+            .unwrap()
+            .flatten()
+        {
+            let children =
+                std::fs::read_to_string(task.path().join("children")).unwrap_or_default();
+            if let Some(c) = children.split_whitespace().next() {
+                return c.parse().unwrap();
+            }
+        }
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    panic!("process {pid} made no vfork child");
+}
+
+fn wait_gone(pid: i32) {
+    for _ in 0..1000 {
+        if !std::path::Path::new(&format!("/proc/{pid}")).exists() {
+            return;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    panic!("process {pid} is still there");
+}
+
+/// A vfork child runs in its parent's memory until it execs: writing through either changes
+/// what the other runs, and no stop of one covers the other's threads. Both are left alone
+/// (busy, memory byte-identical) while the child lives; the parent is patched, and reverted,
+/// once it is gone.
+#[test]
+fn a_process_sharing_its_memory_with_a_vfork_child_is_left_alone_until_the_child_is_gone() {
+    let b = build(Kind::Pie);
+    let mut t = b.start();
+    let p1 = b
+        .work
+        .bundle("target", "p1.o", &["compute"], 1, &b.key, "p1.suture");
+    assert_eq!(t.ask("vfork 2000"), "ok");
+    let child = vfork_child(t.pid);
+    let before = snapshot(t.pid);
+    for (pid, says) in [
+        (t.pid, format!("has a vfork (or CLONE_VM) child, {child},")),
+        (child, format!("is a vfork child of process {}", t.pid)),
+    ] {
+        let (ok, v) = apply(&b, &p1, pid);
+        assert!(!ok, "{v}");
+        assert_eq!(v["kind"], "busy", "{v}");
+        assert!(v["error"].as_str().unwrap().contains(&says), "{v}");
+    }
+    assert_same_memory(&before, &snapshot(t.pid));
+    wait_gone(child);
+    let (ok, v) = apply(&b, &p1, t.pid);
+    assert!(ok, "{v}");
+    assert_eq!(t.ask("compute 2"), "106");
+    // Reverting waits for the next child the same way.
+    assert_eq!(t.ask("vfork 1000"), "ok");
+    let child = vfork_child(t.pid);
+    let before = snapshot(t.pid);
+    let (ok, v) = suture_json(&["revert", "--pid", &t.pid_arg()]);
+    assert!(!ok, "{v}");
+    assert_eq!(v["kind"], "busy", "{v}");
+    assert_same_memory(&before, &snapshot(t.pid));
+    wait_gone(child);
+    let (ok, v) = suture_json(&["revert", "--pid", &t.pid_arg()]);
+    assert!(ok, "{v}");
+    assert_eq!(t.ask("compute 2"), "7");
+}
+
 /// A process stopped by job control is not touched (nothing may run in it) and is patched
 /// once it is continued.
 #[test]

@@ -40,7 +40,7 @@ use crate::procfs::{self, Mapping, Memory};
 use crate::record::{self, Detour, FoundPatch, PatchRecord, PatchState, MEMFD_PREFIX};
 use crate::remote::{self, Gadgets, Remote};
 use crate::safety::{Checker, Guarded};
-use crate::stop::{ProcessExeced, ProcessGone, Session};
+use crate::stop::{DidNotStop, ProcessExeced, ProcessGone, Session};
 use crate::{fault, interrupt, lock, refused, EngineError};
 
 const PAGE: u64 = 4096;
@@ -115,6 +115,9 @@ fn exited_or(pid: i32, e: anyhow::Error) -> EngineError {
     }
     if e.is::<remote::SeccompBlocks>() {
         return EngineError::Refused(e.to_string());
+    }
+    if e.is::<DidNotStop>() {
+        return EngineError::Busy(e.to_string());
     }
     EngineError::Failed(e)
 }
@@ -318,6 +321,7 @@ fn prepare(pid: i32, bundle: &Bundle) -> Result<Prepared<'_>> {
             "process {pid} has exited (its main thread is a zombie)"
         )));
     }
+    refuse_shared(pid)?;
     let maps = procfs::read_maps(pid).map_err(|e| exited_or(pid, e))?;
     let module = modules::find_by_build_id(pid, &maps, &build_id).ok_or_else(|| {
         refused(format!(
@@ -344,6 +348,25 @@ fn prepare(pid: i32, bundle: &Bundle) -> Result<Prepared<'_>> {
         }),
         Err(e) => Err(explain(pid, &mem, &maps, e)),
     }
+}
+
+/// Busy while another process shares `pid`'s memory (a `vfork` child that has not exec'd):
+/// that process's threads run code our stops do not cover. Both sides pass soon: the child
+/// execs or exits.
+fn refuse_shared(pid: i32) -> Result<()> {
+    let what = match procfs::memory_sharer(pid) {
+        None => return Ok(()),
+        Some(procfs::Sharer::Parent(p)) => {
+            format!("process {pid} is a vfork child of process {p} that has not exec'd yet")
+        }
+        Some(procfs::Sharer::Child(c)) => {
+            format!("process {pid} has a vfork (or CLONE_VM) child, {c}, that has not exec'd yet")
+        }
+    };
+    Err(EngineError::Busy(format!(
+        "{what}: the two share one memory, so it was not touched; retry once the child has \
+         exec'd or exited"
+    )))
 }
 
 type PreparedParts = (
@@ -1059,6 +1082,7 @@ pub fn revert(pid: i32, id: Option<&str>, opts: &ApplyOptions) -> Result<RevertR
     if !procfs::exists(pid) {
         return Err(refused(format!("no process {pid}")));
     }
+    refuse_shared(pid)?;
     let maps = procfs::read_maps(pid).map_err(|e| exited_or(pid, e))?;
     let mem = Memory::open(pid).map_err(|e| exited_or(pid, e))?;
     revert_in(pid, id, opts, &maps, &mem).map_err(|e| explain(pid, &mem, &maps, e))

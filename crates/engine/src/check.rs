@@ -85,6 +85,15 @@ pub fn check(pid: i32, build_id: Option<&[u8]>) -> Result<CheckReport> {
         }
         _ => {}
     }
+    match procfs::memory_sharer(pid) {
+        Some(procfs::Sharer::Parent(p)) => problems.push(format!(
+            "process is a vfork child of {p} that has not exec'd yet (they share one memory)"
+        )),
+        Some(procfs::Sharer::Child(c)) => problems.push(format!(
+            "process has a vfork (or CLONE_VM) child, {c}, that has not exec'd yet (they share one memory)"
+        )),
+        None => {}
+    }
     if let Some(t) = procfs::status_field(pid, "TracerPid")? {
         if t != "0" {
             problems.push(format!(

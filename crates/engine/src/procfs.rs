@@ -113,6 +113,51 @@ pub fn start_time(pid: i32) -> Option<u64> {
     stat_fields(pid)?.get(19)?.parse().ok()
 }
 
+/// Another process that shares a process's address space (not one of its threads).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Sharer {
+    /// The process is a `vfork` (or `CLONE_VM`) child of this one and has not exec'd yet.
+    Parent(i32),
+    /// This process is such a child of one of the process's threads.
+    Child(i32),
+}
+
+/// Whether processes `a` and `b` run in one address space (`kcmp(KCMP_VM)`); `None` where the
+/// kernel will not say (no `kcmp`, no permission, one is gone).
+fn same_memory(a: i32, b: i32) -> Option<bool> {
+    const KCMP_VM: libc::c_long = 1;
+    // SAFETY: kcmp compares two processes' kernel objects; it reads and writes no memory of
+    // ours.
+    let r = unsafe { libc::syscall(libc::SYS_kcmp, a, b, KCMP_VM, 0, 0) };
+    (r >= 0).then_some(r == 0)
+}
+
+/// A process that shares `pid`'s memory: its parent while `pid` is a `vfork` child that has
+/// not exec'd, or a child of one of its threads made so (`posix_spawn` makes one for an
+/// instant). Writing through `pid` would change what that other process runs, and no stop of
+/// `pid`'s threads covers its threads. `None` also where the kernel cannot tell (no `kcmp` or
+/// `/proc/PID/task/TID/children`).
+pub fn memory_sharer(pid: i32) -> Option<Sharer> {
+    let parent = stat_fields(pid).and_then(|f| f.get(1)?.parse::<i32>().ok());
+    if let Some(ppid) = parent.filter(|&p| p > 1) {
+        if same_memory(pid, ppid) == Some(true) {
+            return Some(Sharer::Parent(ppid));
+        }
+    }
+    for tid in threads(pid).ok()? {
+        let Ok(children) = std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/children"))
+        else {
+            continue;
+        };
+        for child in children.split_whitespace().filter_map(|c| c.parse().ok()) {
+            if same_memory(pid, child) == Some(true) {
+                return Some(Sharer::Child(child));
+            }
+        }
+    }
+    None
+}
+
 /// Whether the process (its main thread) is a zombie.
 pub fn is_zombie(pid: i32) -> bool {
     stat_fields(pid).is_some_and(|f| f.first().is_some_and(|s| s == "Z"))

@@ -44,6 +44,17 @@ pub struct ProcessExeced {
     pub pid: i32,
 }
 
+/// A thread that did not reach a stop in time: held in the kernel (uninterruptible sleep, a
+/// `vfork` parent waiting for its child). Nothing was changed; later it may stop.
+#[derive(Debug, thiserror::Error)]
+#[error("process {pid}: thread {tid} did not stop within {timeout:?}{why}")]
+pub struct DidNotStop {
+    pub pid: i32,
+    pub tid: i32,
+    pub timeout: Duration,
+    pub why: &'static str,
+}
+
 /// Errors that mean the whole process went away.
 pub fn gone(pid: i32) -> anyhow::Error {
     anyhow::Error::new(ProcessGone { pid })
@@ -516,11 +527,12 @@ impl Session {
                             None => " (it is exiting)",
                             _ => "",
                         };
-                        bail!(
-                            "process {}: thread {tid} did not stop within {:?}{why}",
-                            self.pid,
-                            self.stop_timeout
-                        );
+                        return Err(anyhow::Error::new(DidNotStop {
+                            pid: self.pid,
+                            tid,
+                            timeout: self.stop_timeout,
+                            why,
+                        }));
                     }
                     pause(&mut spins);
                 }

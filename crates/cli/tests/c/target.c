@@ -10,6 +10,8 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/wait.h>
+#include <time.h>
 #include <unistd.h>
 
 int counter;                  /* global state the patch must share */
@@ -85,6 +87,20 @@ static void *block(void *arg) {
     return NULL;
 }
 
+/* vforks a child that sleeps `arg` milliseconds in the parent's memory (as a child does until
+ * it execs), then exits; this thread waits in vfork meanwhile, and reaps it. */
+static void *vforker(void *arg) {
+    long ms = (long)arg;
+    pid_t c = vfork();
+    if (c == 0) {
+        struct timespec t = {ms / 1000, (ms % 1000) * 1000000};
+        syscall(SYS_nanosleep, &t, NULL);
+        _exit(0);
+    }
+    if (c > 0) waitpid(c, NULL, 0);
+    return NULL;
+}
+
 /* A seccomp filter that makes system call `nr` fail with EPERM and allows the rest. */
 static int deny_syscall(int nr) {
     struct sock_filter f[] = {
@@ -130,6 +146,9 @@ int main(void) {
         else if (strncmp(line, "stats", 5) == 0) printf("%ld %ld\n", calls, bad);
         else if (strncmp(line, "block", 5) == 0) {
             pthread_t t; pthread_create(&t, NULL, block, NULL); usleep(20000); printf("ok\n");
+        } else if (sscanf(line, "vfork %d", &n) == 1) {
+            pthread_t t; pthread_create(&t, NULL, vforker, (void *)(long)n); pthread_detach(t);
+            usleep(20000); printf("ok\n");
         } else if (strncmp(line, "seccomp memfd", 13) == 0) printf("%d\n", deny_syscall(SYS_memfd_create));
         else if (strncmp(line, "seccomp reboot", 14) == 0) printf("%d\n", deny_syscall(SYS_reboot));
         else if (strncmp(line, "quit", 4) == 0) break;

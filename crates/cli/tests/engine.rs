@@ -472,6 +472,49 @@ fn a_process_sharing_its_memory_with_a_vfork_child_is_left_alone_until_the_child
     assert_eq!(t.ask("compute 2"), "7");
 }
 
+/// A process whose main thread has exited (`pthread_exit` in `main`) lives on in its other
+/// threads, but its main thread is a zombie without memory, maps, map_files or exe: it was
+/// taken for exited. It is checked, patched, shown and reverted like any other.
+#[test]
+fn a_process_whose_main_thread_exited_is_patched_like_any_other() {
+    let b = build(Kind::Pie);
+    let mut t = b.start();
+    assert_eq!(t.ask("leave"), "ok");
+    let stat = std::fs::read_to_string(format!("/proc/{}/stat", t.pid)).unwrap();
+    assert!(stat.rsplit_once(") ").unwrap().1.starts_with('Z'), "{stat}");
+    let p1 = b
+        .work
+        .bundle("target", "p1.o", &["compute"], 1, &b.key, "p1.suture");
+    let (ok, v) = suture_json(&[
+        "check",
+        "--pid",
+        &t.pid_arg(),
+        "--bundle",
+        p1.to_str().unwrap(),
+    ]);
+    assert!(ok, "{v}");
+    assert_eq!(v["patchable"], true, "{v}");
+    let (ok, v) = apply(&b, &p1, t.pid);
+    assert!(ok, "{v}");
+    assert_eq!(t.ask("compute 2"), "106");
+    let (ok, v) = suture_json(&["status", "--pid", &t.pid_arg()]);
+    assert!(ok, "{v}");
+    // (Applied patches are listed under `patches`, anything else under `other`.)
+    assert_eq!(
+        v["processes"][0]["patches"].as_array().map(Vec::len),
+        Some(1),
+        "{v}"
+    );
+    assert_eq!(
+        v["processes"][0]["other"].as_array().map(Vec::len),
+        Some(0),
+        "{v}"
+    );
+    let (ok, v) = suture_json(&["revert", "--pid", &t.pid_arg()]);
+    assert!(ok, "{v}");
+    assert_eq!(t.ask("compute 2"), "7");
+}
+
 /// A process stopped by job control is not touched (nothing may run in it) and is patched
 /// once it is continued.
 #[test]

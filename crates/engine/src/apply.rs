@@ -110,7 +110,7 @@ fn exited_or(pid: i32, e: anyhow::Error) -> EngineError {
     if let Some(x) = e.downcast_ref::<ProcessExeced>() {
         return EngineError::Exited(x.to_string());
     }
-    if e.is::<ProcessGone>() || !procfs::exists(pid) || procfs::is_zombie(pid) {
+    if e.is::<ProcessGone>() || procfs::exited(pid) {
         return EngineError::Exited(ProcessGone { pid }.to_string());
     }
     if e.is::<remote::SeccompBlocks>() {
@@ -316,9 +316,9 @@ fn prepare(pid: i32, bundle: &Bundle) -> Result<Prepared<'_>> {
     if !procfs::exists(pid) {
         return Err(refused(format!("no process {pid}")));
     }
-    if procfs::is_zombie(pid) {
+    if procfs::exited(pid) {
         return Err(EngineError::Exited(format!(
-            "process {pid} has exited (its main thread is a zombie)"
+            "process {pid} has exited (no thread of it runs)"
         )));
     }
     refuse_shared(pid)?;

@@ -102,9 +102,7 @@ pub(crate) fn resolve_bindings(
 /// dynamic loader last.
 pub(crate) fn search_order(pid: i32, maps: &[Mapping]) -> Vec<LoadedModule> {
     let mut all = modules::loaded_modules(pid, maps);
-    let exe = std::fs::metadata(format!("/proc/{pid}/exe"))
-        .map(|m| m.ino())
-        .ok();
+    let exe = exe_inode(pid);
     all.sort_by_key(|m| (exe != Some(m.inode), m.path.contains("/ld-linux")));
     all
 }
@@ -157,7 +155,13 @@ pub(crate) fn unwind_registry(loaded: &[LoadedModule]) -> Option<UnwindRegistry>
 }
 
 fn is_main_executable(pid: i32, module: &LoadedModule) -> bool {
-    std::fs::metadata(format!("/proc/{pid}/exe"))
-        .map(|m| m.ino() == module.inode)
-        .unwrap_or(false)
+    exe_inode(pid) == Some(module.inode)
+}
+
+/// The inode of the process's executable (through a live thread if its main one exited).
+fn exe_inode(pid: i32) -> Option<u64> {
+    let dir = crate::procfs::memory_dir(pid).unwrap_or(pid);
+    std::fs::metadata(format!("/proc/{dir}/exe"))
+        .map(|m| m.ino())
+        .ok()
 }

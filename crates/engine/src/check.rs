@@ -78,7 +78,9 @@ pub fn check(pid: i32, build_id: Option<&[u8]>) -> Result<CheckReport> {
     if std::env::consts::ARCH != "x86_64" {
         problems.push("suture patches x86-64 processes only".to_string());
     }
-    match procfs::status_field(pid, "State")?.as_deref() {
+    // (A main thread that exited while others run is a zombie of a living process.)
+    let live = procfs::memory_dir(pid).unwrap_or(pid);
+    match procfs::status_field(live, "State")?.as_deref() {
         Some(s) if s.starts_with('Z') => problems.push("process is a zombie".into()),
         Some(s) if s.starts_with('T') => {
             problems.push("process is stopped (job control or a debugger)".into())

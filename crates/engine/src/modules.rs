@@ -406,6 +406,10 @@ fn find_mapped(pid: i32, mapping: &Mapping) -> Result<Found> {
     match find_via(pid, mapping, Route::MapFiles) {
         // Only a failure to reach the file falls back; a file that fails the checks is skipped.
         Err(e) if e.root_cause().is::<std::io::Error>() => {
+            // A main thread that exited has no map_files: a live thread's has.
+            if let Some(dir) = crate::procfs::memory_dir(pid).filter(|&d| d != pid) {
+                return find_via(dir, mapping, Route::MapFiles);
+            }
             tracing::debug!(pid, error = %format!("{e:#}"), "map_files unusable; trying the process's root");
             find_via(pid, mapping, Route::Root)
         }

@@ -76,9 +76,36 @@ fn parse_maps_line(line: &str) -> Result<Mapping> {
 }
 
 pub fn read_maps(pid: i32) -> Result<Vec<Mapping>> {
-    let text = std::fs::read_to_string(format!("/proc/{pid}/maps"))
-        .with_context(|| format!("process {pid}: cannot read /proc/{pid}/maps"))?;
+    let read = |dir: i32| {
+        std::fs::read_to_string(format!("/proc/{dir}/maps"))
+            .with_context(|| format!("process {pid}: cannot read /proc/{dir}/maps"))
+    };
+    let mut text = read(pid)?;
+    // A live process always maps something: none means its main thread has exited.
+    if text.is_empty() {
+        if let Some(dir) = memory_dir(pid).filter(|&d| d != pid) {
+            text = read(dir)?;
+        }
+    }
     parse_maps(&text)
+}
+
+/// The `/proc` directory through which process `pid`'s memory is reached: its own, or, once
+/// its main thread has exited (`pthread_exit` in `main`) while others run on, that of a live
+/// thread (`/proc/TID` serves any thread): a zombie main thread has no memory, no maps, no
+/// `map_files`, no `exe`. `None` when no thread of it lives.
+pub fn memory_dir(pid: i32) -> Option<i32> {
+    if !is_zombie(pid) {
+        return exists(pid).then_some(pid);
+    }
+    threads(pid).ok()?.into_iter().find(|&tid| {
+        tid != pid && crate::stop::thread_state(pid, tid).is_some_and(|s| s != 'Z' && s != 'X')
+    })
+}
+
+/// Whether process `pid` has ended: gone, or every thread of it exited.
+pub fn exited(pid: i32) -> bool {
+    memory_dir(pid).is_none()
 }
 
 /// The thread ids of a process, from `/proc/PID/task`.
@@ -210,15 +237,16 @@ pub struct Memory {
 
 impl Memory {
     pub fn open(pid: i32) -> Result<Memory> {
+        let dir = memory_dir(pid).unwrap_or(pid);
         let file = match std::fs::OpenOptions::new()
             .read(true)
             .write(true)
-            .open(format!("/proc/{pid}/mem"))
+            .open(format!("/proc/{dir}/mem"))
         {
             Ok(f) => f,
             // No memory to open while the process lives: it is between the two programs of
             // an exec (or dying, which the caller finds out).
-            Err(e) if e.raw_os_error() == Some(libc::ESRCH) && exists(pid) && !is_zombie(pid) => {
+            Err(e) if e.raw_os_error() == Some(libc::ESRCH) && !exited(pid) => {
                 return Err(anyhow::Error::new(crate::stop::ProcessExeced { pid }))
             }
             Err(e) if e.raw_os_error() == Some(libc::ESRCH) => {

@@ -117,11 +117,11 @@ static int deny_syscall(int nr) {
     return prctl(PR_SET_SECCOMP, SECCOMP_MODE_FILTER, &prog);
 }
 
-int main(void) {
+/* The command loop; `leave` hands it to a new thread and ends the calling one (the main
+ * thread then becomes a zombie while the process lives on). */
+static void *serve(void *arg) {
     char line[128];
-    stored_ptr = compute;
-    setvbuf(stdout, NULL, _IOLBF, 0);
-    printf("ready %d\n", getpid());
+    if (arg) printf("ok\n");
     while (fgets(line, sizeof line, stdin)) {
         int n = 0;
         if (sscanf(line, "compute %d", &n) == 1) printf("%d\n", compute(n));
@@ -151,8 +151,18 @@ int main(void) {
             usleep(20000); printf("ok\n");
         } else if (strncmp(line, "seccomp memfd", 13) == 0) printf("%d\n", deny_syscall(SYS_memfd_create));
         else if (strncmp(line, "seccomp reboot", 14) == 0) printf("%d\n", deny_syscall(SYS_reboot));
-        else if (strncmp(line, "quit", 4) == 0) break;
+        else if (strncmp(line, "leave", 5) == 0) {
+            pthread_t t; pthread_create(&t, NULL, serve, (void *)1); pthread_exit(NULL);
+        } else if (strncmp(line, "quit", 4) == 0) break;
         else printf("?\n");
     }
+    return NULL;
+}
+
+int main(void) {
+    stored_ptr = compute;
+    setvbuf(stdout, NULL, _IOLBF, 0);
+    printf("ready %d\n", getpid());
+    serve(NULL);
     return 0;
 }

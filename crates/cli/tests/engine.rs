@@ -515,6 +515,30 @@ fn a_process_whose_main_thread_exited_is_patched_like_any_other() {
     assert_eq!(t.ask("compute 2"), "7");
 }
 
+/// Hardened services forbid adding PROT_EXEC to memory: systemd's MemoryDenyWriteExecute=yes
+/// (a seccomp filter: journald, logind, networkd, timesyncd… run with it) and prctl
+/// PR_SET_MDWE. Patch memory is mapped R-X and only ever loses rights, so both are patched,
+/// answer fixed, and are reverted.
+#[test]
+fn services_that_deny_write_execute_memory_are_patched() {
+    let b = build(Kind::Pie);
+    let p1 = b
+        .work
+        .bundle("target", "p1.o", &["compute"], 1, &b.key, "p1.suture");
+    for rule in ["seccomp mdwe", "prctl mdwe"] {
+        let mut t = b.start();
+        assert_eq!(t.ask(rule), "0", "{rule}");
+        let (ok, v) = apply(&b, &p1, t.pid);
+        assert!(ok, "{rule}: {v}");
+        assert_eq!(t.ask("compute 2"), "106", "{rule}");
+        let (ok, v) = suture_json(&["revert", "--pid", &t.pid_arg()]);
+        assert!(ok, "{rule}: {v}");
+        assert_eq!(t.ask("compute 2"), "7", "{rule}");
+        let maps = std::fs::read_to_string(format!("/proc/{}/maps", t.pid)).unwrap();
+        assert!(!maps.contains("memfd:suture"), "{rule}: {maps}");
+    }
+}
+
 /// A process stopped by job control is not touched (nothing may run in it) and is patched
 /// once it is continued.
 #[test]

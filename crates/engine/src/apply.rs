@@ -603,7 +603,7 @@ fn map_with(session: &mut Session, remote: &mut Remote, p: &Prepared) -> Result<
                     &[
                         base,
                         total,
-                        libc::PROT_READ as u64,
+                        (libc::PROT_READ | libc::PROT_EXEC) as u64,
                         (libc::MAP_PRIVATE | libc::MAP_FIXED_NOREPLACE) as u64,
                         fd,
                         0,
@@ -660,27 +660,6 @@ fn map_with(session: &mut Session, remote: &mut Remote, p: &Prepared) -> Result<
         closed?;
         let landing = base + header_len;
         p.mem.write(landing, &remote::LANDING)?;
-        // The patch's text right after the engine page turns R-X with it, in one call (its
-        // bytes come later through /proc/PID/mem; nothing leads there before the commit).
-        let text_first = p
-            .plan
-            .segments()
-            .first()
-            .filter(|s| s.offset == 0 && matches!(s.prot, Prot::ReadExecute))
-            .map(|s| s.len)
-            .unwrap_or(0);
-        let ret = remote.syscall(
-            session,
-            &p.mem,
-            &p.maps,
-            libc::SYS_mprotect,
-            &[
-                landing,
-                PAGE + text_first,
-                (libc::PROT_READ | libc::PROT_EXEC) as u64,
-            ],
-        )?;
-        remote.check("mprotect of the engine page", ret)?;
         remote.set_landing(landing);
         record.landing = landing;
         step("engine page");
@@ -717,38 +696,47 @@ fn map_with(session: &mut Session, remote: &mut Remote, p: &Prepared) -> Result<
         }
         p.mem.write(base + image_at, &image.bytes)?;
         step("linked, written");
-        let unwinder_page = p
-            .unwind
-            .map(|_| (total - PAGE - image_at, PAGE, Prot::ReadWrite));
-        // Neighbours with the same protection change in one call (the data segment and the
-        // unwinder's page usually are).
-        let mut ranges: Vec<(u64, u64, Prot)> = Vec::new();
-        for (offset, len, prot) in image
-            .segments
-            .iter()
-            .filter(|s| !(text_first > 0 && s.offset == 0))
-            .map(|s| (s.offset, s.len, s.prot))
-            .chain(unwinder_page)
-        {
-            match ranges.last_mut() {
-                Some(last) if last.2 == prot && last.0 + last.1 == offset => last.1 += len,
-                _ => ranges.push((offset, len, prot)),
+        // Mapped R-X as a whole: systemd's MemoryDenyWriteExecute= and prctl(PR_SET_MDWE)
+        // forbid adding PROT_EXEC to a mapping, not mapping one R-X. Everything that is not
+        // code now loses it: the header read-only, data read-write (never both W and X).
+        let pages = total.div_ceil(PAGE) as usize;
+        let mut prot = vec![Prot::Read; pages];
+        let mut set = |offset: u64, len: u64, p: Prot| {
+            let first = (offset / PAGE) as usize;
+            let last = (offset + len).div_ceil(PAGE) as usize;
+            for slot in prot.iter_mut().take(last.min(pages)).skip(first) {
+                *slot = p;
             }
+        };
+        set(header_len, PAGE, Prot::ReadExecute);
+        for seg in &image.segments {
+            set(image_at + seg.offset, seg.len, seg.prot);
         }
-        for (offset, len, prot) in ranges {
-            let prot = match prot {
-                Prot::ReadExecute => libc::PROT_READ | libc::PROT_EXEC,
-                Prot::ReadWrite => libc::PROT_READ | libc::PROT_WRITE,
-                Prot::Read => continue,
+        if p.unwind.is_some() {
+            set(total - PAGE, PAGE, Prot::ReadWrite);
+        }
+        let mut page = 0;
+        while page < pages {
+            let run = prot[page..]
+                .iter()
+                .take_while(|&&q| q == prot[page])
+                .count();
+            let flags = match prot[page] {
+                Prot::ReadExecute => None,
+                Prot::Read => Some(libc::PROT_READ),
+                Prot::ReadWrite => Some(libc::PROT_READ | libc::PROT_WRITE),
             };
-            let ret = remote.syscall(
-                session,
-                &p.mem,
-                &p.maps,
-                libc::SYS_mprotect,
-                &[base + image_at + offset, len, prot as u64],
-            )?;
-            remote.check("mprotect of patch memory", ret)?;
+            if let Some(flags) = flags {
+                let ret = remote.syscall(
+                    session,
+                    &p.mem,
+                    &p.maps,
+                    libc::SYS_mprotect,
+                    &[base + page as u64 * PAGE, run as u64 * PAGE, flags as u64],
+                )?;
+                remote.check("mprotect of patch memory", ret)?;
+            }
+            page += run;
         }
         step("protections set");
         // The record before the unwind tables are registered: memory without a record was

@@ -235,7 +235,7 @@ const INJECTED: &[(&str, i64, [u64; 6])] = &[
         [
             0,
             4096,
-            libc::PROT_READ as u64,
+            (libc::PROT_READ | libc::PROT_EXEC) as u64,
             (libc::MAP_PRIVATE | libc::MAP_FIXED_NOREPLACE) as u64,
             3,
             0,
@@ -244,7 +244,7 @@ const INJECTED: &[(&str, i64, [u64; 6])] = &[
     (
         "mprotect",
         libc::SYS_mprotect,
-        [0, 4096, (libc::PROT_READ | libc::PROT_EXEC) as u64, 0, 0, 0],
+        [0, 4096, libc::PROT_READ as u64, 0, 0, 0],
     ),
     (
         "mprotect",

@@ -5,6 +5,7 @@
 #include <linux/seccomp.h>
 #include <pthread.h>
 #include <stddef.h>
+#include <sys/mman.h>
 #include <sys/prctl.h>
 #include <sys/syscall.h>
 #include <stdio.h>
@@ -87,6 +88,30 @@ static void *block(void *arg) {
     return NULL;
 }
 
+/* systemd's MemoryDenyWriteExecute=yes: no mapping both writable and executable, and no
+ * mprotect or pkey_mprotect that adds PROT_EXEC (EPERM). */
+static int deny_write_execute(void) {
+    struct sock_filter f[] = {
+        BPF_STMT(BPF_LD | BPF_W | BPF_ABS, offsetof(struct seccomp_data, arch)),
+        BPF_JUMP(BPF_JMP | BPF_JEQ | BPF_K, AUDIT_ARCH_X86_64, 1, 0),
+        BPF_STMT(BPF_RET | BPF_K, SECCOMP_RET_KILL_PROCESS),
+        BPF_STMT(BPF_LD | BPF_W | BPF_ABS, offsetof(struct seccomp_data, nr)),
+        BPF_JUMP(BPF_JMP | BPF_JEQ | BPF_K, SYS_mmap, 0, 3),
+        BPF_STMT(BPF_LD | BPF_W | BPF_ABS, offsetof(struct seccomp_data, args[2])),
+        BPF_STMT(BPF_ALU | BPF_AND | BPF_K, PROT_WRITE | PROT_EXEC),
+        BPF_JUMP(BPF_JMP | BPF_JEQ | BPF_K, PROT_WRITE | PROT_EXEC, 5, 4),
+        BPF_JUMP(BPF_JMP | BPF_JEQ | BPF_K, SYS_mprotect, 1, 0),
+        BPF_JUMP(BPF_JMP | BPF_JEQ | BPF_K, SYS_pkey_mprotect, 0, 2),
+        BPF_STMT(BPF_LD | BPF_W | BPF_ABS, offsetof(struct seccomp_data, args[2])),
+        BPF_JUMP(BPF_JMP | BPF_JSET | BPF_K, PROT_EXEC, 1, 0),
+        BPF_STMT(BPF_RET | BPF_K, SECCOMP_RET_ALLOW),
+        BPF_STMT(BPF_RET | BPF_K, SECCOMP_RET_ERRNO | 1),
+    };
+    struct sock_fprog prog = {sizeof f / sizeof f[0], f};
+    if (prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0)) return -1;
+    return prctl(PR_SET_SECCOMP, SECCOMP_MODE_FILTER, &prog);
+}
+
 /* vforks a child that sleeps `arg` milliseconds in the parent's memory (as a child does until
  * it execs), then exits; this thread waits in vfork meanwhile, and reaps it. */
 static void *vforker(void *arg) {
@@ -149,7 +174,9 @@ static void *serve(void *arg) {
         } else if (sscanf(line, "vfork %d", &n) == 1) {
             pthread_t t; pthread_create(&t, NULL, vforker, (void *)(long)n); pthread_detach(t);
             usleep(20000); printf("ok\n");
-        } else if (strncmp(line, "seccomp memfd", 13) == 0) printf("%d\n", deny_syscall(SYS_memfd_create));
+        } else if (strncmp(line, "seccomp mdwe", 12) == 0) printf("%d\n", deny_write_execute());
+        else if (strncmp(line, "prctl mdwe", 10) == 0) printf("%d\n", prctl(65 /* PR_SET_MDWE */, 1 /* REFUSE_EXEC_GAIN */, 0, 0, 0));
+        else if (strncmp(line, "seccomp memfd", 13) == 0) printf("%d\n", deny_syscall(SYS_memfd_create));
         else if (strncmp(line, "seccomp reboot", 14) == 0) printf("%d\n", deny_syscall(SYS_reboot));
         else if (strncmp(line, "leave", 5) == 0) {
             pthread_t t; pthread_create(&t, NULL, serve, (void *)1); pthread_exit(NULL);

@@ -113,7 +113,7 @@ fn exited_or(pid: i32, e: anyhow::Error) -> EngineError {
     if e.is::<ProcessGone>() || procfs::exited(pid) {
         return EngineError::Exited(ProcessGone { pid }.to_string());
     }
-    if e.is::<remote::SeccompBlocks>() {
+    if e.is::<remote::SeccompBlocks>() || e.is::<remote::ShadowStack>() {
         return EngineError::Refused(e.to_string());
     }
     if e.is::<DidNotStop>() {

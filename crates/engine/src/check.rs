@@ -133,13 +133,15 @@ pub fn check(pid: i32, build_id: Option<&[u8]>) -> Result<CheckReport> {
     let threads = procfs::threads(pid).map(|t| t.len()).unwrap_or(0);
     if problems.is_empty() {
         // The real test of ptrace permission: seize and let go (a stop of a few microseconds).
+        // (A live thread: the main one may have exited.)
+        let tid = procfs::memory_dir(pid).unwrap_or(pid);
         match Session::seize(pid) {
             Ok(mut s) => {
-                match s.stop_thread(pid) {
+                match s.stop_thread(tid) {
                     Err(e) => problems.push(format!("{e:#}")),
                     Ok(()) => {
                         // The same test apply makes: would the seccomp filter let us work?
-                        match crate::seccomp::filters(pid, pid)
+                        match crate::seccomp::filters(pid, tid)
                             .and_then(|f| crate::seccomp::check_injected(&f, 0))
                         {
                             Ok(Ok(())) => {}

@@ -83,6 +83,15 @@ pub struct SeccompBlocks {
     pub syscall: &'static str,
 }
 
+/// The thread runs under a hardware control-flow guard injection cannot honour.
+#[derive(Debug, thiserror::Error)]
+#[error("process {pid}: thread {tid} runs with a {feature}, which suture cannot inject into yet; it was not touched")]
+pub struct ShadowStack {
+    pub pid: i32,
+    pub tid: i32,
+    pub feature: &'static str,
+}
+
 /// Code that already exists in the target and that injection runs through.
 #[derive(Debug, Clone, Copy)]
 pub struct Gadgets {

@@ -35,6 +35,20 @@ const RET_ACTION_FULL: u32 = 0xffff_0000;
 const RET_ALLOW: u32 = 0x7fff_0000;
 const RET_LOG: u32 = 0x7ffc_0000;
 
+/// A hardware control-flow guard a thread runs under (from its `/proc/.../status`) that
+/// injection cannot honour: with a CET shadow stack the `ret` of a `syscall; ret` gadget into
+/// our frame, and the frame's `rt_sigreturn`, would not match the shadow stack and the CPU
+/// would kill the process.
+fn control_flow_guard(status: &str) -> Option<&'static str> {
+    let features = status
+        .lines()
+        .find_map(|l| l.strip_prefix("x86_Thread_features:"))?;
+    features
+        .split_whitespace()
+        .any(|f| f == "shstk")
+        .then_some("shadow stack (CET)")
+}
+
 /// The filters attached to thread `tid` of `pid` (ptrace-stopped by us), innermost first.
 /// Threads without a filter (`Seccomp: 0` in their status) are not asked.
 pub fn filters(pid: i32, tid: i32) -> Result<Vec<Vec<SockFilter>>> {
@@ -48,6 +62,13 @@ pub fn filters(pid: i32, tid: i32) -> Result<Vec<Vec<SockFilter>>> {
             .unwrap_or(0);
         String::from_utf8_lossy(&buf[..n]).into_owned()
     };
+    if let Some(feature) = control_flow_guard(&status) {
+        return Err(anyhow::Error::new(crate::remote::ShadowStack {
+            pid,
+            tid,
+            feature,
+        }));
+    }
     let mode = status
         .lines()
         .find_map(|l| l.strip_prefix("Seccomp:"))
@@ -284,6 +305,25 @@ pub fn check_injected(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_thread_with_a_shadow_stack_is_not_injected_into() {
+        let status = |features: &str| {
+            format!("Name:\tx\nSeccomp:\t0\nx86_Thread_features:\t{features}\nx86_Thread_features_locked:\tshstk wrss\n")
+        };
+        assert_eq!(
+            control_flow_guard(&status("shstk wrss")),
+            Some("shadow stack (CET)")
+        );
+        assert_eq!(
+            control_flow_guard(&status("shstk")),
+            Some("shadow stack (CET)")
+        );
+        assert_eq!(control_flow_guard(&status("")), None);
+        assert_eq!(control_flow_guard(&status("wrss")), None);
+        // Kernels without user shadow stacks have no such line.
+        assert_eq!(control_flow_guard("Name:\tx\nSeccomp:\t0\n"), None);
+    }
 
     fn ins(code: u16, jt: u8, jf: u8, k: u32) -> SockFilter {
         SockFilter { code, jt, jf, k }

@@ -515,6 +515,44 @@ fn a_process_whose_main_thread_exited_is_patched_like_any_other() {
     assert_eq!(t.ask("compute 2"), "7");
 }
 
+/// A library loaded twice in one process (a copy under another path, or a dlmopen namespace)
+/// runs two copies of its code: patching one would leave the other vulnerable while saying
+/// "applied". Refused with the reason, the process byte-identical; `check` says so too.
+#[test]
+fn a_library_loaded_twice_is_refused_not_half_patched() {
+    let b = build(Kind::SharedLib);
+    let mut t = b.start();
+    let copy = b.work.path("copy");
+    std::fs::create_dir_all(&copy).unwrap();
+    std::fs::copy(b.module_path(), copy.join("libcalc.so")).unwrap();
+    assert_eq!(
+        t.ask(&format!("dlopen {}", copy.join("libcalc.so").display())),
+        "ok"
+    );
+    let p1 = b
+        .work
+        .bundle(&b.module, "p1.o", &["compute"], 1, &b.key, "p1.suture");
+    let before = snapshot(t.pid);
+    let (ok, v) = apply(&b, &p1, t.pid);
+    assert!(!ok, "{v}");
+    assert_eq!(v["kind"], "refused", "{v}");
+    assert!(
+        v["error"].as_str().unwrap().contains("loaded 2 times"),
+        "{v}"
+    );
+    assert_same_memory(&before, &snapshot(t.pid));
+    let (_, v) = suture_json(&[
+        "check",
+        "--pid",
+        &t.pid_arg(),
+        "--bundle",
+        p1.to_str().unwrap(),
+    ]);
+    assert_eq!(v["patchable"], false, "{v}");
+    assert!(v["problems"].to_string().contains("loaded 2 times"), "{v}");
+    assert_eq!(t.ask("compute 2"), "7");
+}
+
 /// Hardened services forbid adding PROT_EXEC to memory: systemd's MemoryDenyWriteExecute=yes
 /// (a seccomp filter: journald, logind, networkd, timesyncd… run with it) and prctl
 /// PR_SET_MDWE. Patch memory is mapped R-X and only ever loses rights, so both are patched,

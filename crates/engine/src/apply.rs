@@ -329,6 +329,22 @@ fn prepare(pid: i32, bundle: &Bundle) -> Result<Prepared<'_>> {
             m.module.name, m.module.build_id
         ))
     })?;
+    let copies = modules::loaded_copies(pid, &maps, &build_id);
+    if copies.len() > 1 {
+        return Err(refused(format!(
+            "process {pid} has module {} loaded {} times (at {}: a copy of the file under another \
+             path, or a second dlmopen namespace), each with its own code; patching one would \
+             leave the others running the old code, and suture patches one copy per process: \
+             not touched",
+            m.module.name,
+            copies.len(),
+            copies
+                .iter()
+                .map(|b| format!("{b:#x}"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        )));
+    }
     let mem = Memory::open(pid).map_err(|e| exited_or(pid, e))?;
     match prepare_with(pid, bundle, &module, &maps, &mem) {
         Ok(parts) => Ok(Prepared {

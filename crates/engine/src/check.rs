@@ -123,10 +123,16 @@ pub fn check(pid: i32, build_id: Option<&[u8]>) -> Result<CheckReport> {
         })
         .collect();
     if let Some(want) = build_id {
+        let copies = modules::loaded_copies(pid, &maps, want).len();
         let want = hex::encode(want);
         if !modules.iter().any(|m| m.build_id.as_deref() == Some(&want)) {
             problems.push(format!(
                 "process does not map a module with build-id {want}"
+            ));
+        } else if copies > 1 {
+            problems.push(format!(
+                "process has the module loaded {copies} times (a copy under another path, or a \
+                 dlmopen namespace); suture patches one copy per process"
             ));
         }
     }

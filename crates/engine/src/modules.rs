@@ -599,6 +599,28 @@ pub fn maps_build_id(pid: i32, maps: &[Mapping], build_id: &[u8]) -> bool {
     locate(pid, maps, build_id).is_some()
 }
 
+/// Where each loaded copy of the module with `build_id` begins (its load bias), one per copy:
+/// a library opened under two paths (a bundled copy of a system library) or into a second
+/// `dlmopen` namespace is loaded twice, with its own code and its own data. Counted by its
+/// executable mappings, so a program reading its own file through `mmap` is not a copy.
+pub fn loaded_copies(pid: i32, maps: &[Mapping], build_id: &[u8]) -> Vec<u64> {
+    let mut biases: Vec<u64> = Vec::new();
+    for m in maps.iter().filter(|m| m.executable && m.is_file()) {
+        let Ok(id) = identity(pid, m) else {
+            continue;
+        };
+        if id.build_id.as_deref() != Some(build_id) {
+            continue;
+        }
+        if let Some(bias) = bias_of(&id.segments, m) {
+            if !biases.contains(&bias) {
+                biases.push(bias);
+            }
+        }
+    }
+    biases
+}
+
 /// The module with `build_id` in the process, read whole (the process is about to be
 /// patched); the other files it maps are only identified.
 pub fn find_by_build_id(pid: i32, maps: &[Mapping], build_id: &[u8]) -> Option<LoadedModule> {

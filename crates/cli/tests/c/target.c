@@ -1,5 +1,6 @@
 /* Test target: a line-oriented service on stdin/stdout. Built as PIE, non-PIE, static, or
  * against libcalc.so (-DUSE_LIB), by the integration tests. */
+#include <dlfcn.h>
 #include <linux/audit.h>
 #include <linux/filter.h>
 #include <linux/seccomp.h>
@@ -174,6 +175,9 @@ static void *serve(void *arg) {
         } else if (sscanf(line, "vfork %d", &n) == 1) {
             pthread_t t; pthread_create(&t, NULL, vforker, (void *)(long)n); pthread_detach(t);
             usleep(20000); printf("ok\n");
+        } else if (strncmp(line, "dlopen ", 7) == 0) {
+            line[strcspn(line, "\n")] = 0;
+            printf("%s\n", dlopen(line + 7, RTLD_NOW) ? "ok" : dlerror());
         } else if (strncmp(line, "seccomp mdwe", 12) == 0) printf("%d\n", deny_write_execute());
         else if (strncmp(line, "prctl mdwe", 10) == 0) printf("%d\n", prctl(65 /* PR_SET_MDWE */, 1 /* REFUSE_EXEC_GAIN */, 0, 0, 0));
         else if (strncmp(line, "seccomp memfd", 13) == 0) printf("%d\n", deny_syscall(SYS_memfd_create));

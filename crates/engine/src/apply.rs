@@ -122,8 +122,13 @@ fn exited_or(pid: i32, e: anyhow::Error) -> EngineError {
     EngineError::Failed(e)
 }
 
-fn take_lock(pid: i32, opts: &ApplyOptions) -> Result<lock::ProcessLock> {
-    lock::lock_process(pid, opts.timeout)?.map_err(EngineError::Busy)
+/// The process's `/proc/PID/stat` (read once per operation: it costs tens of microseconds)
+/// and its lock.
+fn take_lock(pid: i32, opts: &ApplyOptions) -> Result<(procfs::Stat, lock::ProcessLock)> {
+    let stat = procfs::stat(pid).ok_or_else(|| refused(format!("no process {pid}")))?;
+    let lock = lock::lock_process_started(pid, stat.start_time, opts.timeout)?
+        .map_err(EngineError::Busy)?;
+    Ok((stat, lock))
 }
 
 /// One function of the bundle, located in this process.
@@ -193,8 +198,8 @@ fn explain(pid: i32, mem: &Memory, maps: &[Mapping], e: EngineError) -> EngineEr
 /// Applies a bundle (whose signature the caller has verified) to process `pid`.
 pub fn apply(pid: i32, bundle: &Bundle, opts: &ApplyOptions) -> Result<ApplyReport> {
     let t = Instant::now();
-    let _lock = take_lock(pid, opts)?;
-    let p = prepare(pid, bundle)?;
+    let (stat, _lock) = take_lock(pid, opts)?;
+    let p = prepare(pid, bundle, &stat)?;
     debug!(pid, us = t.elapsed().as_micros() as u64, "prepared");
     apply_prepared(&p, opts).map_err(|e| explain(pid, &p.mem, &p.maps, e))
 }
@@ -222,7 +227,8 @@ pub(crate) fn apply_held(
 ) -> Result<ApplyReport> {
     let pid = session.pid();
     // (The holder owns the process lock.)
-    let p = prepare(pid, bundle)?;
+    let stat = procfs::stat(pid).ok_or_else(|| exited_or(pid, anyhow!("no process")))?;
+    let p = prepare(pid, bundle, &stat)?;
     session.seize_rest().map_err(|e| exited_or(pid, e))?;
     apply_with(session, &p, opts).map_err(|e| explain(pid, &p.mem, &p.maps, e))
 }
@@ -309,19 +315,14 @@ fn apply_with(session: &mut Session, p: &Prepared, opts: &ApplyOptions) -> Resul
 }
 
 /// Phase **prepare** of apply: nothing in the process is stopped or changed.
-fn prepare(pid: i32, bundle: &Bundle) -> Result<Prepared<'_>> {
+fn prepare<'b>(pid: i32, bundle: &'b Bundle, stat: &procfs::Stat) -> Result<Prepared<'b>> {
     let m = &bundle.manifest;
     let build_id =
         hex::decode(&m.module.build_id).map_err(|_| refused("bundle names an invalid build-id"))?;
-    if !procfs::exists(pid) {
-        return Err(refused(format!("no process {pid}")));
-    }
-    if procfs::exited(pid) {
-        return Err(EngineError::Exited(format!(
-            "process {pid} has exited (no thread of it runs)"
-        )));
-    }
-    refuse_shared(pid)?;
+    let dir = procfs::memory_dir_of(pid, stat).ok_or_else(|| {
+        EngineError::Exited(format!("process {pid} has exited (no thread of it runs)"))
+    })?;
+    refuse_shared(pid, stat)?;
     let maps = procfs::read_maps(pid).map_err(|e| exited_or(pid, e))?;
     let module = modules::find_by_build_id(pid, &maps, &build_id).ok_or_else(|| {
         refused(format!(
@@ -329,7 +330,7 @@ fn prepare(pid: i32, bundle: &Bundle) -> Result<Prepared<'_>> {
             m.module.name, m.module.build_id
         ))
     })?;
-    let copies = modules::loaded_copies(pid, &maps, &build_id);
+    let copies = modules::copies_of_module(pid, &maps, &module);
     if copies.len() > 1 {
         return Err(refused(format!(
             "process {pid} has module {} loaded {} times (at {}: a copy of the file under another \
@@ -345,7 +346,7 @@ fn prepare(pid: i32, bundle: &Bundle) -> Result<Prepared<'_>> {
                 .join(", ")
         )));
     }
-    let mem = Memory::open(pid).map_err(|e| exited_or(pid, e))?;
+    let mem = Memory::open_at(pid, dir).map_err(|e| exited_or(pid, e))?;
     match prepare_with(pid, bundle, &module, &maps, &mem) {
         Ok(parts) => Ok(Prepared {
             pid,
@@ -369,8 +370,8 @@ fn prepare(pid: i32, bundle: &Bundle) -> Result<Prepared<'_>> {
 /// Busy while another process shares `pid`'s memory (a `vfork` child that has not exec'd):
 /// that process's threads run code our stops do not cover. Both sides pass soon: the child
 /// execs or exits.
-fn refuse_shared(pid: i32) -> Result<()> {
-    let what = match procfs::memory_sharer(pid) {
+fn refuse_shared(pid: i32, stat: &procfs::Stat) -> Result<()> {
+    let what = match procfs::memory_sharer_of(pid, stat) {
         None => return Ok(()),
         Some(procfs::Sharer::Parent(p)) => {
             format!("process {pid} is a vfork child of process {p} that has not exec'd yet")
@@ -1082,13 +1083,13 @@ fn code_of(gone: &[FoundPatch]) -> Vec<Guarded> {
 /// Reverts patch `id` (default: the newest applied) in process `pid`. A patch left partly
 /// applied or orphaned by an interrupted operation is cleaned up the same way.
 pub fn revert(pid: i32, id: Option<&str>, opts: &ApplyOptions) -> Result<RevertReport> {
-    let _lock = take_lock(pid, opts)?;
-    if !procfs::exists(pid) {
-        return Err(refused(format!("no process {pid}")));
-    }
-    refuse_shared(pid)?;
+    let (stat, _lock) = take_lock(pid, opts)?;
+    let dir = procfs::memory_dir_of(pid, &stat).ok_or_else(|| {
+        EngineError::Exited(format!("process {pid} has exited (no thread of it runs)"))
+    })?;
+    refuse_shared(pid, &stat)?;
     let maps = procfs::read_maps(pid).map_err(|e| exited_or(pid, e))?;
-    let mem = Memory::open(pid).map_err(|e| exited_or(pid, e))?;
+    let mem = Memory::open_at(pid, dir).map_err(|e| exited_or(pid, e))?;
     revert_in(pid, id, opts, &maps, &mem).map_err(|e| explain(pid, &mem, &maps, e))
 }
 

@@ -160,8 +160,10 @@ fn is_main_executable(pid: i32, module: &LoadedModule) -> bool {
 
 /// The inode of the process's executable (through a live thread if its main one exited).
 fn exe_inode(pid: i32) -> Option<u64> {
-    let dir = crate::procfs::memory_dir(pid).unwrap_or(pid);
-    std::fs::metadata(format!("/proc/{dir}/exe"))
-        .map(|m| m.ino())
-        .ok()
+    let inode = |dir: i32| {
+        std::fs::metadata(format!("/proc/{dir}/exe"))
+            .map(|m| m.ino())
+            .ok()
+    };
+    inode(pid).or_else(|| inode(crate::procfs::memory_dir(pid)?))
 }

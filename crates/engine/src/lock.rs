@@ -59,13 +59,21 @@ fn still_named(file: &File, path: &std::path::Path) -> bool {
 
 /// Takes the lock of process `pid`, waiting up to `wait` for another operation to end.
 pub fn lock_process(pid: i32, wait: Duration) -> Result<Result<ProcessLock, String>> {
+    lock_process_started(pid, procfs::start_time(pid).unwrap_or(0), wait)
+}
+
+/// [`lock_process`] for a process whose start time (`/proc/PID/stat`) is already read.
+pub fn lock_process_started(
+    pid: i32,
+    start: u64,
+    wait: Duration,
+) -> Result<Result<ProcessLock, String>> {
     let dir = lock_dir();
     std::fs::DirBuilder::new()
         .recursive(true)
         .mode(0o700)
         .create(&dir)
         .with_context(|| format!("cannot create {}", dir.display()))?;
-    let start = procfs::start_time(pid).unwrap_or(0);
     let path = dir.join(format!("{pid}-{start}.lock"));
     let deadline = Instant::now() + wait;
     loop {

@@ -604,8 +604,34 @@ pub fn maps_build_id(pid: i32, maps: &[Mapping], build_id: &[u8]) -> bool {
 /// `dlmopen` namespace is loaded twice, with its own code and its own data. Counted by its
 /// executable mappings, so a program reading its own file through `mmap` is not a copy.
 pub fn loaded_copies(pid: i32, maps: &[Mapping], build_id: &[u8]) -> Vec<u64> {
+    match locate(pid, maps, build_id) {
+        Some((first, _)) => copies_of(pid, maps, build_id, (&first.dev, first.inode)),
+        None => Vec::new(),
+    }
+}
+
+/// [`loaded_copies`] of `module`, found already.
+pub fn copies_of_module(pid: i32, maps: &[Mapping], module: &LoadedModule) -> Vec<u64> {
+    match module.facts.build_id.as_deref() {
+        Some(id) => copies_of(pid, maps, id, (&module.dev, module.inode)),
+        None => Vec::new(),
+    }
+}
+
+fn copies_of(pid: i32, maps: &[Mapping], build_id: &[u8], (dev, inode): (&str, u64)) -> Vec<u64> {
+    // A copy maps its code exactly as the first does (same file offset and length): only
+    // such mappings are worth identifying.
+    let code: Vec<(u64, u64)> = maps
+        .iter()
+        .filter(|m| m.executable && m.dev == dev && m.inode == inode)
+        .map(|m| (m.offset, m.end - m.start))
+        .collect();
     let mut biases: Vec<u64> = Vec::new();
-    for m in maps.iter().filter(|m| m.executable && m.is_file()) {
+    for m in maps
+        .iter()
+        .filter(|m| m.executable && m.is_file())
+        .filter(|m| code.contains(&(m.offset, m.end - m.start)))
+    {
         let Ok(id) = identity(pid, m) else {
             continue;
         };

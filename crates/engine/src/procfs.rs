@@ -95,8 +95,13 @@ pub fn read_maps(pid: i32) -> Result<Vec<Mapping>> {
 /// thread (`/proc/TID` serves any thread): a zombie main thread has no memory, no maps, no
 /// `map_files`, no `exe`. `None` when no thread of it lives.
 pub fn memory_dir(pid: i32) -> Option<i32> {
-    if !is_zombie(pid) {
-        return exists(pid).then_some(pid);
+    memory_dir_of(pid, &stat(pid)?)
+}
+
+/// [`memory_dir`] from a [`Stat`] already read.
+pub fn memory_dir_of(pid: i32, stat: &Stat) -> Option<i32> {
+    if stat.state != 'Z' && stat.state != 'X' {
+        return Some(pid);
     }
     threads(pid).ok()?.into_iter().find(|&tid| {
         tid != pid && crate::stop::thread_state(pid, tid).is_some_and(|s| s != 'Z' && s != 'X')
@@ -130,9 +135,37 @@ pub fn exists(pid: i32) -> bool {
 /// Fields of `/proc/PID/stat` after the command name (which may hold spaces and parentheses):
 /// index 0 is the state.
 fn stat_fields(pid: i32) -> Option<Vec<String>> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    use std::io::Read;
+    // One read: the kernel writes the whole line per read call, summing every thread's times
+    // (tens of microseconds), and a growing buffer would make it do so several times.
+    let mut buf = [0u8; 2048];
+    let n = File::open(format!("/proc/{pid}/stat"))
+        .and_then(|mut f| f.read(&mut buf))
+        .ok()?;
+    let stat = std::str::from_utf8(&buf[..n]).ok()?;
     let (_, rest) = stat.rsplit_once(')')?;
     Some(rest.split_whitespace().map(str::to_string).collect())
+}
+
+/// What `/proc/PID/stat` says of a process (its main thread), read once for an operation.
+#[derive(Debug, Clone, Copy)]
+pub struct Stat {
+    /// The scheduler state letter (`R`, `S`, `D`, `Z`, `T`, …).
+    pub state: char,
+    pub ppid: i32,
+    pub threads: u64,
+    /// Clock ticks since boot: with the pid, it names one process.
+    pub start_time: u64,
+}
+
+pub fn stat(pid: i32) -> Option<Stat> {
+    let f = stat_fields(pid)?;
+    Some(Stat {
+        state: f.first()?.chars().next()?,
+        ppid: f.get(1)?.parse().ok()?,
+        threads: f.get(17)?.parse().ok()?,
+        start_time: f.get(19)?.parse().ok()?,
+    })
 }
 
 /// The process's start time (clock ticks since boot): with the pid, it names one process.
@@ -165,13 +198,24 @@ fn same_memory(a: i32, b: i32) -> Option<bool> {
 /// `pid`'s threads covers its threads. `None` also where the kernel cannot tell (no `kcmp` or
 /// `/proc/PID/task/TID/children`).
 pub fn memory_sharer(pid: i32) -> Option<Sharer> {
-    let parent = stat_fields(pid).and_then(|f| f.get(1)?.parse::<i32>().ok());
-    if let Some(ppid) = parent.filter(|&p| p > 1) {
+    memory_sharer_of(pid, &stat(pid)?)
+}
+
+/// [`memory_sharer`] from a [`Stat`] already read.
+pub fn memory_sharer_of(pid: i32, stat: &Stat) -> Option<Sharer> {
+    let ppid = stat.ppid;
+    if ppid > 1 {
         if same_memory(pid, ppid) == Some(true) {
             return Some(Sharer::Parent(ppid));
         }
     }
-    for tid in threads(pid).ok()? {
+    // (One thread: no need to list them.)
+    let tids = if stat.threads == 1 {
+        vec![pid]
+    } else {
+        threads(pid).ok()?
+    };
+    for tid in tids {
         let Ok(children) = std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/children"))
         else {
             continue;
@@ -237,7 +281,11 @@ pub struct Memory {
 
 impl Memory {
     pub fn open(pid: i32) -> Result<Memory> {
-        let dir = memory_dir(pid).unwrap_or(pid);
+        Memory::open_at(pid, memory_dir(pid).unwrap_or(pid))
+    }
+
+    /// Through `/proc/{dir}` ([`memory_dir`] already found).
+    pub fn open_at(pid: i32, dir: i32) -> Result<Memory> {
         let file = match std::fs::OpenOptions::new()
             .read(true)
             .write(true)

@@ -204,10 +204,8 @@ pub fn memory_sharer(pid: i32) -> Option<Sharer> {
 /// [`memory_sharer`] from a [`Stat`] already read.
 pub fn memory_sharer_of(pid: i32, stat: &Stat) -> Option<Sharer> {
     let ppid = stat.ppid;
-    if ppid > 1 {
-        if same_memory(pid, ppid) == Some(true) {
-            return Some(Sharer::Parent(ppid));
-        }
+    if ppid > 1 && same_memory(pid, ppid) == Some(true) {
+        return Some(Sharer::Parent(ppid));
     }
     // (One thread: no need to list them.)
     let tids = if stat.threads == 1 {

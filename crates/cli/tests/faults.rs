@@ -652,6 +652,17 @@ int main(void) {{
     assert_eq!(t.ask("x"), "7");
 }
 
+/// Kills the child when dropped: a failed assertion must not leave it running, holding the
+/// test's output pipe open (whoever reads the output would wait for it forever).
+struct KillOnDrop(std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 #[test]
 fn a_target_that_execs_mid_apply_ends_the_operation_with_the_true_reason() {
     let h = build();
@@ -684,10 +695,14 @@ int main(int argc, char **argv) {
         &["-pthread"],
     );
     for i in 0..12 {
-        let mut child = Command::new(work.path("execer"))
-            .stdin(Stdio::null())
-            .spawn()
-            .unwrap();
+        let mut guard = KillOnDrop(
+            Command::new(work.path("execer"))
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .spawn()
+                .unwrap(),
+        );
+        let child = &mut guard.0;
         std::thread::sleep(Duration::from_micros(2500 + 100 * i));
         let started = Instant::now();
         let (ok, v) = apply_to(&fix, child.id() as i32, &h.trust);

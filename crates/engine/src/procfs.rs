@@ -76,18 +76,30 @@ fn parse_maps_line(line: &str) -> Result<Mapping> {
 }
 
 pub fn read_maps(pid: i32) -> Result<Vec<Mapping>> {
-    let read = |dir: i32| {
-        std::fs::read_to_string(format!("/proc/{dir}/maps"))
-            .with_context(|| format!("process {pid}: cannot read /proc/{dir}/maps"))
-    };
-    let mut text = read(pid)?;
-    // A live process always maps something: none means its main thread has exited.
-    if text.is_empty() {
-        if let Some(dir) = memory_dir(pid).filter(|&d| d != pid) {
-            text = read(dir)?;
+    let read = |dir: i32| std::fs::read_to_string(format!("/proc/{dir}/maps"));
+    let cannot = |dir: i32| format!("process {pid}: cannot read /proc/{dir}/maps");
+    for _ in 0..3 {
+        let text = read(pid).with_context(|| cannot(pid))?;
+        // A live process always maps something: none means its main thread has exited.
+        if !text.is_empty() {
+            return parse_maps(&text);
+        }
+        let Some(dir) = memory_dir(pid).filter(|&d| d != pid) else {
+            return parse_maps(&text);
+        };
+        match read(dir) {
+            Ok(text) => return parse_maps(&text),
+            // That thread is gone: it may have exec'd and taken the process's pid (the old
+            // main thread is a zombie for that instant). Look again.
+            Err(e) if matches!(e.raw_os_error(), Some(libc::ENOENT | libc::ESRCH)) => {}
+            Err(e) => return Err(e).with_context(|| cannot(dir)),
         }
     }
-    parse_maps(&text)
+    Err(if exited(pid) {
+        anyhow::Error::new(crate::stop::ProcessGone { pid })
+    } else {
+        anyhow::Error::new(crate::stop::ProcessExeced { pid })
+    })
 }
 
 /// The `/proc` directory through which process `pid`'s memory is reached: its own, or, once
@@ -284,18 +296,27 @@ impl Memory {
 
     /// Through `/proc/{dir}` ([`memory_dir`] already found).
     pub fn open_at(pid: i32, dir: i32) -> Result<Memory> {
-        let file = match std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .open(format!("/proc/{dir}/mem"))
-        {
+        let open = |dir: i32| {
+            std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .open(format!("/proc/{dir}/mem"))
+        };
+        let vanished =
+            |e: &std::io::Error| matches!(e.raw_os_error(), Some(libc::ESRCH | libc::ENOENT));
+        let file = match open(dir).or_else(|e| match memory_dir(pid) {
+            // The live thread we went through has exited since: through another one.
+            Some(other) if vanished(&e) && other != dir => open(other),
+            _ => Err(e),
+        }) {
             Ok(f) => f,
             // No memory to open while the process lives: it is between the two programs of
-            // an exec (or dying, which the caller finds out).
-            Err(e) if e.raw_os_error() == Some(libc::ESRCH) && !exited(pid) => {
+            // an exec (the old main thread a zombie for an instant, the exec'ing thread taking
+            // its pid), or dying, which the caller finds out.
+            Err(e) if vanished(&e) && !exited(pid) => {
                 return Err(anyhow::Error::new(crate::stop::ProcessExeced { pid }))
             }
-            Err(e) if e.raw_os_error() == Some(libc::ESRCH) => {
+            Err(e) if vanished(&e) => {
                 return Err(anyhow::Error::new(crate::stop::ProcessGone { pid }))
             }
             Err(e) => {

@@ -515,6 +515,25 @@ fn a_process_whose_main_thread_exited_is_patched_like_any_other() {
     assert_eq!(t.ask("compute 2"), "7");
 }
 
+/// The engine acts through the quietest sleeping thread; one made with the smallest stack
+/// there is has no room for its frame below the stack pointer. Another thread is taken, and
+/// the patch goes in (it used to fail: "too little stack left").
+#[test]
+fn a_thread_with_a_tiny_stack_is_passed_over_not_a_failure() {
+    let b = build(Kind::Pie);
+    let mut t = b.start();
+    assert_eq!(t.ask("smallstack"), "ok");
+    let p1 = b
+        .work
+        .bundle("target", "p1.o", &["compute"], 1, &b.key, "p1.suture");
+    let (ok, v) = apply(&b, &p1, t.pid);
+    assert!(ok, "{v}");
+    assert_eq!(t.ask("compute 2"), "106");
+    let (ok, v) = suture_json(&["revert", "--pid", &t.pid_arg()]);
+    assert!(ok, "{v}");
+    assert_eq!(t.ask("compute 2"), "7");
+}
+
 /// A library loaded twice in one process (a copy under another path, or a dlmopen namespace)
 /// runs two copies of its code: patching one would leave the other vulnerable while saying
 /// "applied". Refused with the reason, the process byte-identical; `check` says so too.

@@ -499,27 +499,50 @@ struct Mapped {
 /// whatever it mapped is gone again.
 fn map(session: &mut Session, p: &Prepared) -> Result<Mapped> {
     let pid = p.pid;
-    let tid0 = session
-        .injection_thread()
-        .ok_or_else(|| exited_or(pid, anyhow!("no threads")))?;
-    session.stop_thread(tid0).map_err(|e| exited_or(pid, e))?;
-    if session.job_stopped(tid0) {
-        // Nothing may run in it (injected calls would), and nothing of it runs the old code
-        // meanwhile: patch it once it runs again.
-        session.resume(None);
-        return Err(EngineError::Busy(format!(
-            "process {pid} is stopped (SIGSTOP or job control); it was not touched: patch it \
-             once it is continued"
-        )));
-    }
-    let mut remote =
-        Remote::new(session, tid0, &p.mem, &p.maps, p.gadgets).map_err(|e| exited_or(pid, e))?;
+    let mut remote = take_injector(session, &p.mem, &p.maps, p.gadgets)?;
     let result = map_with(session, &mut remote, p);
     let finished = remote.finish(session, &p.mem);
     session.resume(None);
     let mapped = result?;
     finished.map_err(|e| exited_or(pid, e))?;
     Ok(mapped)
+}
+
+/// Stops the thread to act through and lays its frame; a thread whose stack has no room for
+/// the frame (one made with a small stack) is let go and the next quietest is taken.
+fn take_injector(
+    session: &mut Session,
+    mem: &Memory,
+    maps: &[Mapping],
+    gadgets: Gadgets,
+) -> Result<Remote> {
+    let pid = session.pid();
+    loop {
+        let tid = session.injection_thread().ok_or_else(|| {
+            exited_or(
+                pid,
+                anyhow!("no thread with room on its stack to act through"),
+            )
+        })?;
+        session.stop_thread(tid).map_err(|e| exited_or(pid, e))?;
+        if session.job_stopped(tid) {
+            // Nothing may run in it (injected calls would), and nothing of it runs the old
+            // code meanwhile: patch it once it runs again.
+            session.resume(None);
+            return Err(EngineError::Busy(format!(
+                "process {pid} is stopped (SIGSTOP or job control); it was not touched: try \
+                 again once it is continued"
+            )));
+        }
+        match Remote::new(session, tid, mem, maps, gadgets) {
+            Err(e) if e.is::<remote::NoRoom>() => {
+                debug!(pid, tid, "no room on the thread's stack; taking another");
+                session.resume(None);
+                session.pass_over(tid);
+            }
+            r => return r.map_err(|e| exited_or(pid, e)),
+        }
+    }
 }
 
 fn map_with(session: &mut Session, remote: &mut Remote, p: &Prepared) -> Result<Mapped> {
@@ -906,7 +929,7 @@ fn commit(
     };
     let mut pending = None;
     let plan = StopPlan {
-        inject: Some(injection(session, p.gadgets)?),
+        inject: Some(p.gadgets),
         ..plan
     };
     let result = stop_and_write(session, plan, &mut pending, |session, mem, remote| {
@@ -940,14 +963,6 @@ fn commit(
     let (stopped, attempts, alone, _) = result?;
     finished?;
     Ok((stopped, attempts, finish_us + alone))
-}
-
-/// The thread a stop acts through, and the code it uses.
-fn injection(session: &Session, gadgets: Gadgets) -> Result<(i32, Gadgets)> {
-    let tid = session
-        .injection_thread()
-        .ok_or_else(|| exited_or(session.pid(), anyhow!("no threads")))?;
-    Ok((tid, gadgets))
 }
 
 /// Changes whether `fork` children inherit the patch memory, through the remote the stop laid
@@ -1020,14 +1035,7 @@ fn release(
             stop_and_write(session, plan, &mut None, |_, _, _| Ok(Then::Resume))
                 .map_err(|e| anyhow!("{e}"))?;
         }
-        let tid = session
-            .injection_thread()
-            .ok_or_else(|| anyhow!("no threads"))?;
-        session.stop_thread(tid)?;
-        if session.job_stopped(tid) {
-            anyhow::bail!("the process is stopped (job control); the memory goes later");
-        }
-        let mut r = Remote::new(session, tid, mem, maps, gadgets)?;
+        let mut r = take_injector(session, mem, maps, gadgets).map_err(|e| anyhow!("{e}"))?;
         if landing != 0 {
             r.set_landing(landing);
         }
@@ -1167,7 +1175,7 @@ fn revert_in(
         // none is left in it.
         let mut pending = None;
         let plan = StopPlan {
-            inject: Some(injection(&session, gadgets)?),
+            inject: Some(gadgets),
             ..plan
         };
         let result = stop_and_write(&mut session, plan, &mut pending, |session, mem, remote| {
@@ -1278,7 +1286,7 @@ struct StopPlan<'a> {
     /// with. Its frame is laid before the others stop (only the call counts in the
     /// all-threads stop), and it stays stopped after a successful stop until the caller
     /// finishes it (once the others run).
-    inject: Option<(i32, Gadgets)>,
+    inject: Option<Gadgets>,
 }
 
 /// What becomes of the threads after a successful stop.
@@ -1319,17 +1327,9 @@ fn stop_and_write(
     let mut maps = maps.to_vec();
     loop {
         attempts += 1;
-        if let Some((tid, gadgets)) = inject {
+        if let Some(gadgets) = inject {
             let t = Instant::now();
-            session.stop_thread(tid).map_err(|e| exited_or(pid, e))?;
-            if session.job_stopped(tid) {
-                session.resume(None);
-                return Err(EngineError::Busy(format!(
-                    "process {pid} is stopped (SIGSTOP or job control); nothing was changed: \
-                     try again once it is continued"
-                )));
-            }
-            let r = Remote::new(session, tid, mem, &maps, gadgets).map_err(|e| exited_or(pid, e));
+            let r = take_injector(session, mem, &maps, gadgets);
             alone += t.elapsed();
             *pending = Some(r?);
         }
@@ -1349,7 +1349,7 @@ fn stop_and_write(
             None => {
                 let result = act(session, mem, pending.as_mut());
                 // Success or not: let go right away; the pause ends when the last thread runs.
-                let keep = inject.map(|(tid, _)| tid);
+                let keep = pending.as_ref().map(Remote::tid);
                 match result {
                     Ok(Then::LetGo) => session.let_go(keep),
                     _ => session.resume(keep),

@@ -83,6 +83,13 @@ pub struct SeccompBlocks {
     pub syscall: &'static str,
 }
 
+/// The thread's stack has too little room below its stack pointer for our frame.
+#[derive(Debug, thiserror::Error)]
+#[error("thread {tid}: too little stack left below its stack pointer to work with")]
+pub struct NoRoom {
+    pub tid: i32,
+}
+
 /// The thread runs under a hardware control-flow guard injection cannot honour.
 #[derive(Debug, thiserror::Error)]
 #[error("process {pid}: thread {tid} runs with a {feature}, which suture cannot inject into yet; it was not touched")]
@@ -411,10 +418,7 @@ impl Remote {
             .map(|m| m.start)
             .unwrap_or(u64::MAX);
         if low < floor || floor == u64::MAX {
-            bail!(
-                "thread {}: too little stack left below its stack pointer to work with",
-                self.tid
-            );
+            return Err(anyhow::Error::new(NoRoom { tid: self.tid }));
         }
         // The frame and scratch now; the call stack below only if a function is called (most
         // operations make system calls alone).

@@ -225,6 +225,8 @@ struct Tracee {
     group: bool,
     /// Held by [`crate::hold`]: stays stopped until its holder lets it go.
     pinned: bool,
+    /// Its stack has no room for an injection frame (a thread made with a small stack).
+    cramped: bool,
 }
 
 /// The threads of one process, seized by us.
@@ -398,7 +400,11 @@ impl Session {
     /// one serving clients, who then wait only for the all-threads stops), else the main
     /// thread, else any.
     pub fn injection_thread(&self) -> Option<i32> {
-        let usable = |tid: i32| self.tracees.get(&tid).is_some_and(|t| !t.group);
+        let usable = |tid: i32| {
+            self.tracees
+                .get(&tid)
+                .is_some_and(|t| !t.group && !t.cramped)
+        };
         if let Some(tid) = self.injector.get().filter(|&t| usable(t)) {
             return Some(tid);
         }
@@ -415,6 +421,16 @@ impl Session {
             .or_else(|| self.threads().find(|&t| usable(t)));
         self.injector.set(chosen);
         chosen
+    }
+
+    /// Never act through `tid` again in this session: its stack has no room for our frame.
+    pub(crate) fn pass_over(&mut self, tid: i32) {
+        if let Some(t) = self.tracees.get_mut(&tid) {
+            t.cramped = true;
+        }
+        if self.injector.get() == Some(tid) {
+            self.injector.set(None);
+        }
     }
 
     /// Whether `tid` is stopped by job control (`SIGSTOP`, Ctrl-Z): then so is the whole

@@ -1,6 +1,7 @@
 /* Test target: a line-oriented service on stdin/stdout. Built as PIE, non-PIE, static, or
  * against libcalc.so (-DUSE_LIB), by the integration tests. */
 #include <dlfcn.h>
+#include <limits.h>
 #include <linux/audit.h>
 #include <linux/filter.h>
 #include <linux/seccomp.h>
@@ -175,6 +176,15 @@ static void *serve(void *arg) {
         } else if (sscanf(line, "vfork %d", &n) == 1) {
             pthread_t t; pthread_create(&t, NULL, vforker, (void *)(long)n); pthread_detach(t);
             usleep(20000); printf("ok\n");
+        } else if (strncmp(line, "smallstack", 10) == 0) {
+            /* A sleeping thread on the smallest stack there is, and a main thread that has
+             * used more CPU: the small one is the quietest. */
+            struct timespec t0, t1;
+            clock_gettime(CLOCK_THREAD_CPUTIME_ID, &t0);
+            do clock_gettime(CLOCK_THREAD_CPUTIME_ID, &t1);
+            while ((t1.tv_sec - t0.tv_sec) * 1000000000L + (t1.tv_nsec - t0.tv_nsec) < 60000000L);
+            pthread_attr_t at; pthread_attr_init(&at); pthread_attr_setstacksize(&at, PTHREAD_STACK_MIN);
+            pthread_t t; pthread_create(&t, &at, block, NULL); usleep(20000); printf("ok\n");
         } else if (strncmp(line, "dlopen ", 7) == 0) {
             line[strcspn(line, "\n")] = 0;
             printf("%s\n", dlopen(line + 7, RTLD_NOW) ? "ok" : dlerror());

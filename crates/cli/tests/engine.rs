@@ -398,6 +398,16 @@ fn a_thread_inside_the_patch_code_outlives_its_revert() {
     assert_eq!(t.ask("compute 2"), "7");
 }
 
+/// Applies `bundle` (p1: `compute 2` answers 106), then reverts it (7 again).
+fn fixed_then_reverted(b: &Built, t: &mut Target, bundle: &std::path::Path, what: &str) {
+    let (ok, v) = apply(b, bundle, t.pid);
+    assert!(ok, "{what}: {v}");
+    assert_eq!(t.ask("compute 2"), "106", "{what}");
+    let (ok, v) = suture_json(&["revert", "--pid", &t.pid_arg()]);
+    assert!(ok, "{what}: {v}");
+    assert_eq!(t.ask("compute 2"), "7", "{what}");
+}
+
 fn signal(pid: i32, sig: nix::sys::signal::Signal) {
     nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), sig).unwrap();
 }
@@ -526,12 +536,7 @@ fn a_thread_with_a_tiny_stack_is_passed_over_not_a_failure() {
     let p1 = b
         .work
         .bundle("target", "p1.o", &["compute"], 1, &b.key, "p1.suture");
-    let (ok, v) = apply(&b, &p1, t.pid);
-    assert!(ok, "{v}");
-    assert_eq!(t.ask("compute 2"), "106");
-    let (ok, v) = suture_json(&["revert", "--pid", &t.pid_arg()]);
-    assert!(ok, "{v}");
-    assert_eq!(t.ask("compute 2"), "7");
+    fixed_then_reverted(&b, &mut t, &p1, "tiny stack");
 }
 
 /// A library loaded twice in one process (a copy under another path, or a dlmopen namespace)
@@ -585,12 +590,7 @@ fn services_that_deny_write_execute_memory_are_patched() {
     for rule in ["seccomp mdwe", "prctl mdwe"] {
         let mut t = b.start();
         assert_eq!(t.ask(rule), "0", "{rule}");
-        let (ok, v) = apply(&b, &p1, t.pid);
-        assert!(ok, "{rule}: {v}");
-        assert_eq!(t.ask("compute 2"), "106", "{rule}");
-        let (ok, v) = suture_json(&["revert", "--pid", &t.pid_arg()]);
-        assert!(ok, "{rule}: {v}");
-        assert_eq!(t.ask("compute 2"), "7", "{rule}");
+        fixed_then_reverted(&b, &mut t, &p1, rule);
         let maps = std::fs::read_to_string(format!("/proc/{}/maps", t.pid)).unwrap();
         assert!(!maps.contains("memfd:suture"), "{rule}: {maps}");
     }

@@ -87,13 +87,7 @@ fn same_identity_as_the_full_parser_on_real_modules() {
 fn agrees_with_the_full_parser_on_every_system_binary() {
     let mut compared = 0;
     for folder in ["/usr/bin", "/usr/lib/x86_64-linux-gnu"] {
-        let mut entries: Vec<PathBuf> = std::fs::read_dir(folder)
-            .unwrap()
-            .filter_map(|e| e.ok().map(|e| e.path()))
-            // (The full parser is slow on huge files in a debug build.)
-            .filter(|p| p.metadata().is_ok_and(|m| m.is_file() && m.len() < 4 << 20))
-            .collect();
-        entries.sort();
+        let entries = common::files_in(folder, 4 << 20);
         for path in entries.iter().take(150) {
             let Ok(data) = std::fs::read(path) else {
                 continue;

@@ -61,13 +61,7 @@ fn the_parser_sees_the_same_module_from_its_tables_alone() {
     assert!(read * 4 < len, "libc: read {read} of {len} bytes");
     let mut compared = 0;
     for folder in ["/usr/bin", "/usr/lib/x86_64-linux-gnu"] {
-        let mut entries: Vec<PathBuf> = std::fs::read_dir(folder)
-            .unwrap()
-            .filter_map(|e| e.ok().map(|e| e.path()))
-            // (The full parser is slow on huge files in a debug build.)
-            .filter(|p| p.metadata().is_ok_and(|m| m.is_file() && m.len() < 4 << 20))
-            .collect();
-        entries.sort();
+        let entries = common::files_in(folder, 4 << 20);
         for path in entries.iter().take(150) {
             if compare(path).is_some() {
                 compared += 1;
@@ -162,13 +156,10 @@ fn no_byte_is_read_twice() {
 #[test]
 fn hash_lookups_find_what_a_scan_of_all_symbols_finds() {
     let mut checked = 0;
-    let mut entries: Vec<PathBuf> = std::fs::read_dir("/usr/lib/x86_64-linux-gnu")
-        .unwrap()
-        .filter_map(|e| e.ok().map(|e| e.path()))
+    let mut entries: Vec<PathBuf> = common::files_in("/usr/lib/x86_64-linux-gnu", 8 << 20)
+        .into_iter()
         .filter(|p| p.to_string_lossy().contains(".so"))
-        .filter(|p| p.metadata().is_ok_and(|m| m.is_file() && m.len() < 8 << 20))
         .collect();
-    entries.sort();
     entries.insert(0, PathBuf::from("/lib/x86_64-linux-gnu/libc.so.6"));
     for path in entries.iter().take(60) {
         let (Ok(data), _) = tables_of(path) else {

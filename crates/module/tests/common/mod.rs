@@ -2,7 +2,7 @@
 
 use std::cell::Cell;
 use std::os::unix::fs::FileExt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 /// Runs a reader (`identify`, `read_tables`) on `path` through `pread`, and counts the bytes it
 /// asked for.
@@ -21,4 +21,16 @@ pub fn through_pread<T>(
         len,
     );
     (out, read.get())
+}
+
+/// The regular files in `folder` smaller than `below` bytes, sorted (real modules to compare
+/// readers on; the full parser is slow on huge files in a debug build).
+pub fn files_in(folder: &str, below: u64) -> Vec<PathBuf> {
+    let mut entries: Vec<PathBuf> = std::fs::read_dir(folder)
+        .unwrap()
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.metadata().is_ok_and(|m| m.is_file() && m.len() < below))
+        .collect();
+    entries.sort();
+    entries
 }

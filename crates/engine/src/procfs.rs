@@ -182,7 +182,7 @@ pub fn stat(pid: i32) -> Option<Stat> {
 
 /// The process's start time (clock ticks since boot): with the pid, it names one process.
 pub fn start_time(pid: i32) -> Option<u64> {
-    stat_fields(pid)?.get(19)?.parse().ok()
+    stat(pid).map(|s| s.start_time)
 }
 
 /// Another process that shares a process's address space (not one of its threads).
@@ -241,7 +241,7 @@ pub fn memory_sharer_of(pid: i32, stat: &Stat) -> Option<Sharer> {
 
 /// Whether the process (its main thread) is a zombie.
 pub fn is_zombie(pid: i32) -> bool {
-    stat_fields(pid).is_some_and(|f| f.first().is_some_and(|s| s == "Z"))
+    stat(pid).is_some_and(|s| s.state == 'Z')
 }
 
 /// Field `name` of `/proc/PID/status` (e.g. `Seccomp`, `TracerPid`, `State`).

@@ -352,6 +352,18 @@ fn inspect(j: bool, path: &Path) -> Result<i32> {
     Ok(0)
 }
 
+/// One line per process an `--all` command could not handle: what it is (busy, refused,
+/// exited, failed) once, then why.
+fn print_failure(pid: i32, e: &EngineError, what: &str) {
+    let text = e.to_string();
+    let kind = e.kind();
+    let why = text
+        .strip_prefix(kind)
+        .and_then(|t| t.strip_prefix(": "))
+        .unwrap_or(&text);
+    println!("pid {pid}: {what} ({kind}): {}", output::clean(why));
+}
+
 fn print_applied(r: &ApplyReport) {
     let replaced = r
         .replaced
@@ -452,11 +464,7 @@ fn apply_all(j: bool, b: &Bundle, opts: &ApplyOptions, jobs: Option<usize>) -> R
             }
         }
         for (p, e) in &failed {
-            println!(
-                "pid {p}: FAILED ({}): {}",
-                e.kind(),
-                output::clean(&e.to_string())
-            );
+            print_failure(*p, e, "not patched");
         }
         println!(
             "{} of {} process(es) patched in {:.2} s{}",
@@ -653,11 +661,7 @@ fn revert_all(j: bool, id: Option<&str>, opts: &ApplyOptions, jobs: Option<usize
             }
         }
         for (p, e) in &failed {
-            println!(
-                "pid {p}: FAILED ({}): {}",
-                e.kind(),
-                output::clean(&e.to_string())
-            );
+            print_failure(*p, e, "not reverted");
         }
         println!(
             "{} patch(es) reverted in {} process(es) in {:.2} s",

@@ -7,11 +7,14 @@
 //! ```
 //!
 //! - **prepare** reads the bundle and the process (build-id, running bytes, symbols, a dry
-//!   link, the gadgets injection will use). Nothing is stopped or changed. Undo: none.
-//! - **map** stops one thread and, through it, creates the patch memory: a memfd named after
-//!   the patch, mapped privately next to the module, not inherited by `fork` yet. The image is
-//!   written from outside, text made read-execute, unwind tables registered, and the record
-//!   written last (memory without a record is recognisably unfinished). Undo: unmap.
+//!   link, the gadgets injection will use) and refuses what it cannot patch whole (a vfork
+//!   child sharing the memory, the module loaded twice). Nothing is stopped or changed.
+//!   Undo: none.
+//! - **map** stops one thread (one with room on its stack) and, through it, creates the patch
+//!   memory: a memfd named after the patch, mapped privately and R-X next to the module, not
+//!   inherited by `fork` yet. The image is written from outside, everything but code loses
+//!   `PROT_EXEC`, unwind tables are registered, and the record written last (memory without a
+//!   record is recognisably unfinished). Undo: unmap.
 //! - **commit** stops every thread, waits until none is in (or returning into) code being
 //!   bypassed, re-verifies the running bytes, makes the memory inheritable, and writes the
 //!   detours. Undo: before the writes, the map phase's undo; a failed write puts back the ones

@@ -539,6 +539,94 @@ fn a_thread_with_a_tiny_stack_is_passed_over_not_a_failure() {
     fixed_then_reverted(&b, &mut t, &p1, "tiny stack");
 }
 
+/// A cgroup that can freeze one process: the v1 freezer where it is mounted, else cgroup v2.
+struct Freezer {
+    dir: PathBuf,
+    root: PathBuf,
+    v2: bool,
+    pid: i32,
+}
+
+impl Freezer {
+    fn new(pid: i32) -> Freezer {
+        let mounts = std::fs::read_to_string("/proc/self/mounts").unwrap();
+        let find = |v2: bool| {
+            mounts.lines().find_map(|l| {
+                let f: Vec<&str> = l.split_whitespace().collect();
+                let ok = if v2 {
+                    f[2] == "cgroup2"
+                } else {
+                    f[2] == "cgroup" && f[3].split(',').any(|o| o == "freezer")
+                };
+                ok.then(|| PathBuf::from(f[1]))
+            })
+        };
+        let (root, v2) = find(false)
+            .map(|r| (r, false))
+            .or_else(|| find(true).map(|r| (r, true)))
+            .expect("a cgroup freezer (v1) or cgroup v2");
+        let dir = root.join(format!("suture-test-{pid}"));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("cgroup.procs"), pid.to_string()).unwrap();
+        Freezer { dir, root, v2, pid }
+    }
+
+    fn freeze(&self, on: bool) {
+        let (file, value, done) = match (self.v2, on) {
+            (false, true) => ("freezer.state", "FROZEN", "FROZEN"),
+            (false, false) => ("freezer.state", "THAWED", "THAWED"),
+            (true, true) => ("cgroup.freeze", "1", "frozen 1"),
+            (true, false) => ("cgroup.freeze", "0", "frozen 0"),
+        };
+        std::fs::write(self.dir.join(file), value).unwrap();
+        let state = if self.v2 {
+            "cgroup.events"
+        } else {
+            "freezer.state"
+        };
+        for _ in 0..500 {
+            let now = std::fs::read_to_string(self.dir.join(state)).unwrap_or_default();
+            if now.lines().any(|l| l.trim() == done) {
+                return;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        panic!("cgroup {} never became {done}", self.dir.display());
+    }
+}
+
+impl Drop for Freezer {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            let _ = std::fs::write(self.dir.join("freezer.state"), "THAWED");
+            let _ = std::fs::write(self.dir.join("cgroup.freeze"), "0");
+        }
+        let _ = std::fs::write(self.root.join("cgroup.procs"), self.pid.to_string());
+        let _ = std::fs::remove_dir(&self.dir);
+    }
+}
+
+/// A process frozen by its cgroup (`docker pause`, `systemctl freeze`) runs no thread until it
+/// is thawed: apply says busy, frozen, and changes nothing; once thawed it is patched.
+#[test]
+fn a_frozen_process_is_busy_untouched_and_patched_once_thawed() {
+    let b = build(Kind::Pie);
+    let mut t = b.start();
+    let p1 = b
+        .work
+        .bundle("target", "p1.o", &["compute"], 1, &b.key, "p1.suture");
+    let cgroup = Freezer::new(t.pid);
+    cgroup.freeze(true);
+    let before = snapshot(t.pid);
+    let (ok, v) = apply(&b, &p1, t.pid);
+    assert!(!ok, "{v}");
+    assert_eq!(v["kind"], "busy", "{v}");
+    assert!(v["error"].as_str().unwrap().contains("frozen"), "{v}");
+    assert_same_memory(&before, &snapshot(t.pid));
+    cgroup.freeze(false);
+    fixed_then_reverted(&b, &mut t, &p1, "thawed");
+}
+
 /// A library loaded twice in one process (a copy under another path, or a dlmopen namespace)
 /// runs two copies of its code: patching one would leave the other vulnerable while saying
 /// "applied". Refused with the reason, the process byte-identical; `check` says so too.

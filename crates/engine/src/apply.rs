@@ -119,6 +119,10 @@ fn exited_or(pid: i32, e: anyhow::Error) -> EngineError {
     if e.is::<remote::SeccompBlocks>() || e.is::<remote::ShadowStack>() {
         return EngineError::Refused(e.to_string());
     }
+    let slow = e.is::<DidNotStop>() || e.is::<remote::SyscallTimedOut>();
+    if slow && procfs::frozen(pid) {
+        return frozen(pid);
+    }
     if e.is::<DidNotStop>() {
         return EngineError::Busy(e.to_string());
     }
@@ -127,6 +131,13 @@ fn exited_or(pid: i32, e: anyhow::Error) -> EngineError {
 
 /// The process's `/proc/PID/stat` (read once per operation: it costs tens of microseconds)
 /// and its lock.
+fn frozen(pid: i32) -> EngineError {
+    EngineError::Busy(format!(
+        "process {pid} is frozen by its cgroup (a paused container?); nothing was changed: try \
+         again once it is thawed"
+    ))
+}
+
 fn take_lock(pid: i32, opts: &ApplyOptions) -> Result<(procfs::Stat, lock::ProcessLock)> {
     let stat = procfs::stat(pid).ok_or_else(|| refused(format!("no process {pid}")))?;
     let lock = lock::lock_process_started(pid, stat.start_time, opts.timeout)?
@@ -325,7 +336,7 @@ fn prepare<'b>(pid: i32, bundle: &'b Bundle, stat: &procfs::Stat) -> Result<Prep
     let dir = procfs::memory_dir_of(pid, stat).ok_or_else(|| {
         EngineError::Exited(format!("process {pid} has exited (no thread of it runs)"))
     })?;
-    refuse_shared(pid, stat)?;
+    refuse_unstoppable(pid, stat)?;
     let maps = procfs::read_maps(pid).map_err(|e| exited_or(pid, e))?;
     let module = modules::find_by_build_id(pid, &maps, &build_id).ok_or_else(|| {
         refused(format!(
@@ -370,10 +381,16 @@ fn prepare<'b>(pid: i32, bundle: &'b Bundle, stat: &procfs::Stat) -> Result<Prep
     }
 }
 
-/// Busy while another process shares `pid`'s memory (a `vfork` child that has not exec'd):
-/// that process's threads run code our stops do not cover. Both sides pass soon: the child
-/// execs or exits.
-fn refuse_shared(pid: i32, stat: &procfs::Stat) -> Result<()> {
+/// Busy while the process cannot be stopped whole: frozen by its cgroup, or sharing its memory
+/// with another process (a `vfork` child that has not exec'd), whose threads run code our stops
+/// do not cover. Both pass: the process is thawed, the child execs or exits.
+fn refuse_unstoppable(pid: i32, stat: &procfs::Stat) -> Result<()> {
+    // A frozen process's threads sleep uninterruptibly: no stop would come before the
+    // deadline. (Asked only then: the check reads cgroup files.)
+    // (A v2 freezer leaves them asleep: that is found when a stop or a call does not come.)
+    if stat.state == 'D' && procfs::frozen(pid) {
+        return Err(frozen(pid));
+    }
     let what = match procfs::memory_sharer_of(pid, stat) {
         None => return Ok(()),
         Some(procfs::Sharer::Parent(p)) => {
@@ -1098,7 +1115,7 @@ pub fn revert(pid: i32, id: Option<&str>, opts: &ApplyOptions) -> Result<RevertR
     let dir = procfs::memory_dir_of(pid, &stat).ok_or_else(|| {
         EngineError::Exited(format!("process {pid} has exited (no thread of it runs)"))
     })?;
-    refuse_shared(pid, &stat)?;
+    refuse_unstoppable(pid, &stat)?;
     let maps = procfs::read_maps(pid).map_err(|e| exited_or(pid, e))?;
     let mem = Memory::open_at(pid, dir).map_err(|e| exited_or(pid, e))?;
     revert_in(pid, id, opts, &maps, &mem).map_err(|e| explain(pid, &mem, &maps, e))

@@ -87,6 +87,9 @@ pub fn check(pid: i32, build_id: Option<&[u8]>) -> Result<CheckReport> {
         }
         _ => {}
     }
+    if procfs::frozen(pid) {
+        problems.push("process is frozen by its cgroup (a paused container?)".into());
+    }
     match procfs::memory_sharer(pid) {
         Some(procfs::Sharer::Parent(p)) => problems.push(format!(
             "process is a vfork child of {p} that has not exec'd yet (they share one memory)"

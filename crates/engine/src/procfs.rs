@@ -239,6 +239,55 @@ pub fn memory_sharer_of(pid: i32, stat: &Stat) -> Option<Sharer> {
     None
 }
 
+/// Whether the process is frozen by its cgroup's freezer (`docker pause`, `systemctl freeze`,
+/// a v1 `freezer.state` or a v2 `cgroup.freeze`): none of its threads runs, so none can
+/// reach a stop until it is thawed. Unknown (no cgroup file to read) counts as not frozen.
+pub fn frozen(pid: i32) -> bool {
+    let Ok(groups) = std::fs::read_to_string(format!("/proc/{pid}/cgroup")) else {
+        return false;
+    };
+    let Ok(mounts) = std::fs::read_to_string("/proc/self/mounts") else {
+        return false;
+    };
+    // (mount point, whether it is the v2 hierarchy) of each hierarchy that can freeze.
+    let roots: Vec<(&str, bool)> = mounts
+        .lines()
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            match (f.get(2), f.get(3)) {
+                (Some(&"cgroup2"), _) => Some((f[1], true)),
+                (Some(&"cgroup"), Some(opts)) if opts.split(',').any(|o| o == "freezer") => {
+                    Some((f[1], false))
+                }
+                _ => None,
+            }
+        })
+        .collect();
+    groups.lines().any(|line| {
+        // hierarchy-id:controllers:path
+        let mut parts = line.splitn(3, ':');
+        let (_, controllers, path) = (parts.next(), parts.next(), parts.next());
+        let (Some(controllers), Some(path)) = (controllers, path) else {
+            return false;
+        };
+        let v2 = controllers.is_empty();
+        if !v2 && !controllers.split(',').any(|c| c == "freezer") {
+            return false;
+        }
+        roots.iter().filter(|r| r.1 == v2).any(|(root, _)| {
+            let (file, frozen) = if v2 {
+                ("cgroup.events", "frozen 1")
+            } else {
+                ("freezer.state", "FROZEN")
+            };
+            std::fs::read_to_string(format!("{root}{path}/{file}")).is_ok_and(|t| {
+                t.lines()
+                    .any(|l| l.trim() == frozen || l.trim() == "FREEZING")
+            })
+        })
+    })
+}
+
 /// Whether the process (its main thread) is a zombie.
 pub fn is_zombie(pid: i32) -> bool {
     stat(pid).is_some_and(|s| s.state == 'Z')

@@ -83,6 +83,15 @@ pub struct SeccompBlocks {
     pub syscall: &'static str,
 }
 
+/// An injected system call did not run before the deadline (the thread got no CPU: a frozen
+/// or throttled process). It was taken back before the call began, or the call finished.
+#[derive(Debug, thiserror::Error)]
+#[error("process {pid}: injected system call {nr} did not run in time")]
+pub struct SyscallTimedOut {
+    pub pid: i32,
+    pub nr: i64,
+}
+
 /// The thread's stack has too little room below its stack pointer for our frame.
 #[derive(Debug, thiserror::Error)]
 #[error("thread {tid}: too little stack left below its stack pointer to work with")]
@@ -616,10 +625,7 @@ impl Remote {
                 }
                 Injected::TimedOut => {
                     self.regain(session)?;
-                    bail!(
-                        "process {}: injected system call {nr} did not run in time",
-                        self.pid
-                    );
+                    return Err(anyhow::Error::new(SyscallTimedOut { pid: self.pid, nr }));
                 }
             }
         }

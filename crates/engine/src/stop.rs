@@ -227,6 +227,9 @@ struct Tracee {
     pinned: bool,
     /// Its stack has no room for an injection frame (a thread made with a small stack).
     cramped: bool,
+    /// It did not reach a stop before the deadline: waiting for it again (to detach) would only
+    /// wait as long again.
+    stuck: bool,
 }
 
 /// The threads of one process, seized by us.
@@ -543,6 +546,9 @@ impl Session {
                             None => " (it is exiting)",
                             _ => "",
                         };
+                        if let Some(t) = self.tracees.get_mut(&tid) {
+                            t.stuck = true;
+                        }
                         return Err(anyhow::Error::new(DidNotStop {
                             pid: self.pid,
                             tid,
@@ -672,6 +678,9 @@ impl Session {
 
     /// Same as [`Session::detach`], leaving an empty session behind.
     pub fn detach_inner(&mut self) {
+        // A thread that did not stop once (frozen, uninterruptible) is forgotten at once: the
+        // kernel lets it go when the thread that traces it ends.
+        self.tracees.retain(|_, t| t.stopped || !t.stuck);
         let running = self.running();
         for &tid in &running {
             let _ = ptrace_req(libc::PTRACE_INTERRUPT, tid, 0);

@@ -536,6 +536,9 @@ impl Session {
             match poll(tid).map_err(|e| e.context(format!("process {}", self.pid)))? {
                 Some(stop) => {
                     if self.absorb(tid, stop)? {
+                        if let Some(t) = self.tracees.get_mut(&tid) {
+                            t.stuck = false; // it does stop after all
+                        }
                         return Ok(());
                     }
                 }

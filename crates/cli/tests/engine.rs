@@ -107,6 +107,12 @@ fn build(kind: Kind) -> Built {
     }
 }
 
+/// The bundle most tests apply: `compute` fixed (`compute 2` answers 106 instead of 7), level 1.
+fn p1(b: &Built) -> PathBuf {
+    b.work
+        .bundle("target", "p1.o", &["compute"], 1, &b.key, "p1.suture")
+}
+
 fn apply(b: &Built, bundle: &std::path::Path, pid: i32) -> (bool, serde_json::Value) {
     apply_to(bundle, pid, std::path::Path::new(&b.trust()))
 }
@@ -227,9 +233,7 @@ fn threads_calling_constantly_see_old_or_new_never_garbage() {
     let mut t = b.start();
     assert_eq!(t.ask("spin 8"), "ok");
     std::thread::sleep(std::time::Duration::from_millis(50));
-    let p1 = b
-        .work
-        .bundle("target", "p1.o", &["compute"], 1, &b.key, "p1.suture");
+    let p1 = p1(&b);
     let p2 = b.work.bundle(
         "target",
         "p2.o",
@@ -261,9 +265,7 @@ fn threads_calling_constantly_see_old_or_new_never_garbage() {
 fn cumulative_level_replaces_lower_and_lower_is_refused() {
     let b = build(Kind::Pie);
     let mut t = b.start();
-    let p1 = b
-        .work
-        .bundle("target", "p1.o", &["compute"], 1, &b.key, "p1.suture");
+    let p1 = p1(&b);
     let p2 = b.work.bundle(
         "target",
         "p2.o",
@@ -448,9 +450,7 @@ fn wait_gone(pid: i32) {
 fn a_process_sharing_its_memory_with_a_vfork_child_is_left_alone_until_the_child_is_gone() {
     let b = build(Kind::Pie);
     let mut t = b.start();
-    let p1 = b
-        .work
-        .bundle("target", "p1.o", &["compute"], 1, &b.key, "p1.suture");
+    let p1 = p1(&b);
     assert_eq!(t.ask("vfork 2000"), "ok");
     let child = vfork_child(t.pid);
     let before = snapshot(t.pid);
@@ -492,9 +492,7 @@ fn a_process_whose_main_thread_exited_is_patched_like_any_other() {
     assert_eq!(t.ask("leave"), "ok");
     let stat = std::fs::read_to_string(format!("/proc/{}/stat", t.pid)).unwrap();
     assert!(stat.rsplit_once(") ").unwrap().1.starts_with('Z'), "{stat}");
-    let p1 = b
-        .work
-        .bundle("target", "p1.o", &["compute"], 1, &b.key, "p1.suture");
+    let p1 = p1(&b);
     let (ok, v) = suture_json(&[
         "check",
         "--pid",
@@ -533,9 +531,7 @@ fn a_thread_with_a_tiny_stack_is_passed_over_not_a_failure() {
     let b = build(Kind::Pie);
     let mut t = b.start();
     assert_eq!(t.ask("smallstack"), "ok");
-    let p1 = b
-        .work
-        .bundle("target", "p1.o", &["compute"], 1, &b.key, "p1.suture");
+    let p1 = p1(&b);
     fixed_then_reverted(&b, &mut t, &p1, "tiny stack");
 }
 
@@ -612,9 +608,7 @@ impl Drop for Freezer {
 fn a_frozen_process_is_busy_untouched_and_patched_once_thawed() {
     let b = build(Kind::Pie);
     let mut t = b.start();
-    let p1 = b
-        .work
-        .bundle("target", "p1.o", &["compute"], 1, &b.key, "p1.suture");
+    let p1 = p1(&b);
     let cgroup = Freezer::new(t.pid);
     cgroup.freeze(true);
     let before = snapshot(t.pid);
@@ -672,9 +666,7 @@ fn a_library_loaded_twice_is_refused_not_half_patched() {
 #[test]
 fn services_that_deny_write_execute_memory_are_patched() {
     let b = build(Kind::Pie);
-    let p1 = b
-        .work
-        .bundle("target", "p1.o", &["compute"], 1, &b.key, "p1.suture");
+    let p1 = p1(&b);
     for rule in ["seccomp mdwe", "prctl mdwe"] {
         let mut t = b.start();
         assert_eq!(t.ask(rule), "0", "{rule}");
@@ -691,9 +683,7 @@ fn a_stopped_process_is_left_alone_and_patched_once_continued() {
     let b = build(Kind::Pie);
     let mut t = b.start();
     assert_eq!(t.ask("spin 2"), "ok");
-    let p1 = b
-        .work
-        .bundle("target", "p1.o", &["compute"], 1, &b.key, "p1.suture");
+    let p1 = p1(&b);
     signal(t.pid, nix::sys::signal::Signal::SIGSTOP);
     std::thread::sleep(std::time::Duration::from_millis(100));
     let before = snapshot(t.pid);
@@ -735,9 +725,7 @@ fn a_stopped_process_is_left_alone_and_patched_once_continued() {
 fn refusals_leave_the_target_byte_identical() {
     let b = build(Kind::Pie);
     let mut t = b.start();
-    let p1 = b
-        .work
-        .bundle("target", "p1.o", &["compute"], 1, &b.key, "p1.suture");
+    let p1 = p1(&b);
     let pid = t.pid_arg();
     let before = snapshot(t.pid);
 
@@ -796,9 +784,7 @@ fn refusals_leave_the_target_byte_identical() {
 fn running_bytes_that_differ_are_refused() {
     let b = build(Kind::Pie);
     let mut t = b.start();
-    let p1 = b
-        .work
-        .bundle("target", "p1.o", &["compute"], 1, &b.key, "p1.suture");
+    let p1 = p1(&b);
     // Someone else changed a byte in the body of compute() (e.g. another tool's breakpoint).
     let addr = runtime_address(t.pid, &b.exe, "compute");
     let mut body = read_mem(t.pid, addr + 8, 1);
@@ -847,9 +833,7 @@ fn function_shorter_than_a_detour_is_refused() {
 fn check_reports_patchable_and_module() {
     let b = build(Kind::Pie);
     let t = b.start();
-    let p1 = b
-        .work
-        .bundle("target", "p1.o", &["compute"], 1, &b.key, "p1.suture");
+    let p1 = p1(&b);
     let (ok, v) = suture_json(&[
         "check",
         "--pid",
@@ -886,9 +870,7 @@ fn check_reports_patchable_and_module() {
 fn apply_all_patches_every_process_mapping_the_module() {
     let b = build(Kind::Pie);
     let mut targets: Vec<Target> = (0..4).map(|_| b.start()).collect();
-    let p1 = b
-        .work
-        .bundle("target", "p1.o", &["compute"], 1, &b.key, "p1.suture");
+    let p1 = p1(&b);
     let (ok, v) = suture_json(&[
         "apply",
         p1.to_str().unwrap(),
@@ -906,9 +888,7 @@ fn apply_all_patches_every_process_mapping_the_module() {
 #[test]
 fn seccomp_filter_that_blocks_patching_is_refused_and_one_that_does_not_is_patched() {
     let b = build(Kind::Pie);
-    let p1 = b
-        .work
-        .bundle("target", "p1.o", &["compute"], 1, &b.key, "p1.suture");
+    let p1 = p1(&b);
 
     let mut t = b.start();
     assert_eq!(t.ask("seccomp memfd"), "0");
@@ -935,9 +915,7 @@ fn threads_born_and_dying_during_the_stop_do_not_escape_or_break_it() {
     let b = build(Kind::Pie);
     let mut t = b.start();
     assert_eq!(t.ask("churn"), "ok");
-    let p1 = b
-        .work
-        .bundle("target", "p1.o", &["compute"], 1, &b.key, "p1.suture");
+    let p1 = p1(&b);
     let p2 = b.work.bundle(
         "target",
         "p2.o",
@@ -974,9 +952,7 @@ fn threads_born_and_dying_during_the_stop_do_not_escape_or_break_it() {
 #[test]
 fn a_process_that_exits_mid_apply_gets_a_one_line_error() {
     let b = build(Kind::Pie);
-    let p1 = b
-        .work
-        .bundle("target", "p1.o", &["compute"], 1, &b.key, "p1.suture");
+    let p1 = p1(&b);
     for delay_us in [0u64, 100, 300, 600, 1000, 2000] {
         let mut t = b.start();
         assert_eq!(t.ask("spin 4"), "ok");
@@ -1036,9 +1012,7 @@ fn thread_local_variables_of_the_executable_are_shared() {
 fn apply_all_again_skips_processes_that_already_carry_the_patch() {
     let b = build(Kind::Pie);
     let mut first = b.start();
-    let p1 = b
-        .work
-        .bundle("target", "p1.o", &["compute"], 1, &b.key, "p1.suture");
+    let p1 = p1(&b);
     let (ok, v) = suture_json(&[
         "apply",
         p1.to_str().unwrap(),
@@ -1070,9 +1044,7 @@ fn target_in_its_own_mount_namespace_is_found_through_its_own_view() {
     // Like a container: the binary lives on a tmpfs mounted only inside the target's mount
     // namespace, so its path means nothing on the host.
     let b = build(Kind::Pie);
-    let p1 = b
-        .work
-        .bundle("target", "p1.o", &["compute"], 1, &b.key, "p1.suture");
+    let p1 = p1(&b);
     let inside = b.work.path("ns");
     std::fs::create_dir_all(&inside).unwrap();
     let script = format!(

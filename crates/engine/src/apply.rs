@@ -391,19 +391,14 @@ fn refuse_unstoppable(pid: i32, stat: &procfs::Stat) -> Result<()> {
     if stat.state == 'D' && procfs::frozen(pid) {
         return Err(frozen(pid));
     }
-    let what = match procfs::memory_sharer_of(pid, stat) {
-        None => return Ok(()),
-        Some(procfs::Sharer::Parent(p)) => {
-            format!("process {pid} is a vfork child of process {p} that has not exec'd yet")
-        }
-        Some(procfs::Sharer::Child(c)) => {
-            format!("process {pid} has a vfork (or CLONE_VM) child, {c}, that has not exec'd yet")
-        }
-    };
-    Err(EngineError::Busy(format!(
-        "{what}: the two share one memory, so it was not touched; retry once the child has \
-         exec'd or exited"
-    )))
+    match procfs::memory_sharer_of(pid, stat) {
+        None => Ok(()),
+        Some(sharer) => Err(EngineError::Busy(format!(
+            "{}: the two share one memory, so it was not touched; retry once the child has \
+             exec'd or exited",
+            sharer.describe(pid)
+        ))),
+    }
 }
 
 type PreparedParts = (

@@ -78,8 +78,12 @@ pub fn check(pid: i32, build_id: Option<&[u8]>) -> Result<CheckReport> {
     if std::env::consts::ARCH != "x86_64" {
         problems.push("suture patches x86-64 processes only".to_string());
     }
+    let stat = procfs::stat(pid);
     // (A main thread that exited while others run is a zombie of a living process.)
-    let live = procfs::memory_dir(pid).unwrap_or(pid);
+    let live = stat
+        .as_ref()
+        .and_then(|s| procfs::memory_dir_of(pid, s))
+        .unwrap_or(pid);
     match procfs::status_field(live, "State")?.as_deref() {
         Some(s) if s.starts_with('Z') => problems.push("process is a zombie".into()),
         Some(s) if s.starts_with('T') => {
@@ -90,14 +94,8 @@ pub fn check(pid: i32, build_id: Option<&[u8]>) -> Result<CheckReport> {
     if procfs::frozen(pid) {
         problems.push("process is frozen by its cgroup (a paused container?)".into());
     }
-    match procfs::memory_sharer(pid) {
-        Some(procfs::Sharer::Parent(p)) => problems.push(format!(
-            "process is a vfork child of {p} that has not exec'd yet (they share one memory)"
-        )),
-        Some(procfs::Sharer::Child(c)) => problems.push(format!(
-            "process has a vfork (or CLONE_VM) child, {c}, that has not exec'd yet (they share one memory)"
-        )),
-        None => {}
+    if let Some(sharer) = stat.as_ref().and_then(|s| procfs::memory_sharer_of(pid, s)) {
+        problems.push(format!("{} (they share one memory)", sharer.describe(pid)));
     }
     if let Some(t) = procfs::status_field(pid, "TracerPid")? {
         if t != "0" {
@@ -143,14 +141,13 @@ pub fn check(pid: i32, build_id: Option<&[u8]>) -> Result<CheckReport> {
     if problems.is_empty() {
         // The real test of ptrace permission: seize and let go (a stop of a few microseconds).
         // (A live thread: the main one may have exited.)
-        let tid = procfs::memory_dir(pid).unwrap_or(pid);
         match Session::seize(pid) {
             Ok(mut s) => {
-                match s.stop_thread(tid) {
+                match s.stop_thread(live) {
                     Err(e) => problems.push(format!("{e:#}")),
                     Ok(()) => {
                         // The same test apply makes: would the seccomp filter let us work?
-                        match crate::seccomp::filters(pid, tid)
+                        match crate::seccomp::filters(pid, live)
                             .and_then(|f| crate::seccomp::check_injected(&f, 0))
                         {
                             Ok(Ok(())) => {}

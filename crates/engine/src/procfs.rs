@@ -194,6 +194,20 @@ pub enum Sharer {
     Child(i32),
 }
 
+impl Sharer {
+    /// What it is, said of process `pid`.
+    pub fn describe(&self, pid: i32) -> String {
+        match *self {
+            Sharer::Parent(p) => {
+                format!("process {pid} is a vfork child of process {p} that has not exec'd yet")
+            }
+            Sharer::Child(c) => format!(
+                "process {pid} has a vfork (or CLONE_VM) child, {c}, that has not exec'd yet"
+            ),
+        }
+    }
+}
+
 /// Whether processes `a` and `b` run in one address space (`kcmp(KCMP_VM)`); `None` where the
 /// kernel will not say (no `kcmp`, no permission, one is gone).
 fn same_memory(a: i32, b: i32) -> Option<bool> {
@@ -208,12 +222,7 @@ fn same_memory(a: i32, b: i32) -> Option<bool> {
 /// not exec'd, or a child of one of its threads made so (`posix_spawn` makes one for an
 /// instant). Writing through `pid` would change what that other process runs, and no stop of
 /// `pid`'s threads covers its threads. `None` also where the kernel cannot tell (no `kcmp` or
-/// `/proc/PID/task/TID/children`).
-pub fn memory_sharer(pid: i32) -> Option<Sharer> {
-    memory_sharer_of(pid, &stat(pid)?)
-}
-
-/// [`memory_sharer`] from a [`Stat`] already read.
+/// `/proc/PID/task/TID/children`). `stat` is the process's, read once for the operation.
 pub fn memory_sharer_of(pid: i32, stat: &Stat) -> Option<Sharer> {
     let ppid = stat.ppid;
     if ppid > 1 && same_memory(pid, ppid) == Some(true) {

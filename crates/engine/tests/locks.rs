@@ -18,12 +18,17 @@ fn lock_files(pid: i32) -> Vec<String> {
         .unwrap_or_default()
 }
 
-#[test]
-fn one_holder_at_a_time_and_no_file_left_behind() {
-    let mut child = std::process::Command::new("sleep")
+/// A process to lock (nothing else touches it).
+fn sleeper() -> std::process::Child {
+    std::process::Command::new("sleep")
         .arg("30")
         .spawn()
-        .unwrap();
+        .unwrap()
+}
+
+#[test]
+fn one_holder_at_a_time_and_no_file_left_behind() {
+    let mut child = sleeper();
     let pid = child.id() as i32;
     // Eight threads take and release the same process's lock over and over: never two inside
     // at once, although every release unlinks the file the others are waiting on.
@@ -75,10 +80,7 @@ fn one_holder_at_a_time_and_no_file_left_behind() {
 
 #[test]
 fn the_lock_of_a_process_that_is_gone_is_swept() {
-    let mut child = std::process::Command::new("sleep")
-        .arg("30")
-        .spawn()
-        .unwrap();
+    let mut child = sleeper();
     let pid = child.id() as i32;
     // Left by a holder that was killed: a file whose lock nobody holds.
     let l = lock::lock_process(pid, Duration::from_secs(1))

@@ -90,6 +90,14 @@ static void *block(void *arg) {
     return NULL;
 }
 
+/* Installs a seccomp filter on the calling thread (no new privileges first, as unprivileged
+ * code must). */
+static int install_filter(struct sock_filter *f, unsigned short n) {
+    struct sock_fprog prog = {n, f};
+    if (prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0)) return -1;
+    return prctl(PR_SET_SECCOMP, SECCOMP_MODE_FILTER, &prog);
+}
+
 /* systemd's MemoryDenyWriteExecute=yes: no mapping both writable and executable, and no
  * mprotect or pkey_mprotect that adds PROT_EXEC (EPERM). */
 static int deny_write_execute(void) {
@@ -109,9 +117,7 @@ static int deny_write_execute(void) {
         BPF_STMT(BPF_RET | BPF_K, SECCOMP_RET_ALLOW),
         BPF_STMT(BPF_RET | BPF_K, SECCOMP_RET_ERRNO | 1),
     };
-    struct sock_fprog prog = {sizeof f / sizeof f[0], f};
-    if (prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0)) return -1;
-    return prctl(PR_SET_SECCOMP, SECCOMP_MODE_FILTER, &prog);
+    return install_filter(f, sizeof f / sizeof f[0]);
 }
 
 /* vforks a child that sleeps `arg` milliseconds in the parent's memory (as a child does until
@@ -139,9 +145,7 @@ static int deny_syscall(int nr) {
         BPF_STMT(BPF_RET | BPF_K, SECCOMP_RET_ERRNO | 1),
         BPF_STMT(BPF_RET | BPF_K, SECCOMP_RET_ALLOW),
     };
-    struct sock_fprog prog = {sizeof f / sizeof f[0], f};
-    if (prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0)) return -1;
-    return prctl(PR_SET_SECCOMP, SECCOMP_MODE_FILTER, &prog);
+    return install_filter(f, sizeof f / sizeof f[0]);
 }
 
 /* The command loop; `leave` hands it to a new thread and ends the calling one (the main

@@ -806,6 +806,49 @@ fn running_bytes_that_differ_are_refused() {
     assert!(t.alive());
 }
 
+/// Gadget offsets remembered by earlier commands (`/run/suture/gadgets`) are checked against
+/// the target's own bytes: forged ones cost a search, never a failure or a jump into the wrong
+/// bytes (offset 0 of each mapping holds no gadget).
+#[test]
+fn forged_gadget_hints_are_checked_not_trusted() {
+    if !nix::unistd::geteuid().is_root() {
+        eprintln!("skipped: only root's commands remember gadgets");
+        return;
+    }
+    let b = build(Kind::Pie);
+    let mut t = b.start();
+    let maps = std::fs::read_to_string(format!("/proc/{}/maps", t.pid)).unwrap();
+    let forged: String = maps
+        .lines()
+        .filter_map(|l| {
+            let w: Vec<&str> = l.split_whitespace().collect();
+            let (range, perms, offset, dev, inode) = (w[0], w[1], w[2], w[3], w[4]);
+            if !perms.contains('x') || !w.get(5).is_some_and(|p| p.starts_with('/')) {
+                return None;
+            }
+            let (start, end) = range.split_once('-').unwrap();
+            let len =
+                u64::from_str_radix(end, 16).unwrap() - u64::from_str_radix(start, 16).unwrap();
+            let inode: u64 = inode.parse().unwrap();
+            Some(format!(
+                "{dev} {inode:x} {offset} {:x} 0 0\n",
+                len.min(8 << 20)
+            ))
+        })
+        .collect();
+    assert!(forged.lines().count() >= 2, "{maps}");
+    std::fs::create_dir_all("/run/suture").unwrap();
+    std::fs::write("/run/suture/gadgets", &forged).unwrap();
+    let (ok, v) = apply(&b, &p1(&b), t.pid);
+    assert!(ok, "apply failed: {v}");
+    assert_eq!(t.ask("compute 2"), "106");
+    let hints = std::fs::read_to_string("/run/suture/gadgets").unwrap();
+    assert!(
+        forged.lines().any(|f| !hints.lines().any(|h| h == f)),
+        "a searched mapping's forged hint is replaced: {hints}"
+    );
+}
+
 #[test]
 fn function_shorter_than_a_detour_is_refused() {
     let b = build(Kind::Pie);

@@ -123,13 +123,114 @@ type GadgetKey = (String, u64, u64, u64);
 type GadgetOffsets = (Option<u64>, Option<u64>);
 type GadgetCache = Mutex<HashMap<GadgetKey, GadgetOffsets>>;
 
+/// Gadget offsets found by earlier `suture` processes on this host (root only; `/run` is
+/// emptied at boot). A one-shot command would otherwise read the loader's code (≈ 150 KB) to
+/// find what the last one found. Nothing here is trusted: every hit is checked against the
+/// target's own bytes before use, so a stale or forged line can only cost a search.
+fn hints_path() -> Option<std::path::PathBuf> {
+    nix::unistd::geteuid()
+        .is_root()
+        .then(|| crate::lock::lock_dir().with_file_name("gadgets"))
+}
+
+/// At most this many bytes of hints are read (a few lines per distinct loader and libc).
+const MAX_HINTS_BYTES: u64 = 64 << 10;
+
 fn gadget_cache() -> &'static GadgetCache {
     static CACHE: OnceLock<GadgetCache> = OnceLock::new();
-    CACHE.get_or_init(Default::default)
+    CACHE.get_or_init(|| Mutex::new(hints_path().map(|p| read_hints(&p)).unwrap_or_default()))
+}
+
+fn read_hints(path: &std::path::Path) -> HashMap<GadgetKey, GadgetOffsets> {
+    use std::io::Read;
+    let mut text = String::new();
+    let read =
+        std::fs::File::open(path).and_then(|f| f.take(MAX_HINTS_BYTES).read_to_string(&mut text));
+    if read.is_err() {
+        return HashMap::new();
+    }
+    parse_hints(&text)
+}
+
+/// `dev inode offset length syscall_ret sigreturn` per line, offsets in hexadecimal, `-` for
+/// none; lines that do not parse are skipped.
+fn parse_hints(text: &str) -> HashMap<GadgetKey, GadgetOffsets> {
+    let hex = |w: &str| u64::from_str_radix(w, 16).ok();
+    let found = |w: &str| {
+        if w == "-" {
+            Some(None)
+        } else {
+            hex(w).map(Some)
+        }
+    };
+    text.lines()
+        .filter_map(|line| {
+            let w: Vec<&str> = line.split_ascii_whitespace().collect();
+            let [dev, inode, offset, len, sr, sg] = w[..] else {
+                return None;
+            };
+            let key = (dev.to_string(), hex(inode)?, hex(offset)?, hex(len)?);
+            Some((key, (found(sr)?, found(sg)?)))
+        })
+        .collect()
+}
+
+fn format_hints(cache: &HashMap<GadgetKey, GadgetOffsets>) -> String {
+    let found = |o: Option<u64>| o.map_or("-".to_string(), |o| format!("{o:x}"));
+    let mut lines: Vec<String> = cache
+        .iter()
+        .map(|((dev, inode, offset, len), (sr, sg))| {
+            format!(
+                "{dev} {inode:x} {offset:x} {len:x} {} {}",
+                found(*sr),
+                found(*sg)
+            )
+        })
+        .collect();
+    lines.sort();
+    lines.iter().map(|l| format!("{l}\n")).collect()
+}
+
+/// Best effort: a hint that is not saved costs the next command a search, nothing more.
+fn save_hints(cache: &HashMap<GadgetKey, GadgetOffsets>) {
+    let Some(path) = hints_path() else {
+        return;
+    };
+    // Written aside and renamed over: a reader sees the old file or the new one, whole.
+    let aside = path.with_extension(format!("{}", std::process::id()));
+    let written =
+        std::fs::write(&aside, format_hints(cache)).and_then(|()| std::fs::rename(&aside, &path));
+    if let Err(e) = written {
+        let _ = std::fs::remove_file(&aside);
+        tracing::debug!(error = %e, "gadget hints not saved");
+    }
 }
 
 fn find_in(bytes: &[u8], pattern: &[u8]) -> Option<u64> {
     memchr::memmem::find(bytes, pattern).map(|i| i as u64)
+}
+
+/// The addresses in mapping `m` (of which `len` bytes were searched) at which the process
+/// holds the gadgets found at these offsets: the file's bytes are what was searched, and what
+/// runs is the process's own copy.
+fn confirm(
+    mem: &Memory,
+    m: &Mapping,
+    len: u64,
+    (sr, sg): GadgetOffsets,
+) -> (Option<u64>, Option<u64>) {
+    let holds = |o: u64, pattern: &[u8]| {
+        o.checked_add(pattern.len() as u64)
+            .is_some_and(|end| end <= len)
+            && mem
+                .read(m.start + o, pattern.len())
+                .is_ok_and(|b| b == pattern)
+    };
+    (
+        sr.filter(|&o| holds(o, SYSCALL_RET)).map(|o| m.start + o),
+        sg.filter(|&o| SIGRETURN.iter().any(|p| holds(o, p)))
+            .map(|o| m.start + o),
+    )
 }
 
 /// Finds the gadgets in the target's executable memory: the vDSO first (small, always there),
@@ -155,8 +256,15 @@ pub fn find_gadgets(mem: &Memory, maps: &[Mapping]) -> Result<Gadgets> {
         let cached = key
             .as_ref()
             .and_then(|k| gadget_cache().lock().ok()?.get(k).copied());
-        let (sr, sg) = match cached {
-            Some(found) => found,
+        // A remembered hit that the process's bytes do not confirm (the file changed under
+        // the same inode, a forged hint) is forgotten and the code searched again.
+        let confirmed = cached
+            .map(|found| (found, confirm(mem, m, len, found)))
+            .filter(|((sr, sg), (a, b))| {
+                sr.is_some() == a.is_some() && sg.is_some() == b.is_some()
+            });
+        let (sr, sg) = match confirmed {
+            Some((_, hits)) => hits,
             None => {
                 // The file's bytes rather than the process's (a read of the page cache, not
                 // of another address space); hits are checked in the process below.
@@ -178,23 +286,13 @@ pub fn find_gadgets(mem: &Memory, maps: &[Mapping]) -> Result<Gadgets> {
                 );
                 if let (Some(k), Ok(mut c)) = (key, gadget_cache().lock()) {
                     c.insert(k, found);
+                    save_hints(&c);
                 }
-                found
+                confirm(mem, m, len, found)
             }
         };
-        // The file's bytes are what we searched; check the process's own copy.
-        if syscall_ret.is_none() {
-            syscall_ret = sr
-                .map(|o| m.start + o)
-                .filter(|&a| mem.read(a, 3).is_ok_and(|b| b == SYSCALL_RET));
-        }
-        if sigreturn.is_none() {
-            sigreturn = sg.map(|o| m.start + o).filter(|&a| {
-                SIGRETURN
-                    .iter()
-                    .any(|p| mem.read(a, p.len()).is_ok_and(|b| b == *p))
-            });
-        }
+        syscall_ret = syscall_ret.or(sr);
+        sigreturn = sigreturn.or(sg);
     }
     Ok(Gadgets {
         syscall_ret: syscall_ret
@@ -803,5 +901,25 @@ impl Remote {
             bail!("process {}: {what} failed in the target: {err}", self.pid);
         }
         Ok(ret as u64)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn gadget_hints_read_back_what_was_written_and_skip_what_does_not_parse() {
+        let mut cache = HashMap::new();
+        cache.insert(
+            ("fe:00".to_string(), 0x1234, 0x1000, 0x26000),
+            (Some(0x11ca5), Some(0x1ff70)),
+        );
+        cache.insert(("00:1f".to_string(), 7, 0, 0x2000), (None, Some(0x10)));
+        cache.insert(("fe:01".to_string(), 9, 0x3000, 0x5000), (None, None));
+        let text = format_hints(&cache);
+        assert_eq!(parse_hints(&text), cache);
+        let damaged = format!("garbage\nfe:00 1 2 3 zz -\nfe:00 1 2\n{text}fe:00 1 2 3 4 5 6\n");
+        assert_eq!(parse_hints(&damaged), cache);
     }
 }

@@ -255,6 +255,41 @@ mod tests {
         ));
     }
 
+    /// Encodings compilers rarely emit: an operand-size prefix on near branches (ignored in
+    /// 64-bit mode), `jrcxz`, `loop`. Both decoders must see the same instructions.
+    #[test]
+    fn both_decoders_agree_on_prefixed_and_rare_branches() {
+        let cases: [&[u8]; 6] = [
+            &[
+                0x90, 0x90, 0x90, 0x90, 0x90, 0x66, 0xe9, 0x10, 0x00, 0x00, 0x00, 0xc3,
+            ],
+            &[
+                0x90, 0x90, 0x90, 0x90, 0x90, 0x66, 0xe8, 0xf6, 0xff, 0xff, 0xff, 0xc3,
+            ],
+            &[
+                0x90, 0x90, 0x90, 0x90, 0x90, 0x66, 0x0f, 0x85, 0xf5, 0xff, 0xff, 0xff,
+            ],
+            &[0x90, 0x90, 0x90, 0x90, 0x90, 0x66, 0x75, 0xf9, 0xc3],
+            &[0x90, 0x90, 0x90, 0x90, 0x90, 0xe3, 0xfa, 0xc3],
+            &[0x90, 0x90, 0x90, 0x90, 0x90, 0xe2, 0xfb, 0xc3],
+        ];
+        for (i, code) in cases.into_iter().enumerate() {
+            let (mut quick, mut reference) = (Vec::new(), Vec::new());
+            let Walk::Checked(verdict) = walk_yaxpeax(0x1000, code, &mut |ip| quick.push(ip))
+            else {
+                panic!("{code:02x?}: yaxpeax cannot decode it");
+            };
+            assert_eq!(
+                verdict,
+                walk_iced(0x1000, code, &mut |ip| reference.push(ip)),
+                "{code:02x?}"
+            );
+            assert_eq!(quick, reference, "{code:02x?}");
+            // All but the first branch back into the entry's bytes.
+            assert_eq!(verdict.is_err(), i > 0, "{code:02x?}");
+        }
+    }
+
     /// Every function symbol of this machine's shared libraries: both decoders walk the same
     /// instructions and reach the same verdict wherever the quick one decodes the whole function.
     #[test]

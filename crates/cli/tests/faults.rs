@@ -540,6 +540,48 @@ fn children_forked_at_any_moment_are_clean_or_fully_patched() {
     assert_sound(&mut t, "fork");
 }
 
+/// A thread with a double-close bug closes whatever holds one descriptor number and opens a
+/// file there, over and over; now and then the patch memory's descriptor gets that number. The
+/// process must never lose its file to us (sized to the patch, mapped, or closed): the
+/// descriptor is checked to be ours once every thread has stopped, before it is used.
+#[test]
+fn a_thread_reusing_descriptor_numbers_never_loses_its_file_to_the_engine() {
+    let h = build();
+    let victim = h.work.path("victim.db");
+    let content: Vec<u8> = (0..256 * 1024u32).map(|i| (i % 251) as u8).collect();
+    std::fs::write(&victim, &content).unwrap();
+    let mut t = Target::start(&h.exe, None);
+    assert_eq!(t.ask(&format!("fdreuse {}", victim.display())), "ok");
+    let (mut applied, mut busy) = (0, 0);
+    for round in 0..20 {
+        let (ok, v) = apply_to(&h.p1, t.pid, &h.trust);
+        if ok {
+            applied += 1;
+            assert_eq!(t.ask("compute 2"), "106", "round {round}");
+            let (ok, v) = suture_json(&["revert", "--pid", &t.pid_arg()]);
+            assert!(ok, "round {round}: {v}");
+        } else {
+            assert_eq!(v["kind"], "busy", "round {round}: {v}");
+            assert!(
+                v["error"].as_str().unwrap().contains("descriptor"),
+                "round {round}: {v}"
+            );
+            busy += 1;
+        }
+        assert_eq!(
+            std::fs::read(&victim).unwrap(),
+            content,
+            "round {round}: the process's file was changed"
+        );
+    }
+    let s = stats(&mut t);
+    assert!(s["reuses"] > 1000, "{s:?}");
+    eprintln!("{applied} applied, {busy} busy");
+    assert!(applied > 0, "never applied ({busy} busy)");
+    assert_eq!(t.ask("compute 2"), "7");
+    assert_sound(&mut t, "fdreuse");
+}
+
 #[test]
 fn a_forged_record_is_reported_as_such_and_does_not_block_a_real_fix() {
     let h = build();

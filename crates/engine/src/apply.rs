@@ -108,6 +108,23 @@ pub struct RevertReport {
 
 type Result<T> = std::result::Result<T, EngineError>;
 
+/// The patch memory's descriptor no longer named our memfd when every thread had stopped: a
+/// thread of the process closed it and the number was reused. Nothing was done with it.
+#[derive(Debug, thiserror::Error)]
+#[error("process {pid} closed or reused descriptor {fd} of the patch memory while it was being made (a double close?); nothing was changed: try again")]
+struct DescriptorReused {
+    pid: i32,
+    fd: u64,
+}
+
+/// Whether a `/proc/PID/fd` link names the memfd created as `name`.
+fn names_memfd(link: &std::path::Path, name: &[u8]) -> bool {
+    use std::os::unix::ffi::OsStrExt;
+    let link = link.as_os_str().as_bytes();
+    let link = link.strip_suffix(b" (deleted)").unwrap_or(link);
+    link.strip_prefix(b"/memfd:") == Some(name)
+}
+
 /// The true reason an operation on `pid` failed: the process went away or exec'ed, or `e`.
 fn exited_or(pid: i32, e: anyhow::Error) -> EngineError {
     if let Some(x) = e.downcast_ref::<ProcessExeced>() {
@@ -123,7 +140,7 @@ fn exited_or(pid: i32, e: anyhow::Error) -> EngineError {
     if slow && procfs::frozen(pid) {
         return frozen(pid);
     }
-    if e.is::<DidNotStop>() {
+    if e.is::<DidNotStop>() || e.is::<DescriptorReused>() {
         return EngineError::Busy(e.to_string());
     }
     EngineError::Failed(e)
@@ -621,15 +638,25 @@ fn map_with(session: &mut Session, remote: &mut Remote, p: &Prepared) -> Result<
     step("memfd created");
     // The descriptor is the target's: it sizes and maps it itself, with its own rights. We
     // never open it; the contents go into the private mapping through /proc/PID/mem.
-    let mut all_stopped = None;
+    // Every thread stops before the descriptor is used: one that closed a descriptor it did
+    // not own (a double `close`) and opened a file in its place would otherwise have that file
+    // sized, mapped or closed by us. Stopped, nothing of the process can change its
+    // descriptor table; we check that `fd` is still ours, then size, map and close it. And
+    // between mmap and madvise the memory would be inherited by a fork: no thread may run in
+    // that window either. (No flag of mmap sets VM_DONTCOPY.)
+    let all_stopped = Instant::now();
+    let mut ours = false;
     let placed = (|| -> anyhow::Result<Option<u64>> {
+        session.stop_all()?;
+        // Through the injecting thread: a main thread that exited shows no descriptors.
+        let link = std::fs::read_link(format!("/proc/{pid}/task/{}/fd/{fd}", remote.tid())).ok();
+        ours = link.is_some_and(|l| names_memfd(&l, &name[..name.len() - 1]));
+        if !ours {
+            return Err(anyhow::Error::new(DescriptorReused { pid, fd }));
+        }
         let ret = remote.syscall(session, &p.mem, &p.maps, libc::SYS_ftruncate, &[fd, total])?;
         remote.check("ftruncate of the patch memfd", ret)?;
         step("sized");
-        // Between mmap and madvise the memory would be inherited by a fork: no thread may run
-        // in that window. (No flag of mmap sets VM_DONTCOPY.)
-        all_stopped = Some(Instant::now());
-        session.stop_all()?;
         // Places free in the maps read before anything stopped; if the process has mapped
         // something at each since (the kernel refuses with EEXIST), places in fresh maps.
         let place = |maps: &[Mapping]| {
@@ -693,11 +720,18 @@ fn map_with(session: &mut Session, remote: &mut Remote, p: &Prepared) -> Result<
         }
         Ok(None)
     })();
+    // Closed while nothing else runs (see above); a descriptor that is not ours is left alone.
+    let closed = if ours {
+        remote
+            .syscall(session, &p.mem, &p.maps, libc::SYS_close, &[fd])
+            .map(|_| ())
+    } else {
+        Ok(())
+    };
     // The other threads run again as soon as the memory cannot be inherited.
     session.resume(Some(remote.tid()));
     step("mapped, uninheritable");
-    let all_stopped_us = all_stopped.map_or(0, |t| t.elapsed().as_micros() as u64);
-    let closed = remote.syscall(session, &p.mem, &p.maps, libc::SYS_close, &[fd]);
+    let all_stopped_us = all_stopped.elapsed().as_micros() as u64;
     let base = match placed.map_err(ex)? {
         Some(b) => b,
         None => {

@@ -5,7 +5,9 @@
  *   - the main thread sits in read() (a restartable system call) and a sleeper in nanosleep;
  *   - a SIGRTMIN+2 handler counts signals (none may be lost);
  *   - optional: a thread calling setgid() in a loop (glibc signals every thread: SIGSETXID),
- *     a thread that forks every 3 ms, children checking they are clean or fully patched. */
+ *     a thread that forks every 3 ms, children checking they are clean or fully patched;
+ *     a thread with a double-close bug: it closes whatever holds one descriptor number and
+ *     opens a file ("victim") in its place, over and over. */
 #define _GNU_SOURCE
 #include <fcntl.h>
 #include <pthread.h>
@@ -19,7 +21,10 @@
 
 __attribute__((noinline)) int compute(int x) { return x * 3 + 1; }
 
-static volatile long calls, bad, fpbad, fpchecks, rtsignals, setgids, forks, forkbad, sleeps;
+static volatile long calls, bad, fpbad, fpchecks, rtsignals, setgids, forks, forkbad, sleeps,
+    reuses;
+static char victim[256];
+static int reused_fd;
 
 static void *spin(void *arg) {
     (void)arg;
@@ -111,6 +116,17 @@ static void *forker(void *arg) {
     return NULL;
 }
 
+static void *fd_reuser(void *arg) {
+    (void)arg;
+    for (;;) {
+        close(reused_fd); /* the bug: whatever holds the number now */
+        int f = open(victim, O_RDWR);
+        if (f >= 0 && f != reused_fd) close(f);
+        __atomic_add_fetch(&reuses, 1, __ATOMIC_SEQ_CST);
+    }
+    return NULL;
+}
+
 static void start(void *(*f)(void *)) {
     pthread_t t;
     pthread_create(&t, NULL, f, NULL);
@@ -132,10 +148,17 @@ int main(void) {
         if (sscanf(line, "compute %d", &n) == 1) printf("%d\n", compute(n));
         else if (strncmp(line, "setgid", 6) == 0) { start(setgid_loop); printf("ok\n"); }
         else if (strncmp(line, "fork", 4) == 0) { start(forker); printf("ok\n"); }
+        else if (sscanf(line, "fdreuse %255s", victim) == 1) {
+            reused_fd = open("/dev/null", O_RDONLY); /* the lowest free number */
+            close(reused_fd);
+            start(fd_reuser);
+            printf("ok\n");
+        }
         else if (strncmp(line, "stats", 5) == 0)
             printf("calls=%ld bad=%ld fpchecks=%ld fpbad=%ld rt=%ld setgid=%ld forks=%ld "
-                   "forkbad=%ld sleeps=%ld\n",
-                   calls, bad, fpchecks, fpbad, rtsignals, setgids, forks, forkbad, sleeps);
+                   "forkbad=%ld sleeps=%ld reuses=%ld\n",
+                   calls, bad, fpchecks, fpbad, rtsignals, setgids, forks, forkbad, sleeps,
+                   reuses);
         else if (strncmp(line, "quit", 4) == 0) break;
         else printf("?\n");
     }

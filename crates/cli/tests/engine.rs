@@ -405,6 +405,11 @@ fn fixed_then_reverted(b: &Built, t: &mut Target, bundle: &std::path::Path, what
     let (ok, v) = apply(b, bundle, t.pid);
     assert!(ok, "{what}: {v}");
     assert_eq!(t.ask("compute 2"), "106", "{what}");
+    reverted(t, what);
+}
+
+/// Revert, and the old answer is back.
+fn reverted(t: &mut Target, what: &str) {
     let (ok, v) = suture_json(&["revert", "--pid", &t.pid_arg()]);
     assert!(ok, "{what}: {v}");
     assert_eq!(t.ask("compute 2"), "7", "{what}");
@@ -477,9 +482,7 @@ fn a_process_sharing_its_memory_with_a_vfork_child_is_left_alone_until_the_child
     assert_eq!(v["kind"], "busy", "{v}");
     assert_same_memory(&before, &snapshot(t.pid));
     wait_gone(child);
-    let (ok, v) = suture_json(&["revert", "--pid", &t.pid_arg()]);
-    assert!(ok, "{v}");
-    assert_eq!(t.ask("compute 2"), "7");
+    reverted(&mut t, "revert");
 }
 
 /// A process whose main thread has exited (`pthread_exit` in `main`) lives on in its other
@@ -518,9 +521,7 @@ fn a_process_whose_main_thread_exited_is_patched_like_any_other() {
         Some(0),
         "{v}"
     );
-    let (ok, v) = suture_json(&["revert", "--pid", &t.pid_arg()]);
-    assert!(ok, "{v}");
-    assert_eq!(t.ask("compute 2"), "7");
+    reverted(&mut t, "revert");
 }
 
 /// The engine acts through the quietest sleeping thread; one made with the smallest stack
@@ -711,9 +712,7 @@ fn a_stopped_process_is_left_alone_and_patched_once_continued() {
     assert_same_memory(&before, &snapshot(t.pid));
     signal(t.pid, nix::sys::signal::Signal::SIGCONT);
     assert_eq!(t.ask("compute 2"), "106");
-    let (ok, v) = suture_json(&["revert", "--pid", &t.pid_arg()]);
-    assert!(ok, "{v}");
-    assert_eq!(t.ask("compute 2"), "7");
+    reverted(&mut t, "revert");
     assert_eq!(
         t.ask("stats").split(' ').nth(1),
         Some("0"),

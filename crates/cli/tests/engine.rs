@@ -493,8 +493,16 @@ fn a_process_whose_main_thread_exited_is_patched_like_any_other() {
     let b = build(Kind::Pie);
     let mut t = b.start();
     assert_eq!(t.ask("leave"), "ok");
-    let stat = std::fs::read_to_string(format!("/proc/{}/stat", t.pid)).unwrap();
-    assert!(stat.rsplit_once(") ").unwrap().1.starts_with('Z'), "{stat}");
+    // It answers, then exits: wait until it is a zombie.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    loop {
+        let stat = std::fs::read_to_string(format!("/proc/{}/stat", t.pid)).unwrap();
+        if stat.rsplit_once(") ").unwrap().1.starts_with('Z') {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "{stat}");
+        std::thread::sleep(std::time::Duration::from_millis(1));
+    }
     let p1 = p1(&b);
     let (ok, v) = suture_json(&[
         "check",

@@ -693,6 +693,8 @@ fn a_stopped_process_is_left_alone_and_patched_once_continued() {
     let mut t = b.start();
     assert_eq!(t.ask("spin 2"), "ok");
     let p1 = p1(&b);
+    // Stopped while it waits for a command (a stop on the way back to it would never end).
+    wait_idle(t.pid);
     signal(t.pid, nix::sys::signal::Signal::SIGSTOP);
     std::thread::sleep(std::time::Duration::from_millis(100));
     let before = snapshot(t.pid);
@@ -711,6 +713,7 @@ fn a_stopped_process_is_left_alone_and_patched_once_continued() {
     assert!(ok, "{v}");
     assert_eq!(t.ask("compute 2"), "106");
     // Reverting waits for it to run too, and changes nothing meanwhile.
+    wait_idle(t.pid);
     signal(t.pid, nix::sys::signal::Signal::SIGSTOP);
     std::thread::sleep(std::time::Duration::from_millis(100));
     let before = snapshot(t.pid);

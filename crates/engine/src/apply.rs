@@ -209,9 +209,10 @@ impl Prepared<'_> {
 }
 
 /// A failure that is really the process replacing its program: our handle on its memory
-/// (opened before) reads nothing any more while the process lives on.
+/// (opened before) reads nothing any more while the process lives on. (A thread that "did not
+/// stop" may have been in the middle of that exec: busy is checked too.)
 fn explain(pid: i32, mem: &Memory, maps: &[Mapping], e: EngineError) -> EngineError {
-    if let EngineError::Failed(_) = e {
+    if let EngineError::Failed(_) | EngineError::Busy(_) = e {
         let readable = maps.iter().filter(|m| m.readable).take(3);
         let mut probed = false;
         let mut any = false;

@@ -245,7 +245,7 @@ pub fn read_mem(pid: i32, addr: u64, len: usize) -> Vec<u8> {
 }
 
 /// Waits until the target's main thread sits in `read(0, …)`, waiting for its next command.
-fn wait_idle(pid: i32) {
+pub fn wait_idle(pid: i32) {
     for _ in 0..500 {
         let sc = std::fs::read_to_string(format!("/proc/{pid}/syscall")).unwrap_or_default();
         if sc.split_whitespace().take(2).eq(["0", "0x0"]) {

@@ -495,12 +495,8 @@ fn a_process_whose_main_thread_exited_is_patched_like_any_other() {
     assert_eq!(t.ask("leave"), "ok");
     // It answers, then exits: wait until it is a zombie.
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
-    loop {
-        let stat = std::fs::read_to_string(format!("/proc/{}/stat", t.pid)).unwrap();
-        if stat.rsplit_once(") ").unwrap().1.starts_with('Z') {
-            break;
-        }
-        assert!(std::time::Instant::now() < deadline, "{stat}");
+    while state(t.pid) != "Z" {
+        assert!(std::time::Instant::now() < deadline, "{}", state(t.pid));
         std::thread::sleep(std::time::Duration::from_millis(1));
     }
     let p1 = p1(&b);
@@ -703,11 +699,7 @@ fn a_stopped_process_is_left_alone_and_patched_once_continued() {
     assert_eq!(v["kind"], "busy", "{v}");
     assert!(v["error"].as_str().unwrap().contains("stopped"), "{v}");
     assert_same_memory(&before, &snapshot(t.pid));
-    let state = std::fs::read_to_string(format!("/proc/{}/stat", t.pid)).unwrap();
-    assert!(
-        state.rsplit_once(") ").unwrap().1.starts_with('T'),
-        "still stopped: {state}"
-    );
+    assert_eq!(state(t.pid), "T", "still stopped");
     signal(t.pid, nix::sys::signal::Signal::SIGCONT);
     let (ok, v) = apply(&b, &p1, t.pid);
     assert!(ok, "{v}");

@@ -112,14 +112,6 @@ fn stats(t: &mut Target) -> HashMap<String, i64> {
         .collect()
 }
 
-fn state(pid: i32) -> String {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    stat.rsplit_once(')')
-        .and_then(|(_, r)| r.split_whitespace().next())
-        .unwrap_or("?")
-        .to_string()
-}
-
 /// Status of the process: (applied patch ids, other patch memory as (name, state)).
 fn patches(pid: i32) -> (Vec<String>, Vec<(String, String)>) {
     let (ok, v) = suture_json(&["status", "--pid", &pid.to_string()]);

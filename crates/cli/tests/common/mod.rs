@@ -236,6 +236,15 @@ pub fn runtime_address(pid: i32, file: &Path, symbol: &str) -> u64 {
     base + value
 }
 
+/// The scheduler state of a process's main thread (`R`, `S`, `T`, `Z`, …; `?` if gone).
+pub fn state(pid: i32) -> String {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    stat.rsplit_once(')')
+        .and_then(|(_, r)| r.split_whitespace().next())
+        .unwrap_or("?")
+        .to_string()
+}
+
 pub fn read_mem(pid: i32, addr: u64, len: usize) -> Vec<u8> {
     use std::os::unix::fs::FileExt;
     let f = std::fs::File::open(format!("/proc/{pid}/mem")).expect("open mem");

@@ -2,11 +2,11 @@
 # Seeds the fuzz corpora with real inputs: a bundle made by `suture bundle` from a target and a
 # fix compiled here, and real ELF files (a dynamic executable, shared libraries, static
 # executables with and without a symbol table).
-# Usage: fuzz/seed.sh [path/to/suture]   (default: $CARGO_TARGET_DIR or target, debug build)
+# Usage: fuzz/seed.sh [path/to/suture]   (default: the debug build in $CARGO_TARGET_DIR or target)
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 root=$(dirname "$here")
-suture=${1:-${CARGO_TARGET_DIR:-$root/target}/debug/suture}
+suture=${1:-${CARGO_TARGET_DIR:-$root/target}/x86_64-unknown-linux-gnu/debug/suture}
 c="$root/crates/cli/tests/c"
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT

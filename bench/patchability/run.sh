@@ -7,8 +7,8 @@
 #   bench/patchability/run.sh --table        # only rewrite the Markdown table from results.tsv
 #
 # Environment:
-#   SUTURE     the suture binary (default: target/release/suture of this repository, or
-#              $CARGO_TARGET_DIR/release/suture)
+#   SUTURE     the suture binary (default: target/x86_64-unknown-linux-gnu/release/suture of this
+#              repository, or the same under $CARGO_TARGET_DIR)
 #   PB_WORK    work folder (default /work/pb-work): sources, trees, deployed binaries, bundles, logs
 #   PB_NICE    prefix for heavy commands (default "nice -n 19")
 #   PB_JOBS    make -j (default 1)
@@ -30,7 +30,7 @@ REPO="$(cd "$HERE/../.." && pwd)"
 PB_WORK="${PB_WORK:-/work/pb-work}"
 PB_NICE="${PB_NICE:-nice -n 19}"
 PB_JOBS="${PB_JOBS:-1}"
-SUTURE="${SUTURE:-${CARGO_TARGET_DIR:-$REPO/target}/release/suture}"
+SUTURE="${SUTURE:-${CARGO_TARGET_DIR:-$REPO/target}/x86_64-unknown-linux-gnu/release/suture}"
 RESULTS="$PB_WORK/results.tsv"
 export MAKEFLAGS="-j$PB_JOBS"
 export DEB_BUILD_MAINT_OPTIONS="${DEB_BUILD_MAINT_OPTIONS:-}"

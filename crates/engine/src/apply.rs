@@ -615,9 +615,13 @@ fn map_with(session: &mut Session, remote: &mut Remote, p: &Prepared) -> Result<
     };
     // The maximum values stand in so the header is sized for the real ones.
     let header_len = (record.encode()?.len() as u64).div_ceil(PAGE) * PAGE;
-    // header | engine page (landing stub) | image | unwinder's page (read-write)
-    let image_at = header_len + PAGE;
-    let total = image_at + p.plan.size() + if p.unwind.is_some() { PAGE } else { 0 };
+    // header (R) | image (R, R-X, RW) | unwinder's page (RW) | engine page (R-X, landing stub):
+    // the header joins the image's read-only data and the unwinder's page its data, so only
+    // two runs of pages lose execute permission (two `mprotect`s in the target).
+    let image_at = header_len;
+    let unwind_at = image_at + p.plan.size();
+    let engine_at = unwind_at + if p.unwind.is_some() { PAGE } else { 0 };
+    let total = engine_at + PAGE;
 
     let t_map = Instant::now();
     let step = |what: &str| debug!(pid, us = t_map.elapsed().as_micros() as u64, "map: {what}");
@@ -748,7 +752,7 @@ fn map_with(session: &mut Session, remote: &mut Remote, p: &Prepared) -> Result<
     let mut registering = false;
     let filled = (|| -> anyhow::Result<()> {
         closed?;
-        let landing = base + header_len;
+        let landing = base + engine_at;
         p.mem.write(landing, &remote::LANDING)?;
         remote.set_landing(landing);
         record.landing = landing;
@@ -776,7 +780,7 @@ fn map_with(session: &mut Session, remote: &mut Remote, p: &Prepared) -> Result<
         record.text_end = record.text_start + text.map(|s| s.len).unwrap_or(0);
         if p.unwind.is_some() {
             record.eh_frame = image.eh_frame.unwrap_or(0);
-            record.eh_object = base + total - PAGE;
+            record.eh_object = base + unwind_at;
         }
         for (d, t) in record.functions.iter_mut().zip(&p.targets) {
             d.replacement = *image
@@ -798,13 +802,13 @@ fn map_with(session: &mut Session, remote: &mut Remote, p: &Prepared) -> Result<
                 *slot = p;
             }
         };
-        set(header_len, PAGE, Prot::ReadExecute);
         for seg in &image.segments {
             set(image_at + seg.offset, seg.len, seg.prot);
         }
         if p.unwind.is_some() {
-            set(total - PAGE, PAGE, Prot::ReadWrite);
+            set(unwind_at, PAGE, Prot::ReadWrite);
         }
+        set(engine_at, PAGE, Prot::ReadExecute);
         let mut page = 0;
         while page < pages {
             let run = prot[page..]

@@ -492,7 +492,11 @@ fn mapped_files(maps: &[Mapping]) -> Vec<&Mapping> {
     let mut firsts: Vec<&Mapping> = Vec::new();
     // (A JIT or a database can map thousands of ranges.)
     let mut index: HashMap<(&str, u64), usize> = HashMap::new();
-    for m in maps.iter().filter(|m| m.is_file()) {
+    // Patch memory is a file too, but never a module: not read, not an error to report.
+    for m in maps
+        .iter()
+        .filter(|m| m.is_file() && !crate::record::is_patch_memory(m))
+    {
         match index.entry((m.dev.as_str(), m.inode)) {
             std::collections::hash_map::Entry::Occupied(i) => {
                 let first = &mut firsts[*i.get()];
@@ -710,16 +714,20 @@ mod tests {
              1000-2000 r--p 00000000 fe:01 7 /lib/a.so\n\
              3000-4000 rw-p 00000000 00:00 0\n\
              4000-5000 r--p 00000000 fe:02 7 /lib/b.so\n\
-             5000-6000 rw-p 00000000 00:00 0 [heap]\n",
+             5000-6000 rw-p 00000000 00:00 0 [heap]\n\
+             6000-7000 r--p 00000000 00:01 9 /memfd:suture:fix-L1 (deleted)\n\
+             7000-8000 r-xp 00001000 00:01 9 /memfd:suture:fix-L1 (deleted)\n\
+             8000-9000 r-xp 00000000 00:01 10 /memfd:jit (deleted)\n",
         )
         .expect("maps");
         let files = mapped_files(&maps);
         assert_eq!(
             files.len(),
-            2,
-            "same inode on another device is another file"
+            3,
+            "same inode on another device is another file; patch memory is no module"
         );
         assert_eq!((files[0].start, files[0].offset), (0x1000, 0));
         assert_eq!(files[1].path, "/lib/b.so");
+        assert_eq!(files[2].path, "/memfd:jit (deleted)");
     }
 }

@@ -76,7 +76,7 @@ fn parse_maps_line(line: &str) -> Result<Mapping> {
 }
 
 pub fn read_maps(pid: i32) -> Result<Vec<Mapping>> {
-    let read = |dir: i32| std::fs::read_to_string(format!("/proc/{dir}/maps"));
+    let read = |dir: i32| read_text(&format!("/proc/{dir}/maps"));
     let cannot = |dir: i32| format!("process {pid}: cannot read /proc/{dir}/maps");
     for _ in 0..3 {
         let text = read(pid).with_context(|| cannot(pid))?;
@@ -138,6 +138,15 @@ pub fn threads(pid: i32) -> Result<Vec<i32>> {
     }
     tids.sort_unstable();
     Ok(tids)
+}
+
+/// A `/proc` text file, whole. `std::fs::read_to_string` starts from a 32-byte probe and
+/// doubles: ten `read` calls for a small process's maps, each making the kernel walk its
+/// mappings again. Here one call reads any file of ordinary size.
+pub fn read_text(path: &str) -> std::io::Result<String> {
+    let mut text = String::with_capacity(16 << 10);
+    File::open(path)?.read_to_string(&mut text)?;
+    Ok(text)
 }
 
 pub fn exists(pid: i32) -> bool {
@@ -304,7 +313,7 @@ pub fn is_zombie(pid: i32) -> bool {
 
 /// Field `name` of `/proc/PID/status` (e.g. `Seccomp`, `TracerPid`, `State`).
 pub fn status_field(pid: i32, name: &str) -> Result<Option<String>> {
-    let text = std::fs::read_to_string(format!("/proc/{pid}/status"))
+    let text = read_text(&format!("/proc/{pid}/status"))
         .with_context(|| format!("process {pid}: cannot read /proc/{pid}/status"))?;
     Ok(text.lines().find_map(|l| {
         let (k, v) = l.split_once(':')?;

@@ -99,7 +99,14 @@ impl PatchRecord {
 
 /// Is this mapping the first page of a patch of ours?
 pub fn is_patch_mapping(m: &Mapping) -> bool {
-    m.offset == 0 && m.path.starts_with(&format!("/memfd:{MEMFD_PREFIX}"))
+    m.offset == 0 && is_patch_memory(m)
+}
+
+/// Is this mapping (any part of) patch memory of ours?
+pub fn is_patch_memory(m: &Mapping) -> bool {
+    m.path
+        .strip_prefix("/memfd:")
+        .is_some_and(|name| name.starts_with(MEMFD_PREFIX))
 }
 
 /// What a patch mapping found in a process really is. A record is believed only as far as the

@@ -155,7 +155,7 @@ const MAX_CANDIDATES: usize = 64;
 
 /// A thread's state letter and the CPU time it has used (clock ticks, user + system).
 fn thread_activity(pid: i32, tid: i32) -> Option<(char, u64)> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/stat")).ok()?;
+    let stat = crate::procfs::read_text(&format!("/proc/{pid}/task/{tid}/stat")).ok()?;
     let rest = stat.rsplit_once(')')?.1;
     let f: Vec<&str> = rest.split_whitespace().collect();
     // After the name: state(0) ppid pgrp session tty tpgid flags minflt cminflt majflt
@@ -166,7 +166,7 @@ fn thread_activity(pid: i32, tid: i32) -> Option<(char, u64)> {
 }
 
 pub(crate) fn thread_state(pid: i32, tid: i32) -> Option<char> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/stat")).ok()?;
+    let stat = crate::procfs::read_text(&format!("/proc/{pid}/task/{tid}/stat")).ok()?;
     // The state follows the command name in parentheses, which may itself hold spaces.
     stat.rsplit_once(')')
         .and_then(|(_, rest)| rest.split_whitespace().next())
@@ -191,7 +191,7 @@ fn traced_by_us(pid: i32, tid: i32) -> bool {
 
 /// The tracer of a thread (`TracerPid`), if any.
 pub(crate) fn tracer_of(pid: i32, tid: i32) -> Option<i32> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/status")).ok()?;
+    let status = crate::procfs::read_text(&format!("/proc/{pid}/task/{tid}/status")).ok()?;
     status
         .lines()
         .find_map(|l| l.strip_prefix("TracerPid:"))

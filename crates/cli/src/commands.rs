@@ -399,19 +399,12 @@ fn apply_all(j: bool, b: &Bundle, opts: &ApplyOptions, jobs: Option<usize>) -> R
         }
         return Ok(0);
     }
-    // Re-running --all (new processes started since) must not fail on the ones already done;
-    // each worker looks first (in parallel: on a host of a thousand processes the look costs
-    // as much as a third of the whole run done one by one).
-    let sha = b.content_address();
+    // Re-running --all (new processes started since) must not fail on the ones already done:
+    // those carrying this very bundle (applied, not merely left over by an interrupted run)
+    // are skipped.
     let started = std::time::Instant::now();
     let mut results = for_all(&all, jobs, j, |pid| {
-        let carries = suture_engine::status(pid)
-            .map(|ps| ps.iter().any(|p| p.bundle_sha256 == sha))
-            .unwrap_or(false);
-        if carries {
-            return Ok(None);
-        }
-        suture_engine::apply(pid, b, opts).map(Some)
+        suture_engine::apply_unless_carried(pid, b, opts)
     });
     let elapsed = started.elapsed();
     results.sort_by_key(|(pid, _)| *pid);

@@ -1084,6 +1084,52 @@ fn apply_all_again_skips_processes_that_already_carry_the_patch() {
     assert_eq!(second.ask("compute 2"), "106");
 }
 
+/// An interrupted rollout leaves memory of the bundle but no fix: running `apply --all` again
+/// must patch that process, not skip it as one that carries the patch.
+#[test]
+fn apply_all_again_patches_a_process_an_interrupted_run_left_unpatched() {
+    let b = build(Kind::Pie);
+    let mut t = b.start();
+    let p1 = p1(&b);
+    // Killed after mapping the patch, before any detour: memory with the bundle's record.
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_suture"))
+        .args(["apply", p1.to_str().unwrap(), "--pid", &t.pid_arg()])
+        .args(["--trust", &b.trust()])
+        .env("SUTURE_FAULT", "apply:mapped")
+        .env("SUTURE_LOG", "error")
+        .output()
+        .expect("suture runs");
+    use std::os::unix::process::ExitStatusExt;
+    assert_eq!(
+        out.status.signal(),
+        Some(libc::SIGKILL),
+        "the fault point killed it"
+    );
+    assert_eq!(t.ask("compute 2"), "7", "not fixed");
+    let (_, st) = suture_json(&["status", "--pid", &t.pid_arg()]);
+    assert_eq!(st["processes"][0]["other"][0]["state"], "orphaned", "{st}");
+
+    let (ok, v) = suture_json(&[
+        "apply",
+        p1.to_str().unwrap(),
+        "--all",
+        "--trust",
+        &b.trust(),
+    ]);
+    assert!(ok, "{v}");
+    assert_eq!(v["skipped"], serde_json::json!([]), "{v}");
+    assert_eq!(v["results"][0]["pid"], t.pid, "{v}");
+    assert_eq!(t.ask("compute 2"), "106");
+    let maps = std::fs::read_to_string(format!("/proc/{}/maps", t.pid)).unwrap();
+    assert_eq!(
+        maps.lines()
+            .filter(|l| l.contains("memfd:suture") && l.contains(" 00000000 "))
+            .count(),
+        1,
+        "the left memory was reclaimed: {maps}"
+    );
+}
+
 #[test]
 fn target_in_its_own_mount_namespace_is_found_through_its_own_view() {
     // Like a container: the binary lives on a tmpfs mounted only inside the target's mount

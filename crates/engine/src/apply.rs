@@ -229,11 +229,32 @@ fn explain(pid: i32, mem: &Memory, maps: &[Mapping], e: EngineError) -> EngineEr
 
 /// Applies a bundle (whose signature the caller has verified) to process `pid`.
 pub fn apply(pid: i32, bundle: &Bundle, opts: &ApplyOptions) -> Result<ApplyReport> {
+    apply_unless_carried(pid, bundle, opts)?.ok_or_else(|| {
+        let m = &bundle.manifest;
+        refused(format!(
+            "process {pid} already carries level {} ({}) of {}; level {} is not newer",
+            m.level, m.id, m.module.name, m.level
+        ))
+    })
+}
+
+/// [`apply`] for a process that may already carry this very bundle (`apply --all` run again):
+/// then `None`, and the process is not touched. Decided on what apply reads anyway, so a host
+/// of processes is not looked at twice.
+pub fn apply_unless_carried(
+    pid: i32,
+    bundle: &Bundle,
+    opts: &ApplyOptions,
+) -> Result<Option<ApplyReport>> {
     let t = Instant::now();
     let (stat, _lock) = take_lock(pid, opts)?;
-    let p = prepare(pid, bundle, &stat)?;
+    let Some(p) = prepare(pid, bundle, &stat)? else {
+        return Ok(None);
+    };
     debug!(pid, us = t.elapsed().as_micros() as u64, "prepared");
-    apply_prepared(&p, opts).map_err(|e| explain(pid, &p.mem, &p.maps, e))
+    apply_prepared(&p, opts)
+        .map(Some)
+        .map_err(|e| explain(pid, &p.mem, &p.maps, e))
 }
 
 /// Phases map, commit and release of apply.
@@ -260,7 +281,12 @@ pub(crate) fn apply_held(
     let pid = session.pid();
     // (The holder owns the process lock.)
     let stat = procfs::stat(pid).ok_or_else(|| exited_or(pid, anyhow!("no process")))?;
-    let p = prepare(pid, bundle, &stat)?;
+    let p = prepare(pid, bundle, &stat)?.ok_or_else(|| {
+        refused(format!(
+            "process {pid} already carries {}",
+            bundle.manifest.id
+        ))
+    })?;
     session.seize_rest().map_err(|e| exited_or(pid, e))?;
     apply_with(session, &p, opts).map_err(|e| explain(pid, &p.mem, &p.maps, e))
 }
@@ -347,7 +373,8 @@ fn apply_with(session: &mut Session, p: &Prepared, opts: &ApplyOptions) -> Resul
 }
 
 /// Phase **prepare** of apply: nothing in the process is stopped or changed.
-fn prepare<'b>(pid: i32, bundle: &'b Bundle, stat: &procfs::Stat) -> Result<Prepared<'b>> {
+/// `None` when the process already carries this very bundle.
+fn prepare<'b>(pid: i32, bundle: &'b Bundle, stat: &procfs::Stat) -> Result<Option<Prepared<'b>>> {
     let m = &bundle.manifest;
     let build_id =
         hex::decode(&m.module.build_id).map_err(|_| refused("bundle names an invalid build-id"))?;
@@ -380,7 +407,8 @@ fn prepare<'b>(pid: i32, bundle: &'b Bundle, stat: &procfs::Stat) -> Result<Prep
     }
     let mem = Memory::open_at(pid, dir).map_err(|e| exited_or(pid, e))?;
     match prepare_with(pid, bundle, &module, &maps, &mem) {
-        Ok(parts) => Ok(Prepared {
+        Ok(None) => Ok(None),
+        Ok(Some(parts)) => Ok(Some(Prepared {
             pid,
             bundle,
             maps,
@@ -394,7 +422,7 @@ fn prepare<'b>(pid: i32, bundle: &'b Bundle, stat: &procfs::Stat) -> Result<Prep
             unwind: parts.5,
             loaded: parts.6,
             gadgets: parts.7,
-        }),
+        })),
         Err(e) => Err(explain(pid, &mem, &maps, e)),
     }
 }
@@ -436,7 +464,7 @@ fn prepare_with(
     module: &LoadedModule,
     maps: &[Mapping],
     mem: &Memory,
-) -> Result<PreparedParts> {
+) -> Result<Option<PreparedParts>> {
     let m = &bundle.manifest;
     let found = record::found_patches(mem, maps);
     let mine = |f: &&FoundPatch| {
@@ -462,6 +490,9 @@ fn prepare_with(
         .filter_map(|f| f.record.clone())
         .max_by_key(|r| r.level);
     if let Some(p) = &prev {
+        if p.bundle_sha256 == bundle.content_address() {
+            return Ok(None);
+        }
         if m.level <= p.level {
             return Err(refused(format!(
                 "process {pid} already carries level {} ({}) of {}; level {} is not newer",
@@ -490,7 +521,9 @@ fn prepare_with(
         None
     };
     let gadgets = remote::find_gadgets(mem, maps).map_err(|e| exited_or(pid, e))?;
-    Ok((prev, stale, targets, plan, symbols, unwind, loaded, gadgets))
+    Ok(Some((
+        prev, stale, targets, plan, symbols, unwind, loaded, gadgets,
+    )))
 }
 
 /// The patch object parsed for linking, once per object however many processes it goes to

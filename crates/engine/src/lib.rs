@@ -35,7 +35,7 @@ pub mod unwind;
 mod apply;
 mod check;
 
-pub use apply::{apply, revert, ApplyOptions, ApplyReport, RevertReport};
+pub use apply::{apply, apply_unless_carried, revert, ApplyOptions, ApplyReport, RevertReport};
 pub use check::{check, inspect, inspect_maps, processes_mapping, status, CheckReport, ModuleInfo};
 pub use record::{Detour, FoundPatch, PatchRecord, PatchState};
 

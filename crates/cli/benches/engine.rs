@@ -264,20 +264,23 @@ fn command(d: &Path, key: &Path) {
         .expect("idle");
     std::thread::sleep(Duration::from_millis(100));
     let pid = target.id().to_string();
-    let run = |args: &[&str]| {
+    let spawn = |program: &str, args: &[&str]| {
         let t = Instant::now();
-        let st = Command::new(exe)
+        let st = Command::new(program)
             .args(args)
             .stdout(Stdio::null())
             .status()
-            .expect("suture");
-        assert!(st.success(), "suture {args:?}");
+            .expect("spawn");
+        assert!(st.success(), "{program} {args:?}");
         t.elapsed().as_micros() as u64
     };
-    let (mut version, mut apply, mut revert) = (vec![], vec![], vec![]);
+    let run = |args: &[&str]| spawn(exe, args);
+    // The floor: what starting any program costs on this machine.
+    let (mut floor, mut version, mut apply, mut revert) = (vec![], vec![], vec![], vec![]);
     let bundle_arg = path.to_string_lossy().into_owned();
     let trust_arg = trust.to_string_lossy().into_owned();
     for _ in 0..rounds {
+        floor.push(spawn("true", &[]));
         version.push(run(&["--version"]));
         apply.push(run(&[
             "apply",
@@ -296,17 +299,19 @@ fn command(d: &Path, key: &Path) {
         v[v.len() * 9 / 10]
     };
     println!("\n## One command at a time (a new `suture` process each, cold caches; median of {rounds})\n");
-    println!("| `suture --version` µs | `suture apply` µs (p90) | `suture revert` µs (p90) | apply − version µs |\n|---:|---:|---:|---:|");
-    let (v, a, r) = (
+    println!("| floor: `true` µs | `suture --version` µs | `suture apply` µs (p90) | `suture revert` µs (p90) | apply − version µs | apply / floor |\n|---:|---:|---:|---:|---:|---:|");
+    let (f, v, a, r) = (
+        median(floor),
         median(version.clone()),
         median(apply.clone()),
         median(revert.clone()),
     );
     println!(
-        "| {v} | {a} ({}) | {r} ({}) | {} |",
+        "| {f} | {v} | {a} ({}) | {r} ({}) | {} | {:.2}× |",
         p90(apply),
         p90(revert),
-        a.saturating_sub(v)
+        a.saturating_sub(v),
+        a as f64 / f.max(1) as f64
     );
 }
 

@@ -117,6 +117,17 @@ fn apply(b: &Built, bundle: &std::path::Path, pid: i32) -> (bool, serde_json::Va
     apply_to(bundle, pid, std::path::Path::new(&b.trust()))
 }
 
+/// `suture apply BUNDLE --all`, in JSON.
+fn apply_all(b: &Built, bundle: &std::path::Path) -> (bool, serde_json::Value) {
+    suture_json(&[
+        "apply",
+        bundle.to_str().unwrap(),
+        "--all",
+        "--trust",
+        &b.trust(),
+    ])
+}
+
 /// Apply, observe the fix with the same pid and shared state, revert, and compare bytes.
 fn round_trip(kind: Kind) {
     let b = build(kind);
@@ -916,13 +927,7 @@ fn apply_all_patches_every_process_mapping_the_module() {
     let b = build(Kind::Pie);
     let mut targets: Vec<Target> = (0..4).map(|_| b.start()).collect();
     let p1 = p1(&b);
-    let (ok, v) = suture_json(&[
-        "apply",
-        p1.to_str().unwrap(),
-        "--all",
-        "--trust",
-        &b.trust(),
-    ]);
+    let (ok, v) = apply_all(&b, &p1);
     assert!(ok, "{v}");
     assert_eq!(v["results"].as_array().unwrap().len(), 4, "{v}");
     for t in &mut targets {
@@ -1058,22 +1063,10 @@ fn apply_all_again_skips_processes_that_already_carry_the_patch() {
     let b = build(Kind::Pie);
     let mut first = b.start();
     let p1 = p1(&b);
-    let (ok, v) = suture_json(&[
-        "apply",
-        p1.to_str().unwrap(),
-        "--all",
-        "--trust",
-        &b.trust(),
-    ]);
+    let (ok, v) = apply_all(&b, &p1);
     assert!(ok, "{v}");
     let mut second = b.start(); // started after the rollout
-    let (ok, v) = suture_json(&[
-        "apply",
-        p1.to_str().unwrap(),
-        "--all",
-        "--trust",
-        &b.trust(),
-    ]);
+    let (ok, v) = apply_all(&b, &p1);
     assert!(ok, "{v}");
     assert_eq!(
         v["skipped"],
@@ -1109,13 +1102,7 @@ fn apply_all_again_patches_a_process_an_interrupted_run_left_unpatched() {
     let (_, st) = suture_json(&["status", "--pid", &t.pid_arg()]);
     assert_eq!(st["processes"][0]["other"][0]["state"], "orphaned", "{st}");
 
-    let (ok, v) = suture_json(&[
-        "apply",
-        p1.to_str().unwrap(),
-        "--all",
-        "--trust",
-        &b.trust(),
-    ]);
+    let (ok, v) = apply_all(&b, &p1);
     assert!(ok, "{v}");
     assert_eq!(v["skipped"], serde_json::json!([]), "{v}");
     assert_eq!(v["results"][0]["pid"], t.pid, "{v}");

@@ -229,13 +229,17 @@ fn explain(pid: i32, mem: &Memory, maps: &[Mapping], e: EngineError) -> EngineEr
 
 /// Applies a bundle (whose signature the caller has verified) to process `pid`.
 pub fn apply(pid: i32, bundle: &Bundle, opts: &ApplyOptions) -> Result<ApplyReport> {
-    apply_unless_carried(pid, bundle, opts)?.ok_or_else(|| {
-        let m = &bundle.manifest;
-        refused(format!(
-            "process {pid} already carries level {} ({}) of {}; level {} is not newer",
-            m.level, m.id, m.module.name, m.level
-        ))
-    })
+    let m = &bundle.manifest;
+    apply_unless_carried(pid, bundle, opts)?.ok_or_else(|| not_newer(pid, (m.level, &m.id), m))
+}
+
+/// The refusal of bundle `m` in a process that carries patch `carried` (level, id) of the same
+/// module at a level as high or higher.
+fn not_newer(pid: i32, (level, id): (u32, &str), m: &suture_bundle::Manifest) -> EngineError {
+    refused(format!(
+        "process {pid} already carries level {level} ({id}) of {}; level {} is not newer",
+        m.module.name, m.level
+    ))
 }
 
 /// [`apply`] for a process that may already carry this very bundle (`apply --all` run again):
@@ -281,12 +285,8 @@ pub(crate) fn apply_held(
     let pid = session.pid();
     // (The holder owns the process lock.)
     let stat = procfs::stat(pid).ok_or_else(|| exited_or(pid, anyhow!("no process")))?;
-    let p = prepare(pid, bundle, &stat)?.ok_or_else(|| {
-        refused(format!(
-            "process {pid} already carries {}",
-            bundle.manifest.id
-        ))
-    })?;
+    let m = &bundle.manifest;
+    let p = prepare(pid, bundle, &stat)?.ok_or_else(|| not_newer(pid, (m.level, &m.id), m))?;
     session.seize_rest().map_err(|e| exited_or(pid, e))?;
     apply_with(session, &p, opts).map_err(|e| explain(pid, &p.mem, &p.maps, e))
 }
@@ -494,10 +494,7 @@ fn prepare_with(
             return Ok(None);
         }
         if m.level <= p.level {
-            return Err(refused(format!(
-                "process {pid} already carries level {} ({}) of {}; level {} is not newer",
-                p.level, p.id, m.module.name, m.level
-            )));
+            return Err(not_newer(pid, (p.level, &p.id), m));
         }
     }
     let stale: Vec<FoundPatch> = found

@@ -53,15 +53,9 @@ fn control_flow_guard(status: &str) -> Option<&'static str> {
 /// Threads without a filter (`Seccomp: 0` in their status) are not asked.
 pub fn filters(pid: i32, tid: i32) -> Result<Vec<Vec<SockFilter>>> {
     let mut out = Vec::new();
-    // One read call (a growing buffer would take eight inside the stop).
-    let status = {
-        use std::io::Read;
-        let mut buf = vec![0u8; 16 << 10];
-        let n = std::fs::File::open(format!("/proc/{pid}/task/{tid}/status"))
-            .and_then(|mut f| f.read(&mut buf))
-            .unwrap_or(0);
-        String::from_utf8_lossy(&buf[..n]).into_owned()
-    };
+    // (Inside the stop: not a growing buffer's eight reads.)
+    let status =
+        crate::procfs::read_text(&format!("/proc/{pid}/task/{tid}/status")).unwrap_or_default();
     if let Some(feature) = control_flow_guard(&status) {
         return Err(anyhow::Error::new(crate::remote::ShadowStack {
             pid,

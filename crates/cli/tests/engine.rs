@@ -367,6 +367,34 @@ fn thread_inside_replaced_function_makes_apply_report_busy_and_change_nothing() 
     assert_eq!(t.ask("compute 2"), "7");
 }
 
+/// A word on a stack that points into the function being replaced, but is no return address
+/// (a code pointer in a local, a stale slot), is told apart by walking the stack with the
+/// unwind tables — which are read only once a stack gives a reason to — and does not make the
+/// process busy.
+#[test]
+fn a_code_pointer_on_a_stack_is_not_taken_for_a_return_address() {
+    for kind in [Kind::Pie, Kind::SharedLib] {
+        let b = build(kind);
+        let mut t = b.start();
+        assert_eq!(t.ask("stale"), "ok");
+        let bundle = b
+            .work
+            .bundle(&b.module, "p1.o", &["compute"], 1, &b.key, "p1.suture");
+        let (ok, v) = suture_json(&[
+            "apply",
+            bundle.to_str().unwrap(),
+            "--pid",
+            &t.pid_arg(),
+            "--trust",
+            &b.trust(),
+            "--timeout-ms",
+            "300",
+        ]);
+        assert!(ok, "{kind:?}: {v}");
+        assert_eq!(t.ask("compute 2"), "106", "{kind:?}");
+    }
+}
+
 /// A revert takes the detours out at once, but the patch's memory goes only once no thread is
 /// in its code: a thread asleep inside a replacement survives the revert, wakes up, returns,
 /// and the memory left behind is cleaned up by the next revert.

@@ -510,7 +510,8 @@ fn prepare_with(
     let probe_base = module.lo.saturating_sub(plan.size() + 16 * PAGE) & !(PAGE - 1);
     plan.link(probe_base, &|name| symbols.lookup(name))
         .map_err(|e| refused(format!("patch cannot be linked into process {pid}: {e}")))?;
-    // Read before anything stops: the libraries' symbols and unwind tables take milliseconds.
+    // Read before anything stops: the libraries' symbols take a millisecond (their unwind
+    // tables are read only if a stack points into the code being patched).
     let loaded = bind::search_order(pid, maps);
     let unwind = if plan.has_eh_frame() {
         bind::unwind_registry(&loaded)
@@ -1408,6 +1409,7 @@ fn stop_and_write(
     let mut stopped = Duration::ZERO;
     let mut alone = Duration::ZERO;
     let mut attempts = 0;
+    let mut tables_read = false;
     let mut maps = maps.to_vec();
     loop {
         attempts += 1;
@@ -1449,6 +1451,19 @@ fn stop_and_write(
                 session.resume(None);
                 stopped += t.elapsed();
                 finished.map_err(|e| exited_or(pid, e))?;
+                // A stack that points into guarded code is walked precisely, with the modules'
+                // unwind tables: read now that nothing is stopped, then look again at once.
+                if !tables_read && modules.iter().any(|m| !m.facts.unwind_read()) {
+                    tables_read = true;
+                    let t = Instant::now();
+                    for m in modules {
+                        if let Err(e) = modules::read_unwind(pid, m) {
+                            debug!(pid, module = %m.path, "unwind tables unread (walked conservatively): {e:#}");
+                        }
+                    }
+                    debug!(pid, %b, us = t.elapsed().as_micros() as u64, "unwind tables read; checking again");
+                    continue;
+                }
                 if interrupt::requested() {
                     return Err(EngineError::Interrupted(format!(
                         "interrupted while waiting for process {pid} ({b}); nothing was changed"

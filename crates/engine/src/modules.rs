@@ -6,8 +6,9 @@
 //! - its **identity** (build-id, kind, segments: [`suture_module::identify`]), a few KB read
 //!   from its headers: enough to find a module by build-id, so scanning a host costs what its
 //!   build-ids cost, however big the binaries of unrelated processes are;
-//! - its **facts** (the whole file: symbols, exports, unwind tables), read only for modules of
-//!   a process being patched.
+//! - its **facts** (headers and tables: symbols, exports), read only for modules of a process
+//!   being patched; its **unwind tables** apart and later ([`read_unwind`]), only when a stack
+//!   must be walked precisely (most stacks never point into the code being patched at all).
 //!
 //! The files belong to processes we do not trust, and we read them as root. A mapped file is
 //! opened through `/proc/PID/map_files` (the process's own view), and read only if it is a
@@ -23,10 +24,12 @@ use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 
 use anyhow::{anyhow, bail, Context, Result};
 use suture_module::{
-    Identity, LoadSegment, Module, ModuleKind, Symbol, SymbolBinding, SymbolKind, TlsSegment,
+    Identity, LoadSegment, Module, ModuleKind, Symbol, SymbolBinding, SymbolKind, Tables,
+    TlsSegment,
 };
 
 use crate::procfs::Mapping;
+use crate::unwind::Unwind;
 
 /// Modules larger than this are not read (a sanity bound on someone else's file).
 const MAX_MODULE_BYTES: u64 = 2 << 30;
@@ -37,8 +40,11 @@ pub struct ModuleFacts {
     pub kind: ModuleKind,
     pub segments: Vec<LoadSegment>,
     pub tls: Option<TlsSegment>,
-    /// `.eh_frame` tables, for walking stacks precisely.
-    pub unwind: Option<crate::unwind::UnwindTables>,
+    /// Which file was read: its unwind tables must come from the same one.
+    key: FileKey,
+    /// `.eh_frame` tables, for walking stacks precisely, once read ([`read_unwind`]); `None`
+    /// inside when the module has none.
+    unwind: OnceLock<Option<Unwind>>,
     /// The file's bytes where [`suture_module::read_tables`] read them; zero elsewhere.
     data: Vec<u8>,
     /// Read from `data` when first asked (see [`ModuleFacts::symbols`]), once.
@@ -60,20 +66,20 @@ pub struct Export {
 }
 
 impl ModuleFacts {
-    fn read(data: Vec<u8>) -> Result<ModuleFacts> {
+    fn read(data: Vec<u8>, key: FileKey) -> Result<ModuleFacts> {
         let module = Module::parse_layout(&data)?;
         let build_id = module.build_id().map(<[u8]>::to_vec);
         let kind = module.kind();
         let segments = module.load_segments().to_vec();
         let tls = module.tls_segment();
-        let unwind = crate::unwind::tables(&module, &data);
         drop(module);
         Ok(ModuleFacts {
             build_id,
             kind,
             segments,
             tls,
-            unwind,
+            key,
+            unwind: OnceLock::new(),
             data,
             symbols: OnceLock::new(),
             exports: OnceLock::new(),
@@ -94,9 +100,14 @@ impl ModuleFacts {
             })
     }
 
-    /// The file as [`suture_module::read_tables`] read it: headers and tables, not code.
-    pub fn data(&self) -> &[u8] {
-        &self.data
+    /// The module's unwind tables, if they have been read ([`read_unwind`]) and it has any.
+    pub fn unwind(&self) -> Option<&Unwind> {
+        self.unwind.get().and_then(Option::as_ref)
+    }
+
+    /// Whether [`read_unwind`] has read the module's unwind tables (or found it has none).
+    pub fn unwind_read(&self) -> bool {
+        self.unwind.get().is_some()
     }
 
     /// The one function named `name` in the module's full symbol table (exported or not), for
@@ -252,8 +263,8 @@ pub fn forget_cached_files() {
         .clear();
 }
 
-/// Whether the file with this device and inode has been read whole (parsed for symbols and
-/// unwind tables). Lets tests check that a scan did not.
+/// Whether the file with this device and inode has been read for its tables (symbols and
+/// versions; the unwind tables come later, if at all). Lets tests check that a scan did not.
 #[doc(hidden)]
 pub fn fully_read(dev: u64, ino: u64) -> bool {
     full_facts()
@@ -432,19 +443,47 @@ pub fn identity(pid: i32, mapping: &Mapping) -> Result<Arc<Identity>> {
 }
 
 /// Reads (or recalls) the facts of the file behind `mapping` in process `pid`: its headers and
-/// tables (symbols, versions, unwind tables; not its code), once per file.
+/// tables (symbols, versions; not its unwind tables, not its code), once per file.
 pub fn facts(pid: i32, mapping: &Mapping) -> Result<Arc<ModuleFacts>> {
     let found = find_mapped(pid, mapping)?;
     fill(full_facts(), &found, |file| {
-        let size = found.key.size;
-        if size > MAX_MODULE_BYTES {
-            bail!("{}: {size} bytes is too large for a module", mapping.path);
-        }
-        let data = suture_module::read_tables(&|offset, buf| file.read_exact_at(buf, offset), size)
-            .with_context(|| format!("{}: not a usable ELF module", mapping.path))?;
-        ModuleFacts::read(data)
+        let data = read_part(file, found.key.size, mapping, Tables::SYMBOLS)?;
+        ModuleFacts::read(data, found.key)
             .with_context(|| format!("{}: not a usable ELF module", mapping.path))
     })
+}
+
+fn read_part(file: &File, size: u64, mapping: &Mapping, which: Tables) -> Result<Vec<u8>> {
+    if size > MAX_MODULE_BYTES {
+        bail!("{}: {size} bytes is too large for a module", mapping.path);
+    }
+    suture_module::read_tables(&|offset, buf| file.read_exact_at(buf, offset), size, which)
+        .with_context(|| format!("{}: not a usable ELF module", mapping.path))
+}
+
+/// Reads the unwind tables of `module` (mapped by process `pid`) from the file its facts
+/// came from, once per file; the caller reads them before it stops anything. A file that is
+/// not the one read before is not read (its module is then walked conservatively).
+pub fn read_unwind(pid: i32, module: &LoadedModule) -> Result<()> {
+    let facts = &module.facts;
+    if facts.unwind_read() {
+        return Ok(());
+    }
+    let found = find_mapped(pid, &module.mapping)?;
+    if found.key != facts.key {
+        bail!("{}: the file changed since it was read", module.path);
+    }
+    let data = read_part(
+        &found.open()?,
+        found.key.size,
+        &module.mapping,
+        Tables::UNWIND,
+    )?;
+    let unwind =
+        Unwind::read(data).with_context(|| format!("{}: not a usable ELF module", module.path))?;
+    // Another job may have read it meanwhile: the same file gives the same tables.
+    let _ = facts.unwind.set(unwind);
+    Ok(())
 }
 
 /// Up to `len` bytes at `offset` of the file behind `mapping` in process `pid`, read now (for
@@ -471,6 +510,8 @@ pub fn file_range(pid: i32, mapping: &Mapping, offset: u64, len: usize) -> Resul
 pub struct LoadedModule {
     pub path: String,
     pub facts: Arc<ModuleFacts>,
+    /// The mapping the load bias comes from: how the file is reached again.
+    pub mapping: Mapping,
     /// runtime address = bias + link-time address
     pub bias: u64,
     /// Runtime extent of the module (including its bss).
@@ -522,6 +563,7 @@ fn loaded(first: &Mapping, facts: Arc<ModuleFacts>, bias: u64) -> LoadedModule {
         hi: bias.wrapping_add(hi),
         dev: first.dev.clone(),
         inode: first.inode,
+        mapping: first.clone(),
         facts,
     }
 }

@@ -1,12 +1,14 @@
 //! The activeness check: no thread may be executing in, or be about to return into, code that
 //! a detour is about to bypass or that is about to be unmapped.
 //!
-//! Each stopped thread's stack is walked with the modules' unwind tables ([`crate::unwind`]);
-//! every return address found is checked. Where the tables cannot continue, the rest of the
-//! stack is scanned conservatively: every word that points into guarded code counts. A thread
-//! caught *executing* a replaced function is single-stepped, alone, until it leaves it (a
-//! function that is hot in many threads would otherwise rarely be found idle); one that is
-//! still down the call chain is stepped too, within a small budget; what is left over makes
+//! A stack in which no word (and no register) points into guarded code is clear: that is
+//! checked first, and is all most stacks need. Otherwise the stack is walked with the
+//! modules' unwind tables ([`crate::unwind`]); every return address found is checked. Where the
+//! tables cannot continue (or have not been read yet: the caller reads them and checks again),
+//! the rest of the stack is scanned conservatively: every word that points into guarded code
+//! counts. A thread caught *executing* a replaced function runs alone, in short slices, until
+//! it leaves it (a function that is hot in many threads would otherwise rarely be found idle);
+//! one that is still down the call chain too, within a small budget; what is left over makes
 //! the caller back off and retry.
 
 use std::time::{Duration, Instant};
@@ -150,6 +152,13 @@ impl<'a> Checker<'a> {
             base: sp,
             bytes,
         };
+        // Every return address a walk can find is a word of the live stack or, in hand-written
+        // code, a register's value: if the whole stack was read and none of them points into
+        // guarded code, no walk can find one (and most stacks never need the unwind tables).
+        let whole = !self.saw_unknown_stack && stack.bytes.len() as u64 == end.saturating_sub(sp);
+        if whole && !self.may_return_into_guarded(&regs, &stack.bytes) {
+            return Ok(None);
+        }
 
         // Precise walk while the unwind tables can answer.
         let mut frame = Frame::new(&regs);
@@ -190,9 +199,25 @@ impl<'a> Checker<'a> {
         Ok(None)
     }
 
-    /// Single-steps `tid` (alone) until neither its pc nor its stack touches guarded code;
-    /// returns what still stands in the way when the budget runs out (e.g. it blocked in a
-    /// system call, or the guarded function is far down its stack).
+    /// Whether any register or stack word holds an address a guarded function would be
+    /// returned into (a superset of the return addresses a precise walk finds).
+    fn may_return_into_guarded(&self, regs: &libc::user_regs_struct, stack: &[u8]) -> bool {
+        let hit = |v: u64| self.guarded.iter().any(|g| g.holds_return(v));
+        let registers = [
+            regs.rax, regs.rbx, regs.rcx, regs.rdx, regs.rsi, regs.rdi, regs.rbp, regs.r8, regs.r9,
+            regs.r10, regs.r11, regs.r12, regs.r13, regs.r14, regs.r15,
+        ];
+        registers.into_iter().any(hit)
+            || stack.chunks_exact(8).any(|w| {
+                hit(u64::from_le_bytes([
+                    w[0], w[1], w[2], w[3], w[4], w[5], w[6], w[7],
+                ]))
+            })
+    }
+
+    /// Lets `tid` run alone, in short slices, until neither its pc nor its stack touches
+    /// guarded code; returns what still stands in the way when the budget runs out (e.g. it
+    /// blocked in a system call, or the guarded function is far down its stack).
     fn step_out(&mut self, session: &mut Session, tid: i32) -> Result<Option<Busy>> {
         let deadline = Instant::now() + STEP_BUDGET;
         let mut busy = self.thread(session, tid)?;

@@ -17,9 +17,28 @@ use crate::modules::LoadedModule;
 
 type R<'a> = EndianSlice<'a, LittleEndian>;
 
+/// A module's unwind tables, read from its file apart from its symbols (only a stack that
+/// needs walking needs them: [`crate::modules::read_unwind`]).
+pub struct Unwind {
+    tables: UnwindTables,
+    /// The file's bytes where the tables lie; zero elsewhere.
+    data: Vec<u8>,
+}
+
+impl Unwind {
+    /// The tables in `data` (as [`suture_module::read_tables`] read them with
+    /// [`suture_module::Tables::UNWIND`]); `None` if the module has none.
+    pub fn read(data: Vec<u8>) -> Result<Option<Unwind>, suture_module::ModuleError> {
+        let module = Module::parse_layout(&data)?;
+        let tables = tables(&module, &data);
+        drop(module);
+        Ok(tables.map(|tables| Unwind { tables, data }))
+    }
+}
+
 /// Where a module's unwind tables are, in its file and at link time.
 #[derive(Debug, Clone)]
-pub struct UnwindTables {
+struct UnwindTables {
     eh_frame_vaddr: u64,
     eh_frame: (usize, usize),
     search: Search,
@@ -42,7 +61,7 @@ fn range_of(data: &[u8], part: &[u8]) -> (usize, usize) {
 
 /// Finds the tables through `PT_GNU_EH_FRAME` (stripped modules keep it), or else indexes
 /// the `.eh_frame` section once.
-pub fn tables(module: &Module, data: &[u8]) -> Option<UnwindTables> {
+fn tables(module: &Module, data: &[u8]) -> Option<UnwindTables> {
     if let Some(h) = module.eh_frame_hdr() {
         let hdr = module.bytes_at(h.vaddr, h.size)?;
         let bases = BaseAddresses::default().set_eh_frame_hdr(h.vaddr);
@@ -192,11 +211,12 @@ impl Walker {
         let Some(m) = modules.iter().find(|m| pc >= m.lo && pc < m.hi) else {
             return Step::Unknown;
         };
-        let Some(t) = m.facts.unwind.as_ref() else {
+        // Tables not read (yet) or none: the caller scans the rest conservatively.
+        let Some(u) = m.facts.unwind() else {
             return Step::Unknown;
         };
         let link_pc = pc.wrapping_sub(m.bias);
-        let Some((eh_frame, bases, fde)) = t.fde(m.facts.data(), link_pc) else {
+        let Some((eh_frame, bases, fde)) = u.tables.fde(&u.data, link_pc) else {
             return Step::Unknown;
         };
         let Ok(row) = fde.unwind_info_for_address(&eh_frame, &bases, &mut self.ctx, link_pc) else {

@@ -362,15 +362,41 @@ fn zeroed(len: usize) -> Result<Vec<u8>, ModuleError> {
     }
 }
 
+/// Which of a module's tables [`read_tables`] reads; the ELF header, program and section
+/// headers and notes (the build-id) are always read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Tables {
+    /// Symbol and version tables with their strings, and the GNU hash table.
+    pub symbols: bool,
+    /// `.eh_frame_hdr` and `.eh_frame`.
+    pub unwind: bool,
+}
+
+impl Tables {
+    pub const ALL: Tables = Tables {
+        symbols: true,
+        unwind: true,
+    };
+    pub const SYMBOLS: Tables = Tables {
+        symbols: true,
+        unwind: false,
+    };
+    pub const UNWIND: Tables = Tables {
+        symbols: false,
+        unwind: true,
+    };
+}
+
 /// Reads the parts of a module's file that [`Module::parse`] and an unwinder look at — the ELF
-/// header, program and section headers, notes, symbol and version tables with their strings,
-/// `.eh_frame_hdr` and `.eh_frame` — through `read_at(offset, buf)` (which must fill `buf` or
-/// fail), into a buffer as long as the file whose other bytes stay zero. A library costs what
-/// its tables cost, not its code (libc: ≈ 0.4 of 1.9 MB), and the zero pages of a large buffer
-/// are never touched.
+/// header, program and section headers, notes, and as `which` says the symbol and version
+/// tables with their strings, `.eh_frame_hdr` and `.eh_frame` — through `read_at(offset, buf)`
+/// (which must fill `buf` or fail), into a buffer as long as the file whose other bytes stay
+/// zero. A library costs what its tables cost, not its code (libc: ≈ 0.4 of 1.9 MB), and the
+/// zero pages of a large buffer are never touched.
 pub fn read_tables(
     read_at: &dyn Fn(u64, &mut [u8]) -> std::io::Result<()>,
     file_len: u64,
+    which: Tables,
 ) -> Result<Vec<u8>, ModuleError> {
     let len = usize::try_from(file_len).map_err(|_| ModuleError::Malformed("size".into()))?;
     let mut data = zeroed(len)?;
@@ -421,6 +447,7 @@ pub fn read_tables(
             let (offset, size) = ph.file_range(endian);
             match ph.p_type(endian) {
                 elf::PT_NOTE => wanted.push((offset, size.min(MAX_NOTE_BYTES))),
+                elf::PT_GNU_EH_FRAME if !which.unwind => {}
                 elf::PT_GNU_EH_FRAME if shoff == 0 => {
                     let rest = phdrs
                         .iter()
@@ -499,9 +526,13 @@ pub fn read_tables(
                 | elf::SHT_GNU_HASH
                 | elf::SHT_GNU_VERSYM
                 | elf::SHT_GNU_VERDEF
-                | elf::SHT_GNU_VERNEED => true,
+                | elf::SHT_GNU_VERNEED
+                    if which.symbols =>
+                {
+                    true
+                }
                 elf::SHT_NOTE => false,
-                _ if name == b".eh_frame" || name == b".eh_frame_hdr" => false,
+                _ if which.unwind && (name == b".eh_frame" || name == b".eh_frame_hdr") => false,
                 _ => continue,
             };
             wanted.extend(range(i));

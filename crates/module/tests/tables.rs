@@ -10,7 +10,7 @@ mod common;
 
 /// `read_tables` through `pread` on the file, counting the bytes it asked for.
 fn tables_of(path: &Path) -> (Result<Vec<u8>, ModuleError>, u64) {
-    common::through_pread(path, |read_at, len| read_tables(read_at, len))
+    common::through_pread(path, |read_at, len| read_tables(read_at, len, Tables::ALL))
 }
 
 /// Everything the engine takes from a parsed module.
@@ -71,6 +71,93 @@ fn the_parser_sees_the_same_module_from_its_tables_alone() {
     assert!(compared > 100, "only {compared} files");
 }
 
+/// The engine reads a module's symbols when it binds a patch and its unwind tables only when a
+/// stack needs walking: each part alone gives the parser what the whole file gives for that
+/// part (with the build-id in both), and the two together cost no more than one full read.
+#[test]
+fn symbols_and_unwind_tables_read_apart_are_those_of_the_whole_file() {
+    let unwind_of = |m: &Module| {
+        (
+            m.eh_frame()
+                .and_then(|(a, s)| m.bytes_at(a, s))
+                .map(<[u8]>::to_vec),
+            m.eh_frame_hdr()
+                .and_then(|h| m.bytes_at(h.vaddr, h.size))
+                .map(<[u8]>::to_vec),
+        )
+    };
+    let mut compared = 0;
+    let mut paths = vec![
+        PathBuf::from("/lib/x86_64-linux-gnu/libc.so.6"),
+        PathBuf::from("/lib64/ld-linux-x86-64.so.2"),
+    ];
+    for folder in ["/usr/bin", "/usr/lib/x86_64-linux-gnu"] {
+        paths.extend(common::files_in(folder, 4 << 20).into_iter().take(60));
+    }
+    for path in &paths {
+        let Ok(whole) = std::fs::read(path) else {
+            continue;
+        };
+        let Ok(want) = Module::parse(&whole) else {
+            continue;
+        };
+        let part =
+            |which| common::through_pread(path, |read_at, len| read_tables(read_at, len, which));
+        let ((all, all_read), (symbols, symbols_read), (unwind, unwind_read)) = (
+            part(Tables::ALL),
+            part(Tables::SYMBOLS),
+            part(Tables::UNWIND),
+        );
+        let (symbols, unwind) = (symbols.unwrap(), unwind.unwrap());
+        let from_symbols = Module::parse(&symbols).unwrap();
+        assert_eq!(from_symbols.symbols(), want.symbols(), "{}", path.display());
+        assert_eq!(
+            from_symbols.build_id(),
+            want.build_id(),
+            "{}",
+            path.display()
+        );
+        let from_unwind = Module::parse_layout(&unwind).unwrap();
+        assert_eq!(
+            unwind_of(&from_unwind),
+            unwind_of(&want),
+            "{}",
+            path.display()
+        );
+        assert_eq!(
+            from_unwind.build_id(),
+            want.build_id(),
+            "{}",
+            path.display()
+        );
+        all.unwrap();
+        assert!(
+            symbols_read < all_read || want.eh_frame().is_none(),
+            "{}: symbols alone read {symbols_read} of {all_read} bytes",
+            path.display()
+        );
+        assert!(
+            unwind_read < all_read || want.symbols().is_empty(),
+            "{}: unwind tables alone read {unwind_read} of {all_read} bytes",
+            path.display()
+        );
+        compared += 1;
+    }
+    assert!(compared > 50, "only {compared} modules");
+    // libc's unwind tables are most of what a full read costs: reading them only when a stack
+    // needs walking is the point.
+    let libc = Path::new("/lib/x86_64-linux-gnu/libc.so.6");
+    let (_, symbols_read) = common::through_pread(libc, |read_at, len| {
+        read_tables(read_at, len, Tables::SYMBOLS)
+    });
+    let (_, all_read) =
+        common::through_pread(libc, |read_at, len| read_tables(read_at, len, Tables::ALL));
+    assert!(
+        symbols_read * 3 < all_read * 2,
+        "libc: symbols {symbols_read} of {all_read}"
+    );
+}
+
 /// Lying headers: whatever the parser makes of the whole file (a module, maybe without
 /// symbols, or an error), it makes of the tables alone; never a panic.
 #[test]
@@ -85,6 +172,7 @@ fn lying_headers_give_the_same_answer_as_the_whole_file() {
                 Ok(())
             },
             len,
+            Tables::ALL,
         );
         let whole = Module::parse(&bad).map(|m| seen(&m));
         let from_tables = sparse.map(|d| Module::parse(&d).map(|m| seen(&m)));
@@ -138,6 +226,7 @@ fn no_byte_is_read_twice() {
                 Ok(())
             },
             data.len() as u64,
+            Tables::ALL,
         )
         .unwrap();
         let mut reads = reads.into_inner();

@@ -90,6 +90,19 @@ static void *block(void *arg) {
     return NULL;
 }
 
+/* Sleeps with a word in a live frame that points into compute(), as a stale return address
+ * or a code pointer kept in a local does: no return address, but a conservative scan of the
+ * stack cannot tell. */
+static void *stale(void *arg) {
+    volatile unsigned long word = (unsigned long)compute + 1;
+    (void)arg;
+    for (;;) {
+        usleep(100000000);
+        __asm__ volatile("" ::"r"(&word) : "memory");
+    }
+    return NULL;
+}
+
 /* Installs a seccomp filter on the calling thread (no new privileges first, as unprivileged
  * code must). */
 static int install_filter(struct sock_filter *f, unsigned short n) {
@@ -175,7 +188,9 @@ static void *serve(void *arg) {
             pthread_t t; pthread_create(&t, NULL, churn, NULL); printf("ok\n");
         } else if (strncmp(line, "tls", 3) == 0) printf("%d\n", touch_tls());
         else if (strncmp(line, "stats", 5) == 0) printf("%ld %ld\n", calls, bad);
-        else if (strncmp(line, "block", 5) == 0) {
+        else if (strncmp(line, "stale", 5) == 0) {
+            pthread_t t; pthread_create(&t, NULL, stale, NULL); usleep(20000); printf("ok\n");
+        } else if (strncmp(line, "block", 5) == 0) {
             pthread_t t; pthread_create(&t, NULL, block, NULL); usleep(20000); printf("ok\n");
         } else if (sscanf(line, "vfork %d", &n) == 1) {
             pthread_t t; pthread_create(&t, NULL, vforker, (void *)(long)n); pthread_detach(t);

@@ -260,6 +260,23 @@ fn verify(rec: &PatchRecord, found: &FoundPatch, maps: &[Mapping]) -> Result<(),
             return Err("record's code is not in read-only executable memory".into());
         }
     }
+    // Function calls we make in the process return through it: a page of this memory that
+    // nothing can write, or a record that is not ours.
+    if rec.landing != 0 {
+        const PAGE: u64 = 4096;
+        let inside = rec.landing.is_multiple_of(PAGE)
+            && rec.landing >= rec.base
+            && rec
+                .landing
+                .checked_add(PAGE)
+                .is_some_and(|e| e <= found.end);
+        let page = maps.iter().find(|m| m.contains(rec.landing));
+        if !inside || !page.is_some_and(|m| m.executable && !m.writable) {
+            return Err(
+                "record's landing page is not read-only executable memory of its own".into(),
+            );
+        }
+    }
     for d in &rec.functions {
         if d.replacement < rec.text_start || d.replacement >= rec.text_end {
             return Err(format!(
@@ -284,4 +301,66 @@ pub fn applied_patches(mem: &Memory, maps: &[Mapping]) -> Result<Vec<PatchRecord
         .collect();
     out.sort_by_key(|r| (r.applied_at, r.level));
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::procfs::parse_maps;
+
+    /// A patch of four pages at 0x10000: header, code, data, engine page.
+    fn patch(landing: u64) -> (PatchRecord, FoundPatch, Vec<Mapping>) {
+        let maps = parse_maps(
+            "10000-11000 r--p 00000000 00:01 7 /memfd:suture:p-L1 (deleted)\n\
+             11000-12000 r-xp 00001000 00:01 7 /memfd:suture:p-L1 (deleted)\n\
+             12000-13000 rw-p 00002000 00:01 7 /memfd:suture:p-L1 (deleted)\n\
+             13000-14000 r-xp 00003000 00:01 7 /memfd:suture:p-L1 (deleted)\n\
+             20000-21000 r-xp 00000000 fe:01 9 /usr/bin/other\n",
+        )
+        .unwrap();
+        let rec = PatchRecord {
+            id: "p-L1".into(),
+            level: 1,
+            bundle_sha256: String::new(),
+            build_id: String::new(),
+            module: String::new(),
+            cves: Vec::new(),
+            applied_at: 0,
+            signer: String::new(),
+            base: 0x10000,
+            len: 0x4000,
+            text_start: 0x11000,
+            text_end: 0x11100,
+            landing,
+            functions: Vec::new(),
+            eh_frame: 0,
+            eh_object: 0,
+        };
+        let found = FoundPatch {
+            state: PatchState::Orphaned,
+            reason: None,
+            name: "p-L1".into(),
+            start: 0x10000,
+            end: 0x14000,
+            detours_in_place: 0,
+            record: None,
+        };
+        (rec, found, maps)
+    }
+
+    #[test]
+    fn a_landing_page_must_be_read_only_code_of_the_patch_itself() {
+        for (landing, ok) in [
+            (0x13000, true),  // the engine page
+            (0, true),        // none (a record from before landing pages were recorded)
+            (0x12000, false), // the patch's writable data
+            (0x13008, false), // not a page
+            (0x20000, false), // someone else's code
+            (0x14000, false), // past the end
+            (!0xfff, false),
+        ] {
+            let (rec, found, maps) = patch(landing);
+            assert_eq!(verify(&rec, &found, &maps).is_ok(), ok, "{landing:#x}");
+        }
+    }
 }

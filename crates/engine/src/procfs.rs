@@ -140,13 +140,27 @@ pub fn threads(pid: i32) -> Result<Vec<i32>> {
     Ok(tids)
 }
 
-/// A `/proc` text file, whole. `std::fs::read_to_string` starts from a 32-byte probe and
-/// doubles: ten `read` calls for a small process's maps, each making the kernel walk its
-/// mappings again. Here one call reads any file of ordinary size.
+/// A `/proc` text file, whole. `std::fs::read_to_string` asks the file its size first (a
+/// `statx` and an `lseek`, useless on `/proc`) and then reads into a buffer that starts small
+/// and doubles: ten `read` calls for a small process's maps, each making the kernel walk its
+/// mappings again. Here one call reads any file of ordinary size, and one more sees its end.
 pub fn read_text(path: &str) -> std::io::Result<String> {
-    let mut text = String::with_capacity(16 << 10);
-    File::open(path)?.read_to_string(&mut text)?;
-    Ok(text)
+    let mut file = File::open(path)?;
+    let mut buf = vec![0u8; 16 << 10];
+    let mut len = 0;
+    loop {
+        if len == buf.len() {
+            buf.resize(len * 2, 0);
+        }
+        match file.read(&mut buf[len..]) {
+            Ok(0) => break,
+            Ok(n) => len += n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    buf.truncate(len);
+    String::from_utf8(buf).map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))
 }
 
 pub fn exists(pid: i32) -> bool {
@@ -244,8 +258,7 @@ pub fn memory_sharer_of(pid: i32, stat: &Stat) -> Option<Sharer> {
         threads(pid).ok()?
     };
     for tid in tids {
-        let Ok(children) = std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/children"))
-        else {
+        let Ok(children) = read_text(&format!("/proc/{pid}/task/{tid}/children")) else {
             continue;
         };
         for child in children.split_whitespace().filter_map(|c| c.parse().ok()) {

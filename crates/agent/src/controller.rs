@@ -974,6 +974,8 @@ impl Agent {
         };
         let verified = self.plan.verified.clone();
         let jobs = self.s.jobs.min(ops.len()).max(1);
+        // How waits for a process give up the CPU on this host now (before our jobs run).
+        suture_engine::stop::sense_host_load(3);
         let next = AtomicUsize::new(0);
         let (tx, rx) = std::sync::mpsc::channel::<(i32, Op, Result<Outcome, EngineError>)>();
         let stop = self.stop.clone();

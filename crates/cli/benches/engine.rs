@@ -315,62 +315,100 @@ fn command(d: &Path, key: &Path) {
     );
 }
 
-/// One bundle to many idle processes, the way `apply --all` does it.
+/// `apply --all` to many idle processes, the way the fleet goal is stated: on a host that also
+/// maps a large unrelated binary, idle and under load (one busy process per CPU), each next to
+/// the floor of the same run — a bare ptrace stop of every one of those processes, made by as
+/// many threads (the least any ptrace patcher needs per process).
 fn fleet(d: &Path, key: &Path, opts: &ApplyOptions) {
     let fleet: usize = std::env::var("SUTURE_BENCH_FLEET")
         .ok()
         .and_then(|s| s.parse().ok())
         .unwrap_or(1000);
     println!("\n## Fleet: one bundle to {fleet} processes on this host (`apply --all` path)\n");
-    let idle: PathBuf = d.join("idle");
-    let mut kids: Vec<Child> = (0..fleet)
-        .map(|_| {
-            Command::new(&idle)
-                .stdin(Stdio::null())
-                .spawn()
-                .expect("spawn idle")
-        })
-        .collect();
+    gcc(d, &["-O2", &format!("{C}/big.c"), "-o", "big"]);
+    let spawn = |exe: &Path| {
+        Command::new(exe)
+            .stdin(Stdio::null())
+            .spawn()
+            .expect("spawn")
+    };
+    let mut kids: Vec<Child> = vec![spawn(&d.join("big"))];
+    kids.extend((0..fleet).map(|_| spawn(&d.join("idle"))));
     std::thread::sleep(Duration::from_millis(500));
+    let idle_pids: Vec<i32> = kids[1..].iter().map(|k| k.id() as i32).collect();
     let bi = bundle(d, "idle", "idle_patch.o", &["handle".to_string()], key);
     let build_id = hex::decode(&bi.manifest.module.build_id).expect("hex");
-    let t = Instant::now();
-    let pids = suture_engine::processes_mapping(&build_id).expect("scan");
-    let scan = t.elapsed();
+    let cpus = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(2);
     let jobs = std::env::var("SUTURE_BENCH_JOBS")
         .ok()
         .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| {
-            std::thread::available_parallelism()
-                .map(|n| n.get())
-                .unwrap_or(2)
-                * 2
+        .unwrap_or(cpus * 2);
+    // Runs `op` on every pid, `jobs` threads at a time; counts the failures.
+    let on_all = |pids: &[i32], op: &(dyn Fn(i32) -> bool + Sync)| {
+        let next = std::sync::atomic::AtomicUsize::new(0);
+        let failures = std::sync::atomic::AtomicUsize::new(0);
+        std::thread::scope(|s| {
+            for _ in 0..jobs {
+                s.spawn(|| loop {
+                    let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    let Some(&pid) = pids.get(i) else { break };
+                    if !op(pid) {
+                        failures.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    }
+                });
+            }
         });
-    let next = std::sync::atomic::AtomicUsize::new(0);
-    let failures = std::sync::atomic::AtomicUsize::new(0);
-    std::thread::scope(|s| {
-        for _ in 0..jobs {
-            s.spawn(|| loop {
-                let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                let Some(&pid) = pids.get(i) else { break };
-                if suture_engine::apply(pid, &bi, opts).is_err() {
-                    failures.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                }
-            });
+        failures.into_inner()
+    };
+    let big_mb = std::fs::metadata(d.join("big")).expect("big").len() >> 20;
+    println!(
+        "Also running: one process mapping a {big_mb} MB unrelated executable; {jobs} jobs.\n"
+    );
+    println!("| host | processes | failures | scan s | total s | processes/s | bare stop of each, processes/s | apply / bare stop |\n|---|---:|---:|---:|---:|---:|---:|---:|");
+    for busy in [0, cpus] {
+        let mut hogs: Vec<Child> = (0..busy)
+            .map(|_| {
+                Command::new("sh")
+                    .args(["-c", "while :; do :; done"])
+                    .spawn()
+                    .expect("spawn a busy loop")
+            })
+            .collect();
+        std::thread::sleep(Duration::from_millis(200));
+        // As `apply --all` does before its jobs start.
+        let busy_host = suture_engine::stop::sense_host_load(3);
+        let t = Instant::now();
+        on_all(&idle_pids, &|pid| suture_engine::bare_stop(pid).is_ok());
+        let floor = t.elapsed();
+        let t = Instant::now();
+        let pids = suture_engine::processes_mapping(&build_id).expect("scan");
+        let scan = t.elapsed();
+        let failures = on_all(&pids, &|pid| suture_engine::apply(pid, &bi, opts).is_ok());
+        let total = t.elapsed();
+        let rate = pids.len() as f64 / total.as_secs_f64();
+        let floor_rate = idle_pids.len() as f64 / floor.as_secs_f64();
+        let host = match (busy, busy_host) {
+            (0, false) => "idle".to_string(),
+            (0, true) => "idle (sensed busy)".to_string(),
+            (n, true) => format!("{n} busy processes"),
+            (n, false) => format!("{n} busy processes (not sensed)"),
+        };
+        println!(
+            "| {host} | {} | {failures} | {:.2} | {:.2} | {rate:.0} | {floor_rate:.0} | {:.1}× |",
+            pids.len(),
+            scan.as_secs_f64(),
+            total.as_secs_f64(),
+            floor_rate / rate,
+        );
+        // Unpatched again for the next round (not timed).
+        on_all(&pids, &|pid| suture_engine::revert(pid, None, opts).is_ok());
+        for h in &mut hogs {
+            let _ = h.kill();
+            let _ = h.wait();
         }
-    });
-    let total = t.elapsed();
-    println!(
-        "| processes | failures | scan s | total s | processes/s |\n|---:|---:|---:|---:|---:|"
-    );
-    println!(
-        "| {} | {} | {:.2} | {:.2} | {:.0} |",
-        pids.len(),
-        failures.load(std::sync::atomic::Ordering::Relaxed),
-        scan.as_secs_f64(),
-        total.as_secs_f64(),
-        pids.len() as f64 / total.as_secs_f64()
-    );
+    }
     for k in &mut kids {
         let _ = k.kill();
     }

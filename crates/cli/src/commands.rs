@@ -193,6 +193,9 @@ pub fn run(args: Args) -> Result<i32> {
             };
             match (pid, all) {
                 (Some(pid), _) => {
+                    // One look: a command is milliseconds (a busy host costs it a time slice
+                    // per yield, a wrong guess tens of microseconds).
+                    suture_engine::stop::sense_host_load(1);
                     let r = suture_engine::apply(pid, &b, &opts)?;
                     if j {
                         output::json(&json!({"ok": true, "results": [r]}));
@@ -216,6 +219,7 @@ pub fn run(args: Args) -> Result<i32> {
             };
             match (pid, all) {
                 (Some(pid), _) => {
+                    suture_engine::stop::sense_host_load(1);
                     let r = suture_engine::revert(pid, patch_id.as_deref(), &opts)?;
                     if j {
                         output::json(&json!({"ok": true, "result": r}));
@@ -573,6 +577,9 @@ fn for_all<T: Send>(
     } else {
         indicatif::ProgressBar::new(pids.len() as u64)
     };
+    // Before our own threads run (they would count as load).
+    let busy = suture_engine::stop::sense_host_load(3);
+    tracing::debug!(busy, jobs, "host load sensed");
     let next = AtomicUsize::new(0);
     let results = Mutex::new(Vec::new());
     std::thread::scope(|s| {

@@ -163,6 +163,17 @@ pub fn read_text(path: &str) -> std::io::Result<String> {
     String::from_utf8(buf).map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))
 }
 
+/// Tasks runnable on the host right now, the caller included (`/proc/loadavg`'s fourth field).
+pub fn runnable_tasks() -> Option<u32> {
+    let text = read_text("/proc/loadavg").ok()?;
+    text.split_whitespace()
+        .nth(3)?
+        .split_once('/')?
+        .0
+        .parse()
+        .ok()
+}
+
 pub fn exists(pid: i32) -> bool {
     std::path::Path::new(&format!("/proc/{pid}")).exists()
 }

@@ -22,6 +22,7 @@
 //! created it.
 
 use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Result};
@@ -173,14 +174,55 @@ pub(crate) fn thread_state(pid: i32, tid: i32) -> Option<char> {
         .and_then(|s| s.chars().next())
 }
 
-/// One wait between polls for a tracee: yield at first (a stop usually comes within
-/// microseconds), then sleep, so a tracee that needs a CPU of a busy machine gets it from us.
+/// Whether other processes keep the CPUs busy ([`sense_host_load`]).
+static HOST_BUSY: AtomicBool = AtomicBool::new(false);
+
+thread_local! {
+    /// Sleeps of this thread end when asked, not up to 50 µs later (the default timer slack).
+    static PRECISE_SLEEP: () = {
+        // SAFETY: PR_SET_TIMERSLACK takes plain integers and changes only the calling thread.
+        unsafe { libc::prctl(libc::PR_SET_TIMERSLACK, 1, 0, 0, 0) };
+    };
+}
+
+/// Looks at how many tasks are runnable on the host (`/proc/loadavg`: the least of `looks`
+/// looks a millisecond apart, ours excluded; one look costs microseconds, several tell a
+/// busy host from a passing task) and sets how waits for a tracee give up the CPU until the
+/// next call. On a quiet host a yield hands it to the tracee or to another of our
+/// jobs, the fastest way. On a busy one it hands it to a busy process for its whole time slice
+/// (a tick: 4 ms at HZ=250), and every stop of every tracee would cost one: waits sleep
+/// briefly instead. Call it before starting work (our own running threads would count).
+/// Returns whether the host is busy.
+pub fn sense_host_load(looks: u32) -> bool {
+    let mut fewest = u32::MAX;
+    for look in 0..looks.max(1) {
+        if look > 0 {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        // The reader itself is running.
+        fewest = fewest.min(
+            crate::procfs::runnable_tasks()
+                .unwrap_or(1)
+                .saturating_sub(1),
+        );
+    }
+    let busy = fewest > 0;
+    HOST_BUSY.store(busy, Ordering::Relaxed);
+    busy
+}
+
+/// One wait between polls for a tracee: a yield at first (a stop usually comes within
+/// microseconds), or a short sleep on a busy host ([`sense_host_load`]); after 200 polls a
+/// longer sleep, so a tracee that needs a CPU of a busy machine gets it from us.
 pub(crate) fn pause(spins: &mut u32) {
     *spins += 1;
-    if *spins < 200 {
-        std::thread::yield_now();
-    } else {
+    if *spins >= 200 {
         std::thread::sleep(Duration::from_micros(50));
+    } else if HOST_BUSY.load(Ordering::Relaxed) {
+        PRECISE_SLEEP.with(|_| ());
+        std::thread::sleep(Duration::from_micros(2));
+    } else {
+        std::thread::yield_now();
     }
 }
 
@@ -737,5 +779,33 @@ impl Drop for Session {
         if !self.tracees.is_empty() {
             self.detach_inner();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Processes that keep a CPU busy make the host busy, and waits then sleep (yields would
+    /// hand the CPU to them for a whole time slice per stop).
+    #[test]
+    fn busy_processes_are_sensed() {
+        let mut hogs: Vec<std::process::Child> = (0..2)
+            .map(|_| {
+                std::process::Command::new("sh")
+                    .args(["-c", "while :; do :; done"])
+                    .spawn()
+                    .unwrap()
+            })
+            .collect();
+        std::thread::sleep(Duration::from_millis(100));
+        let busy = sense_host_load(3);
+        let waits_sleep = HOST_BUSY.load(Ordering::Relaxed);
+        for h in &mut hogs {
+            let _ = h.kill();
+            let _ = h.wait();
+        }
+        assert!(busy && waits_sleep);
+        assert!(crate::procfs::runnable_tasks().is_some_and(|n| n >= 1));
     }
 }

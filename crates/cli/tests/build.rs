@@ -899,16 +899,7 @@ fn changed_main_loop_is_built_but_refused_as_busy_while_it_runs() {
     assert!(out.status.success(), "{}", stderr(&out));
     let bundle = p.work.path("fix.suture");
     let before = snapshot(t.pid);
-    let (ok, v) = suture_json(&[
-        "apply",
-        bundle.to_str().unwrap(),
-        "--pid",
-        &t.pid_arg(),
-        "--trust",
-        p.public.to_str().unwrap(),
-        "--timeout-ms",
-        "300",
-    ]);
+    let (ok, v) = apply_within(&bundle, t.pid, &p.public, 300);
     assert!(!ok);
     assert_eq!(v["kind"], "busy", "{v}");
     assert!(v["error"].as_str().unwrap().contains("`main`"), "{v}");

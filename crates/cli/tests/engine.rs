@@ -114,7 +114,7 @@ fn p1(b: &Built) -> PathBuf {
 }
 
 fn apply(b: &Built, bundle: &std::path::Path, pid: i32) -> (bool, serde_json::Value) {
-    apply_to(bundle, pid, std::path::Path::new(&b.trust()))
+    apply_to(bundle, pid, &b.public)
 }
 
 /// `suture apply BUNDLE --all`, in JSON.
@@ -347,16 +347,7 @@ fn thread_inside_replaced_function_makes_apply_report_busy_and_change_nothing() 
         "blocker.suture",
     );
     let before = snapshot(t.pid);
-    let (ok, v) = suture_json(&[
-        "apply",
-        p.to_str().unwrap(),
-        "--pid",
-        &t.pid_arg(),
-        "--trust",
-        &b.trust(),
-        "--timeout-ms",
-        "300",
-    ]);
+    let (ok, v) = apply_within(&p, t.pid, &b.public, 300);
     assert!(!ok);
     assert_eq!(v["kind"], "busy", "{v}");
     assert!(
@@ -380,16 +371,7 @@ fn a_code_pointer_on_a_stack_is_not_taken_for_a_return_address() {
         let bundle = b
             .work
             .bundle(&b.module, "p1.o", &["compute"], 1, &b.key, "p1.suture");
-        let (ok, v) = suture_json(&[
-            "apply",
-            bundle.to_str().unwrap(),
-            "--pid",
-            &t.pid_arg(),
-            "--trust",
-            &b.trust(),
-            "--timeout-ms",
-            "300",
-        ]);
+        let (ok, v) = apply_within(&bundle, t.pid, &b.public, 300);
         assert!(ok, "{kind:?}: {v}");
         assert_eq!(t.ask("compute 2"), "106", "{kind:?}");
     }
@@ -1203,16 +1185,7 @@ fn a_second_operation_on_the_same_process_waits_or_says_one_is_in_progress() {
     let p1 = b
         .work
         .bundle(&b.module, "p1.o", &["compute"], 1, &b.key, "p1-lock.suture");
-    let (ok, v) = suture_json(&[
-        "apply",
-        p1.to_str().unwrap(),
-        "--pid",
-        &t.pid_arg(),
-        "--trust",
-        &b.trust(),
-        "--timeout-ms",
-        "200",
-    ]);
+    let (ok, v) = apply_within(&p1, t.pid, &b.public, 200);
     assert!(!ok, "{v}");
     assert!(
         v["error"].as_str().unwrap().contains(&format!(

@@ -118,14 +118,26 @@ pub fn suture_json(args: &[&str]) -> (bool, serde_json::Value) {
 
 /// `suture apply BUNDLE --pid PID --trust KEY`, in JSON.
 pub fn apply_to(bundle: &Path, pid: i32, trust: &Path) -> (bool, serde_json::Value) {
-    suture_json(&[
+    apply_with(bundle, pid, trust, &[])
+}
+
+/// [`apply_to`] that gives up on a busy process after `ms` milliseconds.
+pub fn apply_within(bundle: &Path, pid: i32, trust: &Path, ms: u64) -> (bool, serde_json::Value) {
+    apply_with(bundle, pid, trust, &["--timeout-ms", &ms.to_string()])
+}
+
+fn apply_with(bundle: &Path, pid: i32, trust: &Path, more: &[&str]) -> (bool, serde_json::Value) {
+    let pid = pid.to_string();
+    let mut args = vec![
         "apply",
         bundle.to_str().unwrap(),
         "--pid",
-        &pid.to_string(),
+        &pid,
         "--trust",
         trust.to_str().unwrap(),
-    ])
+    ];
+    args.extend_from_slice(more);
+    suture_json(&args)
 }
 
 pub fn stderr(o: &Output) -> String {

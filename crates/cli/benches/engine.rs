@@ -245,6 +245,41 @@ fn pause(d: &Path, key: &Path, opts: &ApplyOptions, reps: usize) {
     }
 }
 
+/// Processes that keep `n` CPUs busy (a shell loop each) while it lives: the load the goals
+/// are set under.
+struct Hogs(Vec<Child>);
+
+impl Hogs {
+    fn start(n: usize) -> Hogs {
+        let hogs = (0..n)
+            .map(|_| {
+                Command::new("sh")
+                    .args(["-c", "while :; do :; done"])
+                    .spawn()
+                    .expect("spawn a busy loop")
+            })
+            .collect();
+        std::thread::sleep(Duration::from_millis(200));
+        Hogs(hogs)
+    }
+}
+
+impl Drop for Hogs {
+    fn drop(&mut self) {
+        for h in &mut self.0 {
+            let _ = h.kill();
+            let _ = h.wait();
+        }
+    }
+}
+
+/// The number of CPUs (one busy process each makes a loaded host).
+fn cpus() -> usize {
+    std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(2)
+}
+
 /// One `suture apply` (and `revert`) command at a time on an idle 1-thread process, each a new
 /// process with cold caches, beside `suture --version` (what starting the binary costs) in the
 /// same run.
@@ -275,44 +310,52 @@ fn command(d: &Path, key: &Path) {
         t.elapsed().as_micros() as u64
     };
     let run = |args: &[&str]| spawn(exe, args);
-    // The floor: what starting any program costs on this machine.
-    let (mut floor, mut version, mut apply, mut revert) = (vec![], vec![], vec![], vec![]);
     let bundle_arg = path.to_string_lossy().into_owned();
     let trust_arg = trust.to_string_lossy().into_owned();
-    for _ in 0..rounds {
-        floor.push(spawn("true", &[]));
-        version.push(run(&["--version"]));
-        apply.push(run(&[
-            "apply",
-            "--pid",
-            &pid,
-            "--trust",
-            &trust_arg,
-            &bundle_arg,
-        ]));
-        revert.push(run(&["revert", "--pid", &pid]));
-    }
-    let _ = target.kill();
-    let _ = target.wait();
     let p90 = |mut v: Vec<u64>| {
         v.sort_unstable();
         v[v.len() * 9 / 10]
     };
     println!("\n## One command at a time (a new `suture` process each, cold caches; median of {rounds})\n");
-    println!("| floor: `true` µs | `suture --version` µs | `suture apply` µs (p90) | `suture revert` µs (p90) | apply − version µs | apply / floor |\n|---:|---:|---:|---:|---:|---:|");
-    let (f, v, a, r) = (
-        median(floor),
-        median(version.clone()),
-        median(apply.clone()),
-        median(revert.clone()),
-    );
-    println!(
-        "| {f} | {v} | {a} ({}) | {r} ({}) | {} | {:.2}× |",
-        p90(apply),
-        p90(revert),
-        a.saturating_sub(v),
-        a as f64 / f.max(1) as f64
-    );
+    println!("| host | floor: `true` µs | `suture --version` µs | `suture apply` µs (p90) | `suture revert` µs (p90) | apply − version µs | apply / floor |\n|---|---:|---:|---:|---:|---:|---:|");
+    for busy in [0, cpus()] {
+        let _hogs = Hogs::start(busy);
+        // The floor: what starting any program costs on this machine.
+        let (mut floor, mut version, mut apply, mut revert) = (vec![], vec![], vec![], vec![]);
+        for _ in 0..rounds {
+            floor.push(spawn("true", &[]));
+            version.push(run(&["--version"]));
+            apply.push(run(&[
+                "apply",
+                "--pid",
+                &pid,
+                "--trust",
+                &trust_arg,
+                &bundle_arg,
+            ]));
+            revert.push(run(&["revert", "--pid", &pid]));
+        }
+        let (f, v, a, r) = (
+            median(floor),
+            median(version.clone()),
+            median(apply.clone()),
+            median(revert.clone()),
+        );
+        let host = if busy == 0 {
+            "idle".to_string()
+        } else {
+            format!("{busy} busy processes")
+        };
+        println!(
+            "| {host} | {f} | {v} | {a} ({}) | {r} ({}) | {} | {:.2}× |",
+            p90(apply),
+            p90(revert),
+            a.saturating_sub(v),
+            a as f64 / f.max(1) as f64
+        );
+    }
+    let _ = target.kill();
+    let _ = target.wait();
 }
 
 /// `apply --all` to many idle processes, the way the fleet goal is stated: on a host that also
@@ -338,13 +381,10 @@ fn fleet(d: &Path, key: &Path, opts: &ApplyOptions) {
     let idle_pids: Vec<i32> = kids[1..].iter().map(|k| k.id() as i32).collect();
     let bi = bundle(d, "idle", "idle_patch.o", &["handle".to_string()], key);
     let build_id = hex::decode(&bi.manifest.module.build_id).expect("hex");
-    let cpus = std::thread::available_parallelism()
-        .map(|n| n.get())
-        .unwrap_or(2);
     let jobs = std::env::var("SUTURE_BENCH_JOBS")
         .ok()
         .and_then(|s| s.parse().ok())
-        .unwrap_or(cpus * 2);
+        .unwrap_or(cpus() * 2);
     // Runs `op` on every pid, `jobs` threads at a time; counts the failures.
     let on_all = |pids: &[i32], op: &(dyn Fn(i32) -> bool + Sync)| {
         let next = std::sync::atomic::AtomicUsize::new(0);
@@ -367,16 +407,8 @@ fn fleet(d: &Path, key: &Path, opts: &ApplyOptions) {
         "Also running: one process mapping a {big_mb} MB unrelated executable; {jobs} jobs.\n"
     );
     println!("| host | processes | failures | scan s | total s | processes/s | bare stop of each, processes/s | apply / bare stop |\n|---|---:|---:|---:|---:|---:|---:|---:|");
-    for busy in [0, cpus] {
-        let mut hogs: Vec<Child> = (0..busy)
-            .map(|_| {
-                Command::new("sh")
-                    .args(["-c", "while :; do :; done"])
-                    .spawn()
-                    .expect("spawn a busy loop")
-            })
-            .collect();
-        std::thread::sleep(Duration::from_millis(200));
+    for busy in [0, cpus()] {
+        let hogs = Hogs::start(busy);
         // As `apply --all` does before its jobs start.
         let busy_host = suture_engine::stop::sense_host_load(3);
         let t = Instant::now();
@@ -404,10 +436,7 @@ fn fleet(d: &Path, key: &Path, opts: &ApplyOptions) {
         );
         // Unpatched again for the next round (not timed).
         on_all(&pids, &|pid| suture_engine::revert(pid, None, opts).is_ok());
-        for h in &mut hogs {
-            let _ = h.kill();
-            let _ = h.wait();
-        }
+        drop(hogs);
     }
     for k in &mut kids {
         let _ = k.kill();

@@ -143,7 +143,9 @@ fn gadget_cache() -> &'static GadgetCache {
 
 fn read_hints(path: &std::path::Path) -> HashMap<GadgetKey, GadgetOffsets> {
     use std::io::Read;
-    let mut text = String::new();
+    // Room for a host's worth of lines up front: an empty string is filled by probing reads
+    // that double from 32 bytes (seven reads for a kilobyte).
+    let mut text = String::with_capacity(16 << 10);
     let read =
         std::fs::File::open(path).and_then(|f| f.take(MAX_HINTS_BYTES).read_to_string(&mut text));
     if read.is_err() {

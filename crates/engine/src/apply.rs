@@ -1423,13 +1423,16 @@ fn stop_and_write(
         session.stop_all().map_err(|e| exited_or(pid, e))?;
         fault::point("commit:stopped");
         let mut checker = Checker::new(mem, &maps, modules, guarded);
+        checker.ask_for_tables = !tables_read;
         let mut busy = checker.check(session).map_err(|e| exited_or(pid, e))?;
+        let mut needs_tables = checker.needs_tables;
         if checker.saw_unknown_stack {
             // A thread born after our snapshot runs on a stack we have not seen: look again.
             maps = procfs::read_maps(pid).map_err(|e| exited_or(pid, e))?;
-            busy = Checker::new(mem, &maps, modules, guarded)
-                .check(session)
-                .map_err(|e| exited_or(pid, e))?;
+            let mut again = Checker::new(mem, &maps, modules, guarded);
+            again.ask_for_tables = !tables_read;
+            busy = again.check(session).map_err(|e| exited_or(pid, e))?;
+            needs_tables = again.needs_tables;
         }
         match busy {
             None => {
@@ -1453,7 +1456,7 @@ fn stop_and_write(
                 finished.map_err(|e| exited_or(pid, e))?;
                 // A stack that points into guarded code is walked precisely, with the modules'
                 // unwind tables: read now that nothing is stopped, then look again at once.
-                if !tables_read && modules.iter().any(|m| !m.facts.unwind_read()) {
+                if needs_tables {
                     tables_read = true;
                     let t = Instant::now();
                     for m in modules {

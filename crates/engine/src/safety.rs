@@ -89,6 +89,12 @@ pub struct Checker<'a> {
     walker: Walker,
     /// Some thread's stack is not in our snapshot of the mappings (a thread born since).
     pub saw_unknown_stack: bool,
+    /// Whether a stack that needs walking is reported as soon as some module's unwind tables
+    /// are not read yet (the caller reads them with nothing stopped and checks again), rather
+    /// than walked conservatively past that module.
+    pub ask_for_tables: bool,
+    /// Some stack needed the unwind tables that are not read yet ([`Checker::ask_for_tables`]).
+    pub needs_tables: bool,
 }
 
 impl<'a> Checker<'a> {
@@ -105,6 +111,8 @@ impl<'a> Checker<'a> {
             guarded,
             walker: Walker::default(),
             saw_unknown_stack: false,
+            ask_for_tables: true,
+            needs_tables: false,
         }
     }
 
@@ -116,7 +124,8 @@ impl<'a> Checker<'a> {
         let tids: Vec<i32> = session.threads().collect();
         for tid in tids {
             let mut busy = self.thread(session, tid)?;
-            if busy.is_some() {
+            // (Asking for tables is no reason to let the thread run alone.)
+            if busy.is_some() && !self.needs_tables {
                 busy = self.step_out(session, tid)?;
             }
             if busy.is_some() {
@@ -156,8 +165,14 @@ impl<'a> Checker<'a> {
         // code, a register's value: if the whole stack was read and none of them points into
         // guarded code, no walk can find one (and most stacks never need the unwind tables).
         let whole = !self.saw_unknown_stack && stack.bytes.len() as u64 == end.saturating_sub(sp);
-        if whole && !self.may_return_into_guarded(&regs, &stack.bytes) {
+        let candidate = self.may_return_into(&regs, &stack.bytes);
+        if whole && candidate.is_none() {
             return Ok(None);
+        }
+        if self.ask_for_tables && self.modules.iter().any(|m| !m.facts.unwind_read()) {
+            self.needs_tables = true;
+            let g = candidate.or(self.guarded.first());
+            return Ok(g.map(|g| busy(tid, g, RETURNS)));
         }
 
         // Precise walk while the unwind tables can answer.
@@ -199,20 +214,22 @@ impl<'a> Checker<'a> {
         Ok(None)
     }
 
-    /// Whether any register or stack word holds an address a guarded function would be
-    /// returned into (a superset of the return addresses a precise walk finds).
-    fn may_return_into_guarded(&self, regs: &libc::user_regs_struct, stack: &[u8]) -> bool {
-        let hit = |v: u64| self.guarded.iter().any(|g| g.holds_return(v));
+    /// The guarded code that some register or stack word would return into, if any (a
+    /// superset of the return addresses a precise walk finds).
+    fn may_return_into(&self, regs: &libc::user_regs_struct, stack: &[u8]) -> Option<&'a Guarded> {
+        let guarded = self.guarded;
+        let hit = |v: u64| guarded.iter().find(|g| g.holds_return(v));
         let registers = [
             regs.rax, regs.rbx, regs.rcx, regs.rdx, regs.rsi, regs.rdi, regs.rbp, regs.r8, regs.r9,
             regs.r10, regs.r11, regs.r12, regs.r13, regs.r14, regs.r15,
         ];
-        registers.into_iter().any(hit)
-            || stack.chunks_exact(8).any(|w| {
+        registers.into_iter().find_map(hit).or_else(|| {
+            stack.chunks_exact(8).find_map(|w| {
                 hit(u64::from_le_bytes([
                     w[0], w[1], w[2], w[3], w[4], w[5], w[6], w[7],
                 ]))
             })
+        })
     }
 
     /// Lets `tid` run alone, in short slices, until neither its pc nor its stack touches

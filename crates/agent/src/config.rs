@@ -88,11 +88,7 @@ impl Settings {
         let jobs = flags
             .jobs
             .or(file.jobs)
-            .unwrap_or_else(|| {
-                std::thread::available_parallelism()
-                    .map(|n| n.get())
-                    .unwrap_or(1)
-            })
+            .unwrap_or_else(suture_engine::default_jobs)
             .clamp(1, 64);
         Ok(Settings {
             bundle_dir: flags

@@ -384,7 +384,7 @@ fn fleet(d: &Path, key: &Path, opts: &ApplyOptions) {
     let jobs = std::env::var("SUTURE_BENCH_JOBS")
         .ok()
         .and_then(|s| s.parse().ok())
-        .unwrap_or(cpus() * 2);
+        .unwrap_or_else(suture_engine::default_jobs);
     // Runs `op` on every pid, `jobs` threads at a time; counts the failures.
     let on_all = |pids: &[i32], op: &(dyn Fn(i32) -> bool + Sync)| {
         let next = std::sync::atomic::AtomicUsize::new(0);

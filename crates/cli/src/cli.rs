@@ -112,7 +112,7 @@ pub enum Command {
         /// How long to retry while a thread is inside a function being replaced.
         #[arg(long, default_value_t = 5000)]
         timeout_ms: u64,
-        /// Processes patched at once with --all (default: number of CPUs).
+        /// Processes patched at once with --all (default: twice the number of CPUs).
         #[arg(long)]
         jobs: Option<usize>,
     },
@@ -128,7 +128,7 @@ pub enum Command {
         patch_id: Option<String>,
         #[arg(long, default_value_t = 5000)]
         timeout_ms: u64,
-        /// Processes reverted at once with --all (default: number of CPUs).
+        /// Processes reverted at once with --all (default: twice the number of CPUs).
         #[arg(long)]
         jobs: Option<usize>,
     },

@@ -565,11 +565,7 @@ fn for_all<T: Send>(
     op: impl Fn(i32) -> std::result::Result<T, EngineError> + Sync,
 ) -> Vec<(i32, std::result::Result<T, EngineError>)> {
     let jobs = jobs
-        .unwrap_or_else(|| {
-            std::thread::available_parallelism()
-                .map(|n| n.get())
-                .unwrap_or(1)
-        })
+        .unwrap_or_else(suture_engine::default_jobs)
         .clamp(1, 64)
         .min(pids.len().max(1));
     let bar = if quiet || pids.len() < 8 {

@@ -76,6 +76,17 @@ impl EngineError {
     }
 }
 
+/// How many processes to work on at once by default: two per CPU. A job spends most of an
+/// operation waiting for its tracee to reach a stop, so one per CPU leaves CPUs idle (1,000
+/// idle processes on 2 CPUs: 0.58–0.65 s with 2 jobs, 0.52–0.57 s with 4; with both CPUs
+/// busy, 3.0–3.6 s and 2.4–3.0 s).
+pub fn default_jobs() -> usize {
+    std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1)
+        .saturating_mul(2)
+}
+
 /// Measures the floor for pause benchmarks: a bare seize + interrupt + detach of every thread,
 /// doing nothing in between. Returns the stopped time in microseconds.
 pub fn bare_stop(pid: i32) -> anyhow::Result<u64> {

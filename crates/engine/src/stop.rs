@@ -186,13 +186,13 @@ thread_local! {
 }
 
 /// Looks at how many tasks are runnable on the host (`/proc/loadavg`: the least of `looks`
-/// looks a millisecond apart, ours excluded; one look costs microseconds, several tell a
-/// busy host from a passing task) and sets how waits for a tracee give up the CPU until the
-/// next call. On a quiet host a yield hands it to the tracee or to another of our
-/// jobs, the fastest way. On a busy one it hands it to a busy process for its whole time slice
-/// (a tick: 4 ms at HZ=250), and every stop of every tracee would cost one: waits sleep
-/// briefly instead. Call it before starting work (our own running threads would count).
-/// Returns whether the host is busy.
+/// looks a millisecond apart, ours excluded; one look costs microseconds, several tell a busy
+/// host from a passing task) and sets how waits for a tracee give up the CPU until the next
+/// call. On a quiet host a yield hands it to the tracee or to another of our jobs, the fastest
+/// way. On a busy one it hands it to a busy process for its whole time slice (a tick: 4 ms at
+/// HZ=250), and every stop of every tracee would cost one: waits sleep briefly instead. Call
+/// it before starting work (our own running threads would count). Returns whether the host is
+/// busy.
 pub fn sense_host_load(looks: u32) -> bool {
     let mut fewest = u32::MAX;
     for look in 0..looks.max(1) {

@@ -1422,17 +1422,18 @@ fn stop_and_write(
         let t = Instant::now();
         session.stop_all().map_err(|e| exited_or(pid, e))?;
         fault::point("commit:stopped");
-        let mut checker = Checker::new(mem, &maps, modules, guarded);
-        checker.ask_for_tables = !tables_read;
-        let mut busy = checker.check(session).map_err(|e| exited_or(pid, e))?;
-        let mut needs_tables = checker.needs_tables;
-        if checker.saw_unknown_stack {
+        // (busy, whether the unwind tables are asked for, whether a stack was not in `maps`)
+        let check = |session: &mut Session, maps: &[Mapping]| {
+            let mut checker = Checker::new(mem, maps, modules, guarded);
+            checker.ask_for_tables = !tables_read;
+            let busy = checker.check(session).map_err(|e| exited_or(pid, e))?;
+            Ok::<_, EngineError>((busy, checker.needs_tables, checker.saw_unknown_stack))
+        };
+        let (mut busy, mut needs_tables, unknown_stack) = check(session, &maps)?;
+        if unknown_stack {
             // A thread born after our snapshot runs on a stack we have not seen: look again.
             maps = procfs::read_maps(pid).map_err(|e| exited_or(pid, e))?;
-            let mut again = Checker::new(mem, &maps, modules, guarded);
-            again.ask_for_tables = !tables_read;
-            busy = again.check(session).map_err(|e| exited_or(pid, e))?;
-            needs_tables = again.needs_tables;
+            (busy, needs_tables, _) = check(session, &maps)?;
         }
         match busy {
             None => {

@@ -198,20 +198,25 @@ impl<'a> Checker<'a> {
                 }
             }
         }
-        // Conservative scan of whatever the walk could not cover.
-        if let Some(from) = scan_from {
-            let mut a = from & !7;
-            while let Some(v) = stack.read(a) {
-                if a >= stack.base + stack.bytes.len() as u64 {
-                    break;
-                }
-                if let Some(g) = self.guarded.iter().find(|g| g.holds_return(v)) {
-                    return Ok(Some(busy(tid, g, RETURNS)));
-                }
-                a += 8;
-            }
-        }
-        Ok(None)
+        // Conservative scan of whatever the walk could not cover (the walk only goes up the
+        // stack, from the stack pointer: `from` lies in the bytes read).
+        let rest = scan_from.and_then(|from| {
+            stack
+                .bytes
+                .get(((from & !7).saturating_sub(stack.base)) as usize..)
+        });
+        Ok(rest
+            .and_then(|words| self.returned_into(words))
+            .map(|g| busy(tid, g, RETURNS)))
+    }
+
+    /// The guarded code that some word of `stack` (8-byte aligned) would return into.
+    fn returned_into(&self, stack: &[u8]) -> Option<&'a Guarded> {
+        let guarded = self.guarded;
+        stack.chunks_exact(8).find_map(|w| {
+            let v = u64::from_le_bytes([w[0], w[1], w[2], w[3], w[4], w[5], w[6], w[7]]);
+            guarded.iter().find(|g| g.holds_return(v))
+        })
     }
 
     /// The guarded code that some register or stack word would return into, if any (a
@@ -223,13 +228,10 @@ impl<'a> Checker<'a> {
             regs.rax, regs.rbx, regs.rcx, regs.rdx, regs.rsi, regs.rdi, regs.rbp, regs.r8, regs.r9,
             regs.r10, regs.r11, regs.r12, regs.r13, regs.r14, regs.r15,
         ];
-        registers.into_iter().find_map(hit).or_else(|| {
-            stack.chunks_exact(8).find_map(|w| {
-                hit(u64::from_le_bytes([
-                    w[0], w[1], w[2], w[3], w[4], w[5], w[6], w[7],
-                ]))
-            })
-        })
+        registers
+            .into_iter()
+            .find_map(hit)
+            .or_else(|| self.returned_into(stack))
     }
 
     /// Lets `tid` run alone, in short slices, until neither its pc nor its stack touches
